@@ -1,0 +1,17 @@
+"""skinhpc: cross-validated HAM10000 skin-lesion classifiers on SLURM GPU clusters."""
+
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+# Label order is fixed and documented: index i of every probability vector is CLASSES[i].
+CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+NUM_CLASSES = len(CLASSES)
+CLASS_TO_LABEL = {name: i for i, name in enumerate(CLASSES)}
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+CONFIG_DIR = REPO_DIR / "configs"
+SAMPLE_DIR = PACKAGE_DIR / "sample"
+SAMPLE_IMAGES = SAMPLE_DIR / "images"
+SAMPLE_METADATA = SAMPLE_DIR / "HAM10000_metadata.csv"

@@ -1,0 +1,474 @@
+"""One typed configuration for every stage: OmegaConf structured configs over dataclasses.
+
+Precedence (lowest first): the dataclass defaults, ``configs/default.yaml``, an optional user YAML
+file, then ``key=value`` overrides from the command line. Each section is a small dataclass with a
+docstring per field and checks in ``__post_init__``; each function receives only its own section.
+The resolved config is written into every run directory (``save_config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from skinhpc import CONFIG_DIR
+
+PAPER_BACKBONES = ["resnet152", "seresnext101_32x4d", "vgg16"]
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message says which and what is allowed."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""
+    """Converted data (ham10000.beton, index.csv, manifest.json). Empty: ``<run_dir>/data``."""
+    images: list[str] = field(default_factory=list)
+    """Folders holding the raw JPEGs (the official download splits them over two). Empty together
+    with ``metadata``: the bundled HAM10000 sample."""
+    metadata: str = ""
+    """The raw HAM10000 metadata CSV. Empty together with ``images``: the bundled sample."""
+    max_resolution: int = 256
+    """Longest side of the images stored in the .beton (never upscaled)."""
+    write_mode: str = "jpg"
+    """How FFCV stores pixels: jpg (small, ~6k img/s/2 cores), raw (large, fastest) or proportion."""
+    jpeg_quality: int = 90
+    """JPEG quality when write_mode stores JPEG."""
+    convert_workers: int = 0
+    """Processes for conversion; 0 means every available core."""
+    loader: str = "auto"
+    """auto (FFCV, else the PIL fallback with a warning), ffcv or pil."""
+    num_workers: int = 0
+    """Loader decoding threads (FFCV) or processes (PIL); 0 means every available core."""
+    quasi_random: bool = False
+    """FFCV QUASI_RANDOM order for training: for data larger than RAM (then os_cache=false)."""
+    os_cache: bool = True
+    """FFCV: memory-map the whole file (true, best when it fits in RAM) or page it in."""
+
+    def __post_init__(self) -> None:
+        _check(self.write_mode in ("jpg", "raw", "proportion"),
+               f"data.write_mode must be jpg, raw or proportion, not {self.write_mode!r}")
+        _check(1 <= self.jpeg_quality <= 100, "data.jpeg_quality must be in 1..100")
+        _check(self.max_resolution >= 32, "data.max_resolution must be at least 32")
+        _check(self.loader in ("auto", "ffcv", "pil"), f"data.loader must be auto, ffcv or pil, not {self.loader!r}")
+        _check(bool(self.images) == bool(self.metadata),
+               "data.images and data.metadata go together: give both (your download) or neither (the bundled sample)")
+
+
+@dataclass
+class SplitConfig:
+    folds: int = 5
+    """Number of cross-validation folds (lesion-grouped, class-stratified)."""
+    test_fraction: float = 0.15
+    """Fraction of lesions held out as the test set, stratified by class; in (0, 0.5]."""
+    seed: int = 0
+    """Seed of the split; the same seed and metadata always give the same split."""
+
+    def __post_init__(self) -> None:
+        _check(self.folds >= 2, f"split.folds must be at least 2, not {self.folds}")
+        _check(0 < self.test_fraction <= 0.5, f"split.test_fraction must be in (0, 0.5], not {self.test_fraction}")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet152"
+    """timm model name, or vgg16_gap (the paper's improved VGG16: 1x1 conv6 + BN + GAP + one FC)."""
+    pretrained: str = "false"
+    """true (download from the timm/Hugging Face hub), false, or a path to a local weights file."""
+    image_size: int = 224
+    """Side of the square crops fed to the network."""
+    drop_rate: float = 0.5
+    """Dropout before the classifier (the paper uses 0.5)."""
+    gap_filters: int = 512
+    """vgg16_gap: filters of the 1x1 conv6 (the paper tries 128, 256, 512)."""
+    freeze_epochs: int = 0
+    """Epochs training only the new head (backbone frozen) before fine-tuning everything."""
+    backbone_lr_scale: float = 0.1
+    """Learning rate of pretrained backbone layers relative to the head's (fine-tuning)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.backbone), "model.backbone must name a timm model or vgg16_gap")
+        _check(self.image_size >= 32, "model.image_size must be at least 32")
+        _check(0 <= self.drop_rate < 1, "model.drop_rate must be in [0, 1)")
+        _check(self.gap_filters > 0, "model.gap_filters must be positive")
+        _check(self.freeze_epochs >= 0, "model.freeze_epochs must be >= 0")
+        _check(self.backbone_lr_scale > 0, "model.backbone_lr_scale must be > 0")
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentations, applied per sample as batched tensor ops on the training device.
+
+    Each one has a switch (probability or strength; 0 turns it off). Random draws come from a
+    generator seeded by (train.seed, epoch, step, rank), so a resumed run sees the same images.
+    """
+
+    crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
+    """Random resized crop: range of the crop's area relative to the image."""
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
+    """Random resized crop: range of the crop's aspect ratio."""
+    hflip: float = 0.5
+    """Probability of a horizontal flip."""
+    vflip: float = 0.5
+    """Probability of a vertical flip (lesions have no 'up')."""
+    rotation: float = 30.0
+    """Largest rotation in degrees (uniform in [-r, r])."""
+    translate: float = 0.1
+    """Largest shift as a fraction of the side."""
+    scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    """Range of the zoom factor of the affine transform."""
+    affine_p: float = 0.5
+    """Probability that rotation/translation/scaling is applied to a sample."""
+    noise_std: float = 0.03
+    """Standard deviation of additive Gaussian noise (images in [0, 1])."""
+    noise_p: float = 0.2
+    """Probability of noise injection."""
+    brightness: float = 0.2
+    """Largest brightness change (additive, images in [0, 1])."""
+    contrast: float = 0.2
+    """Largest relative contrast change."""
+    blur_p: float = 0.1
+    """Probability of a Gaussian blur."""
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 1.5])
+    """Range of the blur's sigma in pixels."""
+    color_shift: float = 0.05
+    """Largest per-channel additive shift (colour-channel shift)."""
+    elastic_p: float = 0.1
+    """Probability of an elastic distortion."""
+    elastic_alpha: float = 0.05
+    """Elastic displacement magnitude as a fraction of the side."""
+    elastic_sigma: float = 0.08
+    """Smoothness of the elastic field as a fraction of the side."""
+
+    def __post_init__(self) -> None:
+        for name in ("crop_scale", "crop_ratio", "scale", "blur_sigma"):
+            lo_hi = getattr(self, name)
+            _check(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1], f"aug.{name} must be [low, high] with 0 < low <= high")
+        _check(self.crop_scale[1] <= 1.0, "aug.crop_scale's high end must be <= 1")
+        for name in ("hflip", "vflip", "affine_p", "noise_p", "blur_p", "elastic_p"):
+            _check(0 <= getattr(self, name) <= 1, f"aug.{name} is a probability: in [0, 1]")
+        for name in ("rotation", "translate", "noise_std", "brightness", "contrast", "color_shift",
+                     "elastic_alpha", "elastic_sigma"):
+            _check(getattr(self, name) >= 0, f"aug.{name} must be >= 0")
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = 1
+    """ZeRO stage: 0, 1 or 2."""
+    config: str = ""
+    """Optional YAML/JSON file with further DeepSpeed settings (merged under what skinhpc sets)."""
+
+    def __post_init__(self) -> None:
+        _check(self.stage in (0, 1, 2), f"train.deepspeed.stage must be 0, 1 or 2, not {self.stage}")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Also save every N optimizer steps inside an epoch (0: only at epoch ends and on preemption)."""
+    keep_last: int = 2
+    """Number of newest checkpoints kept, besides the best one."""
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 0, "train.checkpoint.every_steps must be >= 0")
+        _check(self.keep_last >= 1, "train.checkpoint.keep_last must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    """Training epochs."""
+    batch_size: int = 64
+    """Images per device per step."""
+    eval_batch_size: int = 0
+    """Images per device per evaluation step; 0 means 2 x batch_size."""
+    strategy: str = "ddp"
+    """ddp (DistributedDataParallel; also one process) or deepspeed."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    precision: str = "auto"
+    """auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp16 or fp32."""
+    channels_last: bool = True
+    """Channels-last memory format (faster convolutions on tensor cores)."""
+    compile: bool = False
+    """torch.compile the model (checkpoints always hold the plain module)."""
+    optimizer: str = "adamw"
+    """adamw or sgd."""
+    lr: float = 1e-3
+    """Peak learning rate of the head (the backbone gets model.backbone_lr_scale of it when pretrained)."""
+    weight_decay: float = 0.05
+    """Weight decay."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    warmup_epochs: float = 1.0
+    """Linear warm-up length in epochs, then cosine decay to min_lr."""
+    min_lr: float = 1e-6
+    """Learning rate at the end of the cosine decay."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping (0 turns it off)."""
+    accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    loss: str = "ce"
+    """ce (cross-entropy) or focal."""
+    class_weights: bool = True
+    """Weight the loss by inverse class frequency of the training fold (HAM10000 is 67% nv)."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    focal_gamma: float = 2.0
+    """Focal loss gamma."""
+    early_stop_patience: int = 0
+    """Stop after this many epochs without a better val balanced accuracy (0: never)."""
+    max_steps_per_epoch: int = 0
+    """Cap the steps of each epoch (0: the whole fold); for smoke tests."""
+    seed: int = 0
+    """Seed of model init, data order and augmentation."""
+    log_every: int = 20
+    """Print a progress line every N steps when not on a terminal."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    device: str = "auto"
+    """auto (cuda when available), cuda or cpu."""
+    cudnn_benchmark: bool = True
+    """Let cuDNN pick the fastest kernels for the fixed input size (VGG16 runs ~4x faster)."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size must be >= 1")
+        _check(self.strategy in ("ddp", "deepspeed"), f"train.strategy must be ddp or deepspeed, not {self.strategy!r}")
+        _check(self.precision in ("auto", "bf16", "fp16", "fp32"),
+               f"train.precision must be auto, bf16, fp16 or fp32, not {self.precision!r}")
+        _check(self.optimizer in ("adamw", "sgd"), f"train.optimizer must be adamw or sgd, not {self.optimizer!r}")
+        _check(self.loss in ("ce", "focal"), f"train.loss must be ce or focal, not {self.loss!r}")
+        _check(self.lr > 0, "train.lr must be > 0")
+        _check(self.accum_steps >= 1, "train.accum_steps must be >= 1")
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
+        _check(self.device in ("auto", "cuda", "cpu"), f"train.device must be auto, cuda or cpu, not {self.device!r}")
+
+
+@dataclass
+class ClusterConfig:
+    kind: str = "auto"
+    """auto (slurm when sbatch is on PATH, else local), slurm, local (submitit LocalExecutor) or
+    debug (in-process, for a debugger)."""
+    profile: str = ""
+    """Cluster profile: a name under slurm/ (e.g. local) or a YAML path; its keys fill this section."""
+    nodes: int = 1
+    """Nodes per training task."""
+    gpus_per_node: int = 1
+    """GPUs per node = processes (tasks) per node; on a CPU-only cluster, processes per node."""
+    cpus_per_task: int = 8
+    """CPU cores per process (FFCV decoding threads)."""
+    mem_gb: int = 0
+    """Memory per node in GB (0: SLURM's default)."""
+    time_min: int = 720
+    """Wall-clock limit of each task in minutes; on timeout the task requeues and resumes."""
+    partition: str = ""
+    """SLURM partition (empty: the cluster's default)."""
+    account: str = ""
+    """SLURM account."""
+    qos: str = ""
+    """SLURM quality of service."""
+    constraint: str = ""
+    """SLURM constraint (e.g. a GPU type)."""
+    use_gpus: bool = True
+    """Request GPUs with --gpus-per-node (false on CPU-only clusters such as the local test one)."""
+    sbatch_extra: list[str] = field(default_factory=list)
+    """Extra sbatch directives, e.g. ['--exclusive'] or ['--reservation=x']."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before each task (module load ..., source venv/bin/activate)."""
+    signal_delay_s: int = 120
+    """Seconds before the time limit at which SLURM sends USR2 so the task can save and requeue."""
+    max_requeues: int = 10
+    """Requeues after preemption or timeout before a task is given up."""
+    ensemble_cpus: int = 4
+    """CPU cores of the ensemble job."""
+    ensemble_time_min: int = 60
+    """Wall-clock limit of the ensemble job in minutes."""
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("auto", "slurm", "local", "debug"),
+               f"cluster.kind must be auto, slurm, local or debug, not {self.kind!r}")
+        _check(self.nodes >= 1 and self.gpus_per_node >= 1, "cluster.nodes and cluster.gpus_per_node must be >= 1")
+        _check(self.time_min >= 1, "cluster.time_min must be >= 1")
+
+
+@dataclass
+class ExperimentConfig:
+    run_dir: str = "runs/default"
+    """Directory of the experiment: config, split, one folder per backbone and fold, the ensemble."""
+    fold: int = 0
+    """Fold trained by jobs/train.py (0 .. split.folds-1)."""
+    backbones: list[str] = field(default_factory=lambda: list(PAPER_BACKBONES))
+    """Backbones the launcher trains on every fold."""
+    preset: str = ""
+    """Name of the preset this config came from (e.g. sample); informational."""
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.run_dir), "run_dir must not be empty")
+        _check(self.fold >= 0, "fold must be >= 0")
+        _check(len(self.backbones) >= 1, "backbones must name at least one model")
+
+    @property
+    def data_dir(self) -> Path:
+        """Where the converted data lives (data.dir, or <run_dir>/data when unset)."""
+        return Path(self.data.dir) if self.data.dir else Path(self.run_dir) / "data"
+
+
+# --------------------------------------------------------------------------- loading
+
+def _valid_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, DictConfig):
+            keys += _valid_keys(value, full + ".")
+        else:
+            keys.append(full)
+    return keys
+
+
+def _unknown_key_error(schema: DictConfig, key: str, origin: str) -> ConfigError:
+    valid = _valid_keys(schema)
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key {key!r} ({origin}).{hint} Valid keys: {', '.join(valid)}")
+
+
+def _merge_checked(schema: DictConfig, base: DictConfig, other: Any, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        key = getattr(e, "full_key", None) or str(e)
+        raise _unknown_key_error(schema, key, origin) from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad config value ({origin}): {e.msg if hasattr(e, 'msg') else e}") from None
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    """Turn ``["a.b=1", "c=[x,y]"]`` into a config, rejecting items without ``=``."""
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not key=value")
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def preset_path(name: str) -> Path:
+    """The YAML of a named preset under configs/ (e.g. 'sample')."""
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"no preset {name!r} in {CONFIG_DIR}; presets: {', '.join(names)}")
+    return path
+
+
+def uses_sample(cfg: ExperimentConfig) -> bool:
+    """No data configured (no raw download, no converted dir): the bundled sample is used."""
+    return not cfg.data.images and not cfg.data.dir
+
+
+def load_config(overrides: list[str] | None = None, config_file: str | Path | None = None,
+                preset: str | None = None, sample_preset: bool = True) -> ExperimentConfig:
+    """Build the validated config: defaults < configs/default.yaml < preset < file < overrides.
+
+    With ``sample_preset`` and no data configured anywhere, the ``sample`` preset is applied (below
+    the file and the overrides), so a bare command runs the small embedded demo.
+    """
+    cfg = _load(overrides, config_file, preset)
+    if sample_preset and preset is None and uses_sample(cfg):
+        cfg = _load(overrides, config_file, "sample")
+    return cfg
+
+
+def _load(overrides: list[str] | None, config_file: str | Path | None, preset: str | None) -> ExperimentConfig:
+    schema = OmegaConf.structured(ExperimentConfig)
+    cfg = schema
+    layers: list[tuple[str, Any]] = [("configs/default.yaml", OmegaConf.load(CONFIG_DIR / "default.yaml"))]
+    if preset:
+        layers.append((f"preset {preset}", OmegaConf.load(preset_path(preset))))
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        layers.append((str(path), OmegaConf.load(path)))
+    if overrides:
+        layers.append(("command line", parse_overrides(overrides)))
+    for origin, layer in layers:
+        cfg = _merge_checked(schema, cfg, layer, origin)
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad config value: {e}") from None
+    assert isinstance(obj, ExperimentConfig)
+    return obj
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml_file(path: str | Path) -> ExperimentConfig:
+    """Load a config saved by ``save_config`` (validated like any other)."""
+    schema = OmegaConf.structured(ExperimentConfig)
+    cfg = _merge_checked(schema, schema, OmegaConf.load(path), str(path))
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, ExperimentConfig)
+    return obj
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    atomic_write_text(path, to_yaml(cfg))
+
+
+def config_hash(section: Any) -> str:
+    """Stable short hash of a config section (for checkpoints and relaunch checks)."""
+    blob = json.dumps(dataclasses.asdict(section), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def diff_keys(a: Any, b: Any, keys: list[str]) -> list[str]:
+    """Which dotted keys differ between two configs (e.g. to refuse an incompatible relaunch)."""
+    da, db = dataclasses.asdict(a), dataclasses.asdict(b)
+    out = []
+    for key in keys:
+        va, vb = da, db
+        for part in key.split("."):
+            va, vb = va.get(part), vb.get(part)
+        if va != vb:
+            out.append(f"{key}: {va!r} -> {vb!r}")
+    return out
