@@ -361,7 +361,8 @@ def _merge_checked(schema: DictConfig, base: DictConfig, other: Any, origin: str
         key = getattr(e, "full_key", None) or str(e)
         raise _unknown_key_error(schema, key, origin) from None
     except OmegaConfBaseException as e:
-        raise ConfigError(f"bad config value ({origin}): {e.msg if hasattr(e, 'msg') else e}") from None
+        key = getattr(e, "full_key", "") or "?"
+        raise ConfigError(f"bad config value for {key} ({origin}): {getattr(e, 'msg', e)}") from None
 
 
 def parse_overrides(overrides: list[str]) -> DictConfig:

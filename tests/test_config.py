@@ -1,0 +1,62 @@
+"""The one config mechanism: defaults < configs/default.yaml < preset < file < key=value."""
+
+import pytest
+
+from skinhpc.config import ConfigError, ExperimentConfig, diff_keys, from_yaml_file, load_config, save_config
+
+
+def test_bare_config_uses_the_sample_preset_and_says_so_in_its_preset_key():
+    cfg = load_config([])
+    assert cfg.preset == "sample" and cfg.model.image_size == 64 and cfg.backbones == ["resnet18"]
+
+
+def test_configured_data_keeps_the_paper_defaults():
+    cfg = load_config(["data.dir=/data/ham"])
+    assert cfg.preset == "" and cfg.backbones == ["resnet152", "seresnext101_32x4d", "vgg16"]
+    assert cfg.model.drop_rate == 0.5 and str(cfg.data_dir) == "/data/ham"
+
+
+def test_overrides_beat_file_beat_preset(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("train:\n  epochs: 7\n  batch_size: 16\n")
+    cfg = load_config(["train.batch_size=8"], config_file=f)
+    assert (cfg.train.epochs, cfg.train.batch_size) == (7, 8)
+
+
+def test_misspelled_key_is_rejected_with_the_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(["train.epoch=3"])
+    msg = str(e.value)
+    assert "train.epoch" in msg and "Did you mean train.epochs" in msg and "split.test_fraction" in msg
+
+
+def test_misspelled_key_in_a_yaml_file_names_the_file(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("modle:\n  backbone: vgg16\n")
+    with pytest.raises(ConfigError, match="exp.yaml"):
+        load_config([], config_file=f)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.strategy=horovod", "train.strategy"),
+    ("split.folds=1", "split.folds"),
+    ("split.test_fraction=0.9", "split.test_fraction"),
+    ("train.deepspeed.stage=3", "train.deepspeed.stage"),
+    ("train.epochs=many", "train.epochs"),
+    ("nonsense", "key=value"),
+])
+def test_bad_values_give_clear_errors(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        load_config([override])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(["train.lr=0.01", "backbones=[a,b]", "data.dir=/x"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = from_yaml_file(tmp_path / "config.yaml")
+    assert again == cfg and isinstance(again, ExperimentConfig)
+
+
+def test_diff_keys_names_what_changed():
+    a, b = load_config(["data.dir=/x"]), load_config(["data.dir=/x", "split.seed=3"])
+    assert diff_keys(a, b, ["split.seed", "split.folds"]) == ["split.seed: 0 -> 3"]
