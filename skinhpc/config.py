@@ -362,7 +362,8 @@ def _merge_checked(schema: DictConfig, base: DictConfig, other: Any, origin: str
         raise _unknown_key_error(schema, key, origin) from None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "") or "?"
-        raise ConfigError(f"bad config value for {key} ({origin}): {getattr(e, 'msg', e)}") from None
+        msg = str(getattr(e, "msg", e)).splitlines()[0]
+        raise ConfigError(f"bad config value for {key} ({origin}): {msg}") from None
 
 
 def parse_overrides(overrides: list[str]) -> DictConfig:
