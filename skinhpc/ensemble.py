@@ -1,0 +1,574 @@
+"""The numbers of a finished (or partly finished) cross-validated run: ``run_ensemble(run_dir)``.
+
+Reads every finished fold (``RUN/<backbone>/fold<k>/metrics.json`` with status ``done`` and its
+prediction files), and computes, all with ``evaluate.compute_metrics`` (torchmetrics):
+
+* per (backbone, fold): metrics on its validation fold and on the held-out test set;
+* per backbone: mean and sample standard deviation over folds (val and test);
+* out-of-fold (OOF) metrics: each backbone's val predictions concatenated over folds cover the
+  whole train+val set once;
+* on the test set: each fold model, each backbone's fold ensemble (mean of probabilities), the
+  all-backbone ensemble (mean of the backbone ensembles) and a weighted ensemble whose per-backbone
+  weights are fit on OOF predictions only, plus the majority-class ("nv") baseline;
+* bootstrap 95% confidence intervals of the test metrics, resampling lesions (a lesion's images are
+  correlated, so resampling images would give intervals that are too narrow);
+* temperature scaling (one temperature per backbone) fit on OOF logits, with the expected
+  calibration error before and after on the test set.
+
+Writes ``RUN/ensemble/metrics.json`` and, through ``skinhpc.report``, ``report.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from skinhpc import CLASSES, NUM_CLASSES
+from skinhpc.config import atomic_write_text
+
+MAJORITY_CLASS = "nv"
+FULL_HAM10000_MAJORITY_TOP1 = 6705 / 10015
+"""Top-1 accuracy of always answering "nv" on all 10,015 HAM10000 images (66.95%)."""
+SCALAR_METRICS = ("balanced_accuracy", "top1", "top2", "auroc_macro", "f1_macro", "loss")
+"""The headline metrics, in the order tables show them (balanced accuracy leads)."""
+PER_CLASS_METRICS = ("sensitivity", "specificity", "auroc")
+PROB_FLOOR = 1e-7
+"""Probabilities are clipped to this before taking logs (a one-hot baseline has zeros)."""
+ECE_BINS = 15
+
+
+class EnsembleError(ValueError):
+    """The run directory cannot be ensembled; the message names the file and the problem."""
+
+
+# --------------------------------------------------------------------------- reading the run
+
+@dataclass
+class Predictions:
+    """One prediction file (``predictions_{val,test}.npz``), rows sorted ascending."""
+
+    probs: np.ndarray
+    labels: np.ndarray
+    rows: np.ndarray
+    image_ids: np.ndarray
+    lesion_ids: np.ndarray
+    logits: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, idx: np.ndarray) -> "Predictions":
+        logits = None if self.logits is None else self.logits[idx]
+        return Predictions(self.probs[idx], self.labels[idx], self.rows[idx], self.image_ids[idx],
+                           self.lesion_ids[idx], logits)
+
+
+@dataclass
+class FoldRun:
+    """A finished (backbone, fold) task and its predictions."""
+
+    backbone: str
+    fold: int
+    dir: Path
+    status: dict[str, Any]
+    val: Predictions
+    test: Predictions
+
+    @property
+    def name(self) -> str:
+        return f"{self.backbone}/fold{self.fold}"
+
+
+@dataclass
+class RunScan:
+    """What the run directory holds: finished folds, and the expected ones that are not."""
+
+    run_dir: Path
+    backbones: list[str]
+    num_folds: int
+    finished: list[FoldRun] = field(default_factory=list)
+    missing: list[dict[str, Any]] = field(default_factory=list)
+
+    def folds_of(self, backbone: str) -> list[FoldRun]:
+        return [f for f in self.finished if f.backbone == backbone]
+
+    @property
+    def finished_backbones(self) -> list[str]:
+        return [b for b in self.backbones if self.folds_of(b)]
+
+
+REQUIRED_KEYS = ("probs", "labels", "rows", "image_ids", "lesion_ids")
+
+
+def read_predictions(path: str | Path) -> Predictions:
+    """Load a prediction npz (keys as in DESIGN.md), checked, sorted by row."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in REQUIRED_KEYS if k not in z.files]
+            if missing:
+                raise EnsembleError(f"{path}: missing arrays {', '.join(missing)} (has {', '.join(z.files)})")
+            arrays = {k: z[k] for k in (*REQUIRED_KEYS, "logits") if k in z.files}
+    except EnsembleError:
+        raise
+    except Exception as e:  # zipfile/npz errors come in many types; the user needs the file name
+        raise EnsembleError(f"{path}: unreadable prediction file ({e})") from None
+    probs = np.asarray(arrays["probs"], dtype=np.float64)
+    n = len(arrays["rows"])
+    if probs.ndim != 2 or probs.shape != (n, NUM_CLASSES):
+        raise EnsembleError(f"{path}: probs has shape {probs.shape}, expected ({n}, {NUM_CLASSES})")
+    for key in ("labels", "image_ids", "lesion_ids"):
+        if len(arrays[key]) != n:
+            raise EnsembleError(f"{path}: {key} has {len(arrays[key])} entries, rows has {n}")
+    labels = arrays["labels"].astype(np.int64)
+    if n and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise EnsembleError(f"{path}: labels outside 0..{NUM_CLASSES - 1}")
+    order = np.argsort(arrays["rows"], kind="stable")
+    logits = arrays.get("logits")
+    preds = Predictions(probs, labels, arrays["rows"].astype(np.int64), arrays["image_ids"].astype(str),
+                        arrays["lesion_ids"].astype(str),
+                        None if logits is None else np.asarray(logits, dtype=np.float64))
+    return preds.take(order)
+
+
+def _expected_layout(run_dir: Path) -> tuple[list[str], int]:
+    """Backbones and fold count the run was launched with (RUN/config.yaml, RUN/split.json), plus
+    any backbone folder found on disk, so nothing finished is ever ignored."""
+    backbones: list[str] = []
+    num_folds = 0
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.is_file():
+        from skinhpc.config import ConfigError, from_yaml_file
+        try:
+            cfg = from_yaml_file(cfg_path)
+            backbones, num_folds = list(cfg.backbones), cfg.split.folds
+        except (ConfigError, ValueError) as e:
+            raise EnsembleError(f"{cfg_path}: {e}") from None
+    split_path = run_dir / "split.json"
+    if split_path.is_file():
+        try:
+            num_folds = max(num_folds, len(json.loads(split_path.read_text())["folds"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise EnsembleError(f"{split_path}: not a split file ({e})") from None
+    for sub in sorted(run_dir.iterdir()):
+        fold_dirs = list(sub.glob("fold[0-9]*")) if sub.is_dir() else []
+        if fold_dirs and sub.name not in backbones and sub.name != "ensemble":
+            backbones.append(sub.name)
+        for d in fold_dirs:
+            if d.name[4:].isdigit():
+                num_folds = max(num_folds, int(d.name[4:]) + 1)
+    return backbones, num_folds
+
+
+def _read_fold(backbone: str, fold: int, fold_dir: Path) -> FoldRun | str:
+    """The finished fold, or the reason it does not count as finished."""
+    status_path = fold_dir / "metrics.json"
+    if not status_path.is_file():
+        return "not started" if not fold_dir.exists() else "not finished (no metrics.json)"
+    try:
+        status = json.loads(status_path.read_text())
+    except ValueError as e:
+        return f"unreadable {status_path.name} ({e})"
+    if status.get("status") != "done":
+        return f"status {status.get('status')!r}"
+    val_path, test_path = fold_dir / "predictions_val.npz", fold_dir / "predictions_test.npz"
+    for p in (val_path, test_path):
+        if not p.is_file():
+            return f"metrics.json says done but {p.name} is missing"
+    return FoldRun(backbone, fold, fold_dir, status, read_predictions(val_path), read_predictions(test_path))
+
+
+def scan_run(run_dir: str | Path) -> RunScan:
+    """Find every finished fold of every backbone and list the expected folds that are missing."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise EnsembleError(f"{run_dir}: no such run directory")
+    backbones, num_folds = _expected_layout(run_dir)
+    scan = RunScan(run_dir, backbones, num_folds)
+    for backbone in backbones:
+        for fold in range(num_folds):
+            result = _read_fold(backbone, fold, run_dir / backbone / f"fold{fold}")
+            if isinstance(result, FoldRun):
+                scan.finished.append(result)
+            else:
+                scan.missing.append({"backbone": backbone, "fold": fold, "reason": result})
+    if not scan.finished:
+        raise EnsembleError(f"{run_dir}: no finished fold (looked for <backbone>/fold<k>/metrics.json "
+                            f"with status done for backbones {backbones or '(none found)'}, {num_folds} folds)")
+    _check_same_test_set(scan.finished)
+    return scan
+
+
+def _check_same_test_set(folds: list[FoldRun]) -> None:
+    """Every fold model must have predicted the same test images with the same labels."""
+    ref = folds[0]
+    for f in folds[1:]:
+        if not (np.array_equal(f.test.rows, ref.test.rows) and np.array_equal(f.test.labels, ref.test.labels)):
+            raise EnsembleError(f"{f.dir / 'predictions_test.npz'}: its test rows/labels differ from "
+                                f"{ref.dir / 'predictions_test.npz'}; the folds do not share one split")
+
+
+# --------------------------------------------------------------------------- metrics
+
+def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood (cross-entropy of the probabilities, unweighted)."""
+    p = np.clip(probs[np.arange(len(labels)), labels], PROB_FLOOR, 1.0)
+    return float(-np.mean(np.log(p)))
+
+
+def metrics_of(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """``evaluate.compute_metrics`` with the loss set to the mean NLL of these probabilities, so
+    fold models and ensembles (which have no logits) report comparable losses."""
+    from skinhpc.evaluate import compute_metrics
+    return _plain(compute_metrics(np.asarray(probs, dtype=np.float32), np.asarray(labels, dtype=np.int64),
+                                  loss=nll(probs, labels)))
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy: numpy/torch scalars to float, NaN/inf to None (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):
+        return _plain(value.tolist())
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value
+
+
+def aggregate_folds(metric_dicts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sample standard deviation (ddof=1; None for one fold) over folds, for the headline
+    metrics and the per-class ones."""
+    def stats(values: list[float | None]) -> tuple[float | None, float | None]:
+        vals = [v for v in values if v is not None]
+        if not vals:
+            return None, None
+        mean = float(np.mean(vals))
+        std = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+        return mean, std
+
+    mean: dict[str, Any] = {}
+    std: dict[str, Any] = {}
+    for key in SCALAR_METRICS:
+        mean[key], std[key] = stats([m.get(key) for m in metric_dicts])
+    for key in PER_CLASS_METRICS:
+        mean[key], std[key] = {}, {}
+        for cls in CLASSES:
+            mean[key][cls], std[key][cls] = stats([m.get(key, {}).get(cls) for m in metric_dicts])
+    return {"mean": mean, "std": std, "n_folds": len(metric_dicts)}
+
+
+def concat_oof(folds: list[FoldRun]) -> Predictions:
+    """One backbone's out-of-fold predictions: the val predictions of its folds, sorted by row."""
+    parts = [f.val for f in folds]
+    preds = Predictions(np.concatenate([p.probs for p in parts]), np.concatenate([p.labels for p in parts]),
+                        np.concatenate([p.rows for p in parts]), np.concatenate([p.image_ids for p in parts]),
+                        np.concatenate([p.lesion_ids for p in parts]),
+                        np.concatenate([log_probs(p) for p in parts]))
+    if len(np.unique(preds.rows)) != len(preds.rows):
+        names = ", ".join(f.name for f in folds)
+        raise EnsembleError(f"val predictions of {names} overlap: the folds of one backbone must be disjoint")
+    return preds.take(np.argsort(preds.rows, kind="stable"))
+
+
+def mean_probs(prob_list: list[np.ndarray], weights: np.ndarray | None = None) -> np.ndarray:
+    """(Weighted) mean of probability arrays: the ensemble's prediction."""
+    stack = np.stack(prob_list)
+    w = np.full(len(prob_list), 1.0 / len(prob_list)) if weights is None else np.asarray(weights, dtype=np.float64)
+    return np.tensordot(w, stack, axes=1)
+
+
+def common_rows(preds: list[Predictions]) -> list[Predictions]:
+    """Restrict predictions of the same images to the rows all of them have (in row order)."""
+    rows = preds[0].rows
+    for p in preds[1:]:
+        rows = np.intersect1d(rows, p.rows)
+    return [p.take(np.searchsorted(p.rows, rows)) for p in preds]
+
+
+def fit_weights(prob_list: list[np.ndarray], labels: np.ndarray) -> np.ndarray:
+    """Non-negative weights summing to 1 that minimise the log-loss of the weighted mean.
+
+    Call it with out-of-fold predictions only: fitting on the test set would leak it.
+    """
+    k = len(prob_list)
+    if k == 1:
+        return np.ones(1)
+    from scipy.optimize import minimize
+
+    picked = np.stack([p[np.arange(len(labels)), labels] for p in prob_list], axis=1)  # (N, k)
+
+    def loss(w: np.ndarray) -> float:
+        return float(-np.mean(np.log(np.clip(picked @ w, PROB_FLOOR, None))))
+
+    def grad(w: np.ndarray) -> np.ndarray:
+        return -np.mean(picked / np.clip(picked @ w, PROB_FLOOR, None)[:, None], axis=0)
+
+    res = minimize(loss, np.full(k, 1.0 / k), jac=grad, method="SLSQP", bounds=[(0.0, 1.0)] * k,
+                   constraints=[{"type": "eq", "fun": lambda w: np.sum(w) - 1.0}],
+                   options={"ftol": 1e-12, "maxiter": 500})
+    w = np.clip(res.x, 0.0, None)
+    w = w / w.sum()
+    # SLSQP can stop early on flat losses; never return something worse than the plain mean.
+    uniform = np.full(k, 1.0 / k)
+    return w if loss(w) <= loss(uniform) + 1e-12 else uniform
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature T minimising the NLL of softmax(logits / T) (log-probabilities work as logits).
+
+    Fit on one backbone's out-of-fold logits only (every row predicted by one fold model)."""
+    from scipy.optimize import minimize_scalar
+
+    def loss(log_t: float) -> float:
+        return nll(apply_temperature(logits, math.exp(log_t)), labels)
+
+    res = minimize_scalar(loss, bounds=(math.log(0.05), math.log(20.0)), method="bounded",
+                          options={"xatol": 1e-5})
+    return float(math.exp(res.x))
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits / T)."""
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def log_probs(preds: Predictions) -> np.ndarray:
+    """The model's logits if stored, else log-probabilities (equal up to a per-row constant)."""
+    if preds.logits is not None and preds.logits.shape == preds.probs.shape:
+        return preds.logits
+    return np.log(np.clip(preds.probs, PROB_FLOOR, 1.0))
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Top-label ECE (L1, equal-width confidence bins) from torchmetrics."""
+    import torch
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    return float(multiclass_calibration_error(torch.as_tensor(probs, dtype=torch.float32),
+                                              torch.as_tensor(labels, dtype=torch.int64),
+                                              num_classes=NUM_CLASSES, n_bins=n_bins, norm="l1"))
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, list]:
+    """Per confidence bin: mean confidence, accuracy and count (the reliability diagram's data)."""
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    out: dict[str, list] = {"edges": edges.tolist(), "confidence": [], "accuracy": [], "count": []}
+    for b in range(n_bins):
+        sel = which == b
+        n = int(sel.sum())
+        out["count"].append(n)
+        out["confidence"].append(float(conf[sel].mean()) if n else None)
+        out["accuracy"].append(float(correct[sel].mean()) if n else None)
+    return out
+
+
+def bootstrap_ci(probs: np.ndarray, labels: np.ndarray, lesion_ids: np.ndarray, *, n_boot: int = 1000,
+                 seed: int = 0, level: float = 0.95,
+                 metric_fn: Callable[[np.ndarray, np.ndarray], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Percentile bootstrap intervals of the headline metrics, resampling lesions with replacement
+    (all images of a drawn lesion come along). The same seed draws the same lesions for every model,
+    so intervals of different models on one test set are paired."""
+    metric_fn = metric_fn or metrics_of
+    uniq, group = np.unique(lesion_ids, return_inverse=True)
+    members = [np.flatnonzero(group == g) for g in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {k: [] for k in SCALAR_METRICS}
+    for _ in range(n_boot):
+        drawn = rng.integers(0, len(uniq), size=len(uniq))
+        idx = np.concatenate([members[g] for g in drawn])
+        m = metric_fn(probs[idx], labels[idx])
+        for k in SCALAR_METRICS:
+            if m.get(k) is not None:
+                samples[k].append(float(m[k]))
+    alpha = (1.0 - level) / 2.0
+    ci = {k: ([float(np.quantile(v, alpha)), float(np.quantile(v, 1.0 - alpha))] if v else None)
+          for k, v in samples.items()}
+    return {"ci": ci, "level": level, "n_boot": n_boot, "n_lesions": int(len(uniq)), "unit": "lesion"}
+
+
+# --------------------------------------------------------------------------- the whole run
+
+@dataclass
+class TestEntry:
+    """One model or ensemble evaluated on the held-out test set."""
+
+    name: str
+    kind: str  # baseline | fold | backbone_ensemble | ensemble
+    probs: np.ndarray
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _calibration(temperatures: dict[str, float], before: np.ndarray, after: np.ndarray,
+                 labels: np.ndarray, oof_n: int) -> dict[str, Any]:
+    return {
+        "temperature": temperatures, "fit_on": "out-of-fold", "oof_n": oof_n,
+        "ece_before": expected_calibration_error(before, labels),
+        "ece_after": expected_calibration_error(after, labels),
+        "nll_before": nll(before, labels), "nll_after": nll(after, labels),
+        "reliability_before": reliability_bins(before, labels),
+        "reliability_after": reliability_bins(after, labels),
+    }
+
+
+def calibrate(scan: RunScan, oof_preds: dict[str, Predictions], weights: np.ndarray,
+              test_labels: np.ndarray) -> dict[str, Any]:
+    """Temperature scaling: one temperature per backbone, fit on its out-of-fold logits, applied
+    to each of its fold models before they are averaged (scaling the averaged ensemble with a
+    temperature fit on single models would be a mismatch: averaging already softens)."""
+    backbones = list(oof_preds)
+    temps = {b: fit_temperature(log_probs(p), p.labels) for b, p in oof_preds.items()}
+    before = {b: mean_probs([f.test.probs for f in scan.folds_of(b)]) for b in backbones}
+    after = {b: mean_probs([apply_temperature(log_probs(f.test), temps[b]) for f in scan.folds_of(b)])
+             for b in backbones}
+    out = {f"{b}/ensemble": _calibration({b: temps[b]}, before[b], after[b], test_labels, len(oof_preds[b]))
+           for b in backbones}
+    oof_n = sum(len(p) for p in oof_preds.values())
+    for name, w in (("ensemble_mean", None), ("ensemble_weighted", weights)):
+        out[name] = _calibration(temps, mean_probs([before[b] for b in backbones], w),
+                                 mean_probs([after[b] for b in backbones], w), test_labels, oof_n)
+    return out
+
+
+def _majority_probs(n: int) -> np.ndarray:
+    probs = np.zeros((n, NUM_CLASSES))
+    probs[:, CLASSES.index(MAJORITY_CLASS)] = 1.0
+    return probs
+
+
+def evaluate_run(scan: RunScan, *, n_boot: int = 1000, seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """All the numbers of ``run_ensemble`` (JSON-ready) and the arrays the plots need."""
+    test_labels = scan.finished[0].test.labels
+    test_lesions = scan.finished[0].test.lesion_ids
+    backbones = scan.finished_backbones
+    per_fold: dict[str, dict[str, Any]] = {}
+    cv: dict[str, Any] = {}
+    oof_preds: dict[str, Predictions] = {}
+    entries: list[TestEntry] = []
+
+    baseline = TestEntry("majority_nv", "baseline", _majority_probs(len(test_labels)))
+    baseline.metrics = metrics_of(baseline.probs, test_labels)
+    baseline.metrics["loss"] = None  # a one-hot guess has no meaningful log-loss
+    entries.append(baseline)
+
+    for backbone in backbones:
+        folds = scan.folds_of(backbone)
+        per_fold[backbone] = {}
+        for f in folds:
+            val_m, test_m = metrics_of(f.val.probs, f.val.labels), metrics_of(f.test.probs, f.test.labels)
+            per_fold[backbone][f"fold{f.fold}"] = {"val": val_m, "test": test_m,
+                                                   "best_epoch": f.status.get("best_epoch")}
+            entries.append(TestEntry(f.name, "fold", f.test.probs, test_m))
+        cv[backbone] = {"val": aggregate_folds([per_fold[backbone][f"fold{f.fold}"]["val"] for f in folds]),
+                        "test": aggregate_folds([per_fold[backbone][f"fold{f.fold}"]["test"] for f in folds]),
+                        "folds": [f.fold for f in folds]}
+        oof_preds[backbone] = concat_oof(folds)
+        ens = TestEntry(f"{backbone}/ensemble", "backbone_ensemble", mean_probs([f.test.probs for f in folds]))
+        ens.metrics = metrics_of(ens.probs, test_labels)
+        entries.append(ens)
+
+    backbone_test = [mean_probs([f.test.probs for f in scan.folds_of(b)]) for b in backbones]
+    aligned = common_rows([oof_preds[b] for b in backbones])
+    oof_labels = aligned[0].labels
+    weights = fit_weights([p.probs for p in aligned], oof_labels) if len(oof_labels) else np.full(
+        len(backbones), 1.0 / len(backbones))
+    mean_ens = TestEntry("ensemble_mean", "ensemble", mean_probs(backbone_test))
+    weighted_ens = TestEntry("ensemble_weighted", "ensemble", mean_probs(backbone_test, weights))
+    for e in (mean_ens, weighted_ens):
+        e.metrics = metrics_of(e.probs, test_labels)
+    entries += [mean_ens, weighted_ens]
+
+    oof_ens = {
+        "ensemble_mean": Predictions(mean_probs([p.probs for p in aligned]), oof_labels, aligned[0].rows,
+                                     aligned[0].image_ids, aligned[0].lesion_ids),
+        "ensemble_weighted": Predictions(mean_probs([p.probs for p in aligned], weights), oof_labels,
+                                         aligned[0].rows, aligned[0].image_ids, aligned[0].lesion_ids),
+    }
+    oof_metrics = {b: metrics_of(p.probs, p.labels) for b, p in oof_preds.items()}
+    oof_metrics.update({k: metrics_of(p.probs, p.labels) for k, p in oof_ens.items() if len(p)})
+
+    calibration = calibrate(scan, oof_preds, weights, test_labels)
+
+    bootstrap = {e.name: bootstrap_ci(e.probs, test_labels, test_lesions, n_boot=n_boot, seed=seed)
+                 for e in entries if e.kind != "fold"} if n_boot > 0 else {}
+
+    # The best single model is chosen on its own validation fold, never on the test set.
+    best = max(scan.finished, key=lambda f: per_fold[f.backbone][f"fold{f.fold}"]["val"]["balanced_accuracy"] or 0)
+    results = _plain({
+        "run_dir": str(scan.run_dir),
+        "classes": list(CLASSES),
+        "expected": {"backbones": scan.backbones, "folds": scan.num_folds},
+        "finished": [{"backbone": f.backbone, "fold": f.fold} for f in scan.finished],
+        "missing": scan.missing,
+        "n_test": int(len(test_labels)), "n_test_lesions": int(len(np.unique(test_lesions))),
+        "majority_class": MAJORITY_CLASS,
+        "majority_top1_full_ham10000": FULL_HAM10000_MAJORITY_TOP1,
+        "per_fold": per_fold,
+        "cv": cv,
+        "oof": {"metrics": oof_metrics, "n": {b: len(p) for b, p in oof_preds.items()},
+                "n_common": int(len(oof_labels))},
+        "test": {e.name: {"kind": e.kind, **e.metrics} for e in entries},
+        "weights": {"backbones": dict(zip(backbones, weights.tolist())), "fit_on": "out-of-fold",
+                    "objective": "log-loss", "n": int(len(oof_labels))},
+        "bootstrap": bootstrap,
+        "calibration": calibration,
+        "best_single": best.name,
+    })
+    arrays = {"test_labels": test_labels, "entries": {e.name: e.probs for e in entries},
+              "best_single": best.name}
+    return results, arrays
+
+
+def run_ensemble(run_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, plots: bool = True) -> dict[str, Any]:
+    """Evaluate every finished fold of ``run_dir`` and write ``RUN/ensemble/{metrics.json,
+    report.md, *.png}``. Works with any subset of finished folds; the missing ones are listed."""
+    from skinhpc import report
+
+    scan = scan_run(run_dir)
+    results, arrays = evaluate_run(scan, n_boot=n_boot, seed=seed)
+    out_dir = Path(run_dir) / "ensemble"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results["plots"] = report.make_plots(results, arrays, scan, out_dir) if plots else []
+    atomic_write_text(out_dir / "report.md", report.markdown(results))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(results, indent=1, allow_nan=False) + "\n")
+    return results
+
+
+def summary(results: dict[str, Any]) -> str:
+    """A few console lines: finished and missing folds, then the test metrics (balanced accuracy first)."""
+    exp = results["expected"]
+    lines = [f"finished folds: {len(results['finished'])} of {len(exp['backbones']) * exp['folds']}"]
+    for m in results["missing"]:
+        lines.append(f"missing: {m['backbone']} fold {m['fold']} ({m['reason']})")
+    lines.append(f"test set: {results['n_test']} images, {results['n_test_lesions']} lesions")
+    for name, m in results["test"].items():
+        if m["kind"] == "fold":
+            continue
+        ci = results.get("bootstrap", {}).get(name, {}).get("ci", {}).get("balanced_accuracy")
+        ci_text = f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+        nums = "  ".join(f"{k} {_num(m.get(k))}" for k in ("top1", "top2", "auroc_macro"))
+        lines.append(f"{name:<32} balanced_accuracy {_num(m.get('balanced_accuracy'))}{ci_text}  {nums}")
+    weights = ", ".join(f"{b}={w:.3f}" for b, w in results["weights"]["backbones"].items())
+    lines.append(f"OOF weights: {weights}")
+    lines.append(f"wrote {Path(results['run_dir']) / 'ensemble'}/metrics.json, report.md, {len(results.get('plots', []))} plots")
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

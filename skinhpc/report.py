@@ -1,0 +1,319 @@
+"""Tables and figures of a run's ensemble: ``markdown(results)`` and ``make_plots(...)``.
+
+The numbers come from ``skinhpc.ensemble``; this module only formats and draws them. Balanced
+accuracy leads every table: answering "nv" for every image already scores ~67% top-1 on HAM10000.
+Figures are PNGs drawn with matplotlib's Agg backend (no display needed) and written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from skinhpc import CLASSES
+
+if TYPE_CHECKING:
+    from skinhpc.ensemble import RunScan
+
+HEADLINE = (("balanced_accuracy", "balanced acc. %"), ("top1", "top-1 %"), ("top2", "top-2 %"),
+            ("auroc_macro", "AUC (macro)"), ("f1_macro", "F1 (macro) %"), ("loss", "loss"))
+PERCENT = {"balanced_accuracy", "top1", "top2", "f1_macro", "sensitivity", "specificity"}
+
+
+# --------------------------------------------------------------------------- markdown
+
+def fmt(key: str, value: float | None, std: float | None = None, ci: list[float] | None = None) -> str:
+    """A metric as text: percentages for accuracies, 3 decimals for AUC and loss; '—' when absent."""
+    if value is None:
+        return "—"
+    scale, digits = (100.0, 1) if key in PERCENT else (1.0, 3)
+    text = f"{value * scale:.{digits}f}"
+    if std is not None:
+        text += f" ± {std * scale:.{digits}f}"
+    if ci is not None:
+        text += f" [{ci[0] * scale:.{digits}f}–{ci[1] * scale:.{digits}f}]"
+    return text
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _test_row(label: str, results: dict[str, Any], name: str) -> list[str]:
+    m = results["test"][name]
+    ci = results.get("bootstrap", {}).get(name, {}).get("ci", {})
+    return [label] + [fmt(k, m.get(k), ci=ci.get(k)) for k, _ in HEADLINE]
+
+
+def _weights_text(results: dict[str, Any]) -> str:
+    return ", ".join(f"{b} {w:.2f}" for b, w in results["weights"]["backbones"].items())
+
+
+def _status_lines(results: dict[str, Any]) -> list[str]:
+    exp = results["expected"]
+    total = len(exp["backbones"]) * exp["folds"]
+    lines = [f"Finished folds: {len(results['finished'])} of {total} "
+             f"({', '.join(exp['backbones'])} x {exp['folds']} folds)."]
+    if results["missing"]:
+        lines.append("**Missing folds** (left out of every number below): " + "; ".join(
+            f"{m['backbone']} fold {m['fold']} ({m['reason']})" for m in results["missing"]) + ".")
+    return lines
+
+
+def _test_section(results: dict[str, Any]) -> list[str]:
+    test = results["test"]
+    base = test["majority_nv"]
+    lines = ["## Held-out test set", "",
+             f"{results['n_test']} images of {results['n_test_lesions']} lesions. The majority-class baseline "
+             f"answers \"{results['majority_class']}\" for every image: {fmt('top1', base['top1'])}% top-1 on this "
+             f"test set (on the full HAM10000 it scores {results['majority_top1_full_ham10000'] * 100:.2f}% "
+             f"top-1) but only {fmt('balanced_accuracy', base['balanced_accuracy'])}% balanced accuracy — "
+             "which is why balanced accuracy leads. Fold models: mean ± std over folds; ensembles: "
+             "value [bootstrap 95% CI over lesions].", ""]
+    header = ["model"] + [h for _, h in HEADLINE]
+    rows = [_test_row(f"majority class (\"{results['majority_class']}\")", results, "majority_nv")]
+    for b, agg in results["cv"].items():
+        t = agg["test"]
+        rows.append([f"{b}: fold models ({agg['test']['n_folds']})"]
+                    + [fmt(k, t["mean"][k], t["std"][k]) for k, _ in HEADLINE])
+        rows.append(_test_row(f"{b}: fold ensemble", results, f"{b}/ensemble"))
+    rows.append(_test_row("all backbones: ensemble (mean)", results, "ensemble_mean"))
+    rows.append(_test_row(f"all backbones: OOF-weighted ({_weights_text(results)})", results, "ensemble_weighted"))
+    return lines + _table(header, rows) + [""]
+
+
+def _cv_section(results: dict[str, Any]) -> list[str]:
+    lines = ["## Cross-validation (each fold's validation set)", "",
+             "Per backbone: mean ± std over folds, and out-of-fold (OOF) metrics over the whole "
+             "train+val set (every image predicted once, by the fold model that did not train on it).", ""]
+    header = ["backbone"] + [h for _, h in HEADLINE]
+    rows = []
+    oof = results["oof"]["metrics"]
+    for b, agg in results["cv"].items():
+        v = agg["val"]
+        rows.append([f"{b} ({v['n_folds']} folds)"] + [fmt(k, v["mean"][k], v["std"][k]) for k, _ in HEADLINE])
+        rows.append([f"{b} OOF (n={results['oof']['n'][b]})"] + [fmt(k, oof[b].get(k)) for k, _ in HEADLINE])
+    for name in ("ensemble_mean", "ensemble_weighted"):
+        if name in oof:
+            rows.append([f"{name} OOF (n={results['oof']['n_common']})"] + [fmt(k, oof[name].get(k)) for k, _ in HEADLINE])
+    return lines + _table(header, rows) + [""]
+
+
+def _per_class_section(results: dict[str, Any]) -> list[str]:
+    names = [f"{b}/ensemble" for b in results["cv"]] + ["ensemble_mean", "ensemble_weighted"]
+    header = ["class"] + [f"{n} sens. / spec. %" for n in names] + [f"{b} folds: sens. / spec. % (mean ± std)"
+                                                                   for b in results["cv"]]
+    rows = []
+    for cls in CLASSES:
+        row = [cls]
+        for n in names:
+            m = results["test"][n]
+            row.append(f"{fmt('sensitivity', m['sensitivity'].get(cls))} / {fmt('specificity', m['specificity'].get(cls))}")
+        for agg in results["cv"].values():
+            mean, std = agg["test"]["mean"], agg["test"]["std"]
+            row.append(f"{fmt('sensitivity', mean['sensitivity'][cls], std['sensitivity'][cls])} / "
+                       f"{fmt('specificity', mean['specificity'][cls], std['specificity'][cls])}")
+        rows.append(row)
+    return ["## Per class on the test set", ""] + _table(header, rows) + [""]
+
+
+def _temps(calibration: dict[str, Any]) -> str:
+    temps = calibration["temperature"]
+    if len(temps) == 1:
+        return f"{next(iter(temps.values())):.3f}"
+    return ", ".join(f"{b} {t:.3f}" for b, t in temps.items())
+
+
+def _calibration_section(results: dict[str, Any]) -> list[str]:
+    rows = [[name, _temps(c), fmt("ece", c["ece_before"]), fmt("ece", c["ece_after"]),
+             fmt("loss", c["nll_before"]), fmt("loss", c["nll_after"])] for name, c in results["calibration"].items()]
+    return (["## Calibration (temperature scaling)", "",
+             "One temperature per backbone, fit on its out-of-fold logits and applied to each of its "
+             "fold models before averaging; expected calibration error (15 bins, top label) and "
+             "log-loss on the test set before / after.", ""]
+            + _table(["model", "T", "ECE before", "ECE after", "NLL before", "NLL after"], rows) + [""])
+
+
+def _fold_section(results: dict[str, Any]) -> list[str]:
+    rows = []
+    for b, folds in results["per_fold"].items():
+        for fold, m in folds.items():
+            rows.append([b, fold, str(m.get("best_epoch")), fmt("balanced_accuracy", m["val"]["balanced_accuracy"]),
+                         fmt("balanced_accuracy", m["test"]["balanced_accuracy"]), fmt("top1", m["test"]["top1"]),
+                         fmt("auroc_macro", m["test"]["auroc_macro"])])
+    header = ["backbone", "fold", "best epoch", "val balanced acc. %", "test balanced acc. %", "test top-1 %",
+              "test AUC"]
+    return (["## Every fold model", "", f"Best single model (chosen on its validation fold): "
+             f"{results['best_single']}.", ""] + _table(header, rows) + [""])
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The report: status, test table (with the majority baseline), CV table, per class,
+    calibration, every fold, and the figures."""
+    w = results["weights"]
+    lines = [f"# Ensemble report: {results['run_dir']}", ""] + _status_lines(results) + [""]
+    lines += _test_section(results)
+    lines += [f"Weighted ensemble: per-backbone weights {_weights_text(results)}, fit by minimising the "
+              f"log-loss of {w['n']} out-of-fold predictions (never the test set).", ""]
+    lines += _cv_section(results) + _per_class_section(results) + _calibration_section(results)
+    lines += _fold_section(results)
+    if results.get("plots"):
+        lines += ["## Figures", ""] + [f"![{Path(p).stem}]({p})" for p in results["plots"]] + [""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- figures
+
+def _figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6.0, 5.0)):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Save as PNG via a temporary file and rename (readers never see half an image)."""
+    import matplotlib.pyplot as plt
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_confusion(cm: np.ndarray, title: str, path: Path) -> None:
+    """Counts and row-normalised (recall per true class) confusion matrices side by side."""
+    cm = np.asarray(cm, dtype=np.float64)
+    norm = cm / np.clip(cm.sum(axis=1, keepdims=True), 1, None)
+    fig, axes = _figure(2, 1, (5.5, 5.0))
+    for ax, mat, sub, fmt_ in ((axes[0, 0], cm, "counts", "{:.0f}"), (axes[0, 1], norm, "row-normalised", "{:.2f}")):
+        ax.imshow(mat, cmap="Blues", vmin=0, vmax=mat.max() if mat.max() > 0 else 1)
+        ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45)
+        ax.set_yticks(range(len(CLASSES)), CLASSES)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{title}: {sub}")
+        for i in range(len(CLASSES)):
+            for j in range(len(CLASSES)):
+                ax.text(j, i, fmt_.format(mat[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if mat[i, j] > 0.6 * mat.max() else "black")
+    save_figure(fig, path)
+
+
+def plot_roc(probs: np.ndarray, labels: np.ndarray, aucs: dict[str, float | None], title: str, path: Path) -> None:
+    """One-vs-rest ROC curve of every class, labelled with its AUC."""
+    from sklearn.metrics import roc_curve
+    fig, axes = _figure(1, 1, (6.0, 5.5))
+    ax = axes[0, 0]
+    for i, cls in enumerate(CLASSES):
+        positives = labels == i
+        if positives.all() or not positives.any():
+            continue  # a ROC curve needs both positives and negatives
+        fpr, tpr, _ = roc_curve(positives, probs[:, i])
+        auc = aucs.get(cls)
+        ax.plot(fpr, tpr, label=f"{cls} (AUC {auc:.3f})" if auc is not None else cls)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_reliability(calibration: dict[str, Any], title: str, path: Path) -> None:
+    """Accuracy against confidence per bin, before and after temperature scaling."""
+    fig, axes = _figure(1, 1, (5.5, 5.0))
+    ax = axes[0, 0]
+    edges = np.asarray(calibration["reliability_before"]["edges"])
+    width = edges[1] - edges[0]
+    centres = (edges[:-1] + edges[1:]) / 2
+    for key, label, offset, ece in (("reliability_before", "before", -width / 4, calibration["ece_before"]),
+                                    ("reliability_after", f"after (T: {_temps(calibration)})",
+                                     width / 4, calibration["ece_after"])):
+        acc = np.array([a if a is not None else 0.0 for a in calibration[key]["accuracy"]])
+        ax.bar(centres + offset, acc, width=width / 2, alpha=0.7, label=f"{label}, ECE {ece:.3f}")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    save_figure(fig, path)
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The epoch lines of a fold's log.jsonl (unparseable lines, e.g. one cut by a crash, skipped)."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and "epoch" in entry:
+            out.append(entry)
+    return out
+
+
+def plot_curves(backbone: str, logs: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Loss (train solid, val dashed) and balanced accuracy against epoch, one colour per fold."""
+    fig, axes = _figure(2, 1, (6.0, 4.5))
+    loss_ax, acc_ax = axes[0, 0], axes[0, 1]
+    for i, (fold, entries) in enumerate(sorted(logs.items())):
+        color = f"C{i % 10}"
+        epochs = [e["epoch"] for e in entries]
+        for key, ax, style, what in (("train_loss", loss_ax, "-", "train"), ("val_loss", loss_ax, "--", "val"),
+                                     ("train_balanced_accuracy", acc_ax, "-", "train"),
+                                     ("val_balanced_accuracy", acc_ax, "--", "val")):
+            pts = [(ep, e[key]) for ep, e in zip(epochs, entries) if e.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, color=color, marker=".", label=f"{fold} {what}")
+    loss_ax.set_title(f"{backbone}: loss")
+    acc_ax.set_title(f"{backbone}: balanced accuracy")
+    from matplotlib.ticker import MaxNLocator
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def _fold_logs(scan: "RunScan", backbone: str) -> dict[str, list[dict[str, Any]]]:
+    logs = {}
+    for fold in range(scan.num_folds):
+        path = scan.run_dir / backbone / f"fold{fold}" / "log.jsonl"
+        if path.is_file():
+            entries = read_log(path)
+            if entries:
+                done = any(f.backbone == backbone and f.fold == fold for f in scan.finished)
+                logs[f"fold{fold}" + ("" if done else " (unfinished)")] = entries
+    return logs
+
+
+def make_plots(results: dict[str, Any], arrays: dict[str, Any], scan: "RunScan", out_dir: Path) -> list[str]:
+    """Draw every figure into ``out_dir``; returns their file names (relative to it)."""
+    labels = arrays["test_labels"]
+    written = []
+
+    def out(name: str) -> Path:
+        written.append(name)
+        return out_dir / name
+
+    for key, title in ((results["best_single"], f"best single model ({results['best_single']})"),
+                       ("ensemble_mean", "ensemble (mean)"), ("ensemble_weighted", "ensemble (OOF-weighted)")):
+        fname = "confusion_best_single.png" if key == results["best_single"] else f"confusion_{key}.png"
+        plot_confusion(np.asarray(results["test"][key]["confusion_matrix"]), title, out(fname))
+    plot_roc(arrays["entries"]["ensemble_mean"], labels, results["test"]["ensemble_mean"]["auroc"],
+             "ensemble (mean): one-vs-rest ROC, test set", out("roc_ensemble_mean.png"))
+    if "ensemble_mean" in results["calibration"]:
+        plot_reliability(results["calibration"]["ensemble_mean"], "ensemble (mean): reliability, test set",
+                         out("reliability_ensemble_mean.png"))
+    for backbone in scan.backbones:
+        logs = _fold_logs(scan, backbone)
+        if logs:
+            plot_curves(backbone, logs, out(f"curves_{backbone}.png"))
+    return written

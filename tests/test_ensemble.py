@@ -1,0 +1,302 @@
+"""The ensemble stage on hand-made run directories whose right answers are known."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from skinhpc import CLASSES, REPO_DIR
+from skinhpc.config import load_config, save_config
+from skinhpc.ensemble import (EnsembleError, aggregate_folds, bootstrap_ci, fit_weights, mean_probs, metrics_of,
+                              run_ensemble)
+
+NV = CLASSES.index("nv")
+K = len(CLASSES)
+
+
+# --------------------------------------------------------------------------- fake runs
+
+def onehot_probs(pred: list[int] | np.ndarray, sure: float = 1.0) -> np.ndarray:
+    """Probabilities putting ``sure`` on the predicted class and the rest spread evenly."""
+    pred = np.asarray(pred)
+    probs = np.full((len(pred), K), (1.0 - sure) / (K - 1))
+    probs[np.arange(len(pred)), pred] = sure
+    return probs
+
+
+def noisy_probs(labels: np.ndarray, signal: float, rng: np.random.Generator) -> np.ndarray:
+    """Softmax of ``signal`` on the true class plus unit Gaussian noise: a model of some quality."""
+    z = rng.normal(size=(len(labels), K))
+    z[np.arange(len(labels)), labels] += signal
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def write_npz(path: Path, probs: np.ndarray, labels: np.ndarray, rows: np.ndarray, lesions: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, probs=probs.astype(np.float32), logits=np.log(np.clip(probs, 1e-7, 1)).astype(np.float32),
+             labels=labels.astype(np.int64), rows=rows.astype(np.int64),
+             image_ids=np.array([f"ISIC_{r:07d}" for r in rows]), lesion_ids=lesions.astype(str))
+
+
+class FakeRun:
+    """A run directory like train.py leaves it: N images (two per lesion), a test set and K folds."""
+
+    def __init__(self, root: Path, backbones: tuple[str, ...] = ("resnet18", "vgg16"), folds: int = 3,
+                 n_lesions: int = 120, seed: int = 0) -> None:
+        self.root, self.backbones, self.folds = root, backbones, folds
+        rng = np.random.default_rng(seed)
+        lesion_labels = rng.choice(K, size=n_lesions, p=[.04, .05, .11, .02, .11, .62, .05])
+        lesion_labels[:K] = np.arange(K)  # every class present
+        self.labels = np.repeat(lesion_labels, 2)
+        self.lesions = np.repeat(np.array([f"HAM_{i:07d}" for i in range(n_lesions)]), 2)
+        self.rows = np.arange(len(self.labels))
+        lesion_part = rng.permutation(np.arange(n_lesions) % (folds + 1))  # part `folds` = test
+        part = np.repeat(lesion_part, 2)
+        self.test_rows = self.rows[part == folds]
+        self.val_rows = [self.rows[part == k] for k in range(folds)]
+        cfg = load_config([f"run_dir={root}", f"backbones=[{','.join(backbones)}]", f"split.folds={folds}"])
+        root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, root / "config.yaml")
+        (root / "split.json").write_text(json.dumps({"seed": 0, "test": [], "folds": [
+            {"train": [], "val": []} for _ in range(folds)]}))
+
+    def write_fold(self, backbone: str, fold: int, val_probs: np.ndarray, test_probs: np.ndarray,
+                   status: str = "done", epochs: int = 3) -> Path:
+        d = self.root / backbone / f"fold{fold}"
+        v, t = self.val_rows[fold], self.test_rows
+        write_npz(d / "predictions_val.npz", val_probs, self.labels[v], v, self.lesions[v])
+        write_npz(d / "predictions_test.npz", test_probs, self.labels[t], t, self.lesions[t])
+        (d / "log.jsonl").write_text("".join(json.dumps(
+            {"epoch": e, "lr": 1e-3, "train_loss": 2.0 / (e + 1), "val_loss": 2.2 / (e + 1),
+             "val_balanced_accuracy": 0.3 + 0.1 * e, "val_top1": 0.5, "val_top2": 0.7}) + "\n" for e in range(epochs)))
+        (d / "metrics.json").write_text(json.dumps({"status": status, "backbone": backbone, "fold": fold,
+                                                    "best_epoch": epochs - 1}))
+        return d
+
+    def fill(self, signals: dict[str, float], seed: int = 1, skip: set[tuple[str, int]] = frozenset()) -> None:
+        """Every (backbone, fold) not in ``skip`` with noisy predictions of the given signal strength."""
+        rng = np.random.default_rng(seed)
+        for b in self.backbones:
+            for k in range(self.folds):
+                val = noisy_probs(self.labels[self.val_rows[k]], signals[b], rng)
+                test = noisy_probs(self.labels[self.test_rows], signals[b], rng)
+                if (b, k) not in skip:
+                    self.write_fold(b, k, val, test)
+
+
+# --------------------------------------------------------------------------- metrics with known values
+
+@pytest.mark.timeout(60)
+def test_metrics_of_perfect_always_nv_uniform_and_hand_computed_predictions():
+    labels = np.repeat(np.arange(K), 2)  # 14 images, two per class
+    perfect = metrics_of(onehot_probs(labels), labels)
+    assert perfect["balanced_accuracy"] == pytest.approx(1) and perfect["top1"] == pytest.approx(1)
+    assert perfect["auroc_macro"] == pytest.approx(1) and perfect["f1_macro"] == pytest.approx(1)
+    assert perfect["loss"] == pytest.approx(0, abs=1e-6)
+
+    nv_labels = np.array([NV] * 6 + [0, 1, 2, 3])
+    always_nv = metrics_of(onehot_probs([NV] * 10), nv_labels)
+    assert always_nv["top1"] == pytest.approx(0.6)
+    # recall 1 on nv, 0 on the four other classes present (absent classes do not count)
+    assert always_nv["balanced_accuracy"] == pytest.approx(1 / 5)
+    assert always_nv["sensitivity"]["nv"] == pytest.approx(1) and always_nv["specificity"]["nv"] == pytest.approx(0)
+
+    uniform = metrics_of(np.full((14, K), 1 / K), labels)
+    assert uniform["auroc_macro"] == pytest.approx(0.5)
+    assert uniform["loss"] == pytest.approx(math.log(K))
+
+    # Hand case: one akiec called bcc and one mel called nv, the true class second each time.
+    pred = labels.copy()
+    pred[0], pred[8] = 1, NV
+    probs = onehot_probs(pred, sure=0.7)
+    probs[0, 0], probs[8, 4] = 0.2, 0.2
+    probs /= probs.sum(axis=1, keepdims=True)
+    m = metrics_of(probs, labels)
+    assert m["top1"] == pytest.approx(12 / 14)
+    assert m["top2"] == pytest.approx(1)
+    assert m["balanced_accuracy"] == pytest.approx((0.5 + 0.5 + 5) / 7)
+    assert m["sensitivity"]["akiec"] == pytest.approx(0.5) and m["sensitivity"]["bcc"] == pytest.approx(1)
+    assert m["specificity"]["bcc"] == pytest.approx(11 / 12)  # one false positive among 12 negatives
+    assert m["loss"] == pytest.approx(-np.mean(np.log(probs[np.arange(14), labels])), rel=1e-5)
+
+
+@pytest.mark.timeout(60)
+def test_fold_mean_and_std_match_hand_computation(tmp_path):
+    run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=3)
+    rng = np.random.default_rng(0)
+    wrong_fraction = [0.0, 0.5, 0.25]
+    expected_top1 = []
+    for k, frac in enumerate(wrong_fraction):
+        y = run.labels[run.val_rows[k]]
+        pred = y.copy()
+        n_wrong = int(round(frac * len(y)))
+        pred[:n_wrong] = (y[:n_wrong] + 1) % K
+        expected_top1.append(float(np.mean(pred == y)))
+        run.write_fold("resnet18", k, onehot_probs(pred, 0.9), noisy_probs(run.labels[run.test_rows], 2, rng))
+    results = run_ensemble(run.root, n_boot=0, plots=False)
+    val = results["cv"]["resnet18"]["val"]
+    assert val["n_folds"] == 3
+    assert val["mean"]["top1"] == pytest.approx(statistics.mean(expected_top1))
+    assert val["std"]["top1"] == pytest.approx(statistics.stdev(expected_top1))
+    per_fold = [results["per_fold"]["resnet18"][f"fold{k}"]["val"]["balanced_accuracy"] for k in range(3)]
+    assert val["mean"]["balanced_accuracy"] == pytest.approx(statistics.mean(per_fold))
+    assert val["std"]["balanced_accuracy"] == pytest.approx(statistics.stdev(per_fold))
+    # Out-of-fold metrics cover every train+val image once.
+    assert results["oof"]["n"]["resnet18"] == sum(len(v) for v in run.val_rows)
+    assert results["oof"]["metrics"]["resnet18"]["top1"] == pytest.approx(
+        sum(t * len(v) for t, v in zip(expected_top1, run.val_rows)) / sum(len(v) for v in run.val_rows))
+
+
+@pytest.mark.timeout(30)
+def test_aggregate_of_one_fold_has_no_std():
+    agg = aggregate_folds([{"top1": 0.5, "sensitivity": {"nv": 1.0}}])
+    assert agg["mean"]["top1"] == 0.5 and agg["std"]["top1"] is None
+    assert agg["mean"]["sensitivity"]["nv"] == 1.0 and agg["mean"]["sensitivity"]["mel"] is None
+
+
+# --------------------------------------------------------------------------- ensembles
+
+@pytest.mark.timeout(60)
+def test_ensemble_of_identical_models_equals_each_model(tmp_path):
+    run = FakeRun(tmp_path / "run", folds=2)
+    rng = np.random.default_rng(3)
+    test = noisy_probs(run.labels[run.test_rows], 1.5, rng)
+    for b in run.backbones:
+        for k in range(run.folds):
+            run.write_fold(b, k, noisy_probs(run.labels[run.val_rows[k]], 1.5, rng), test)
+    results = run_ensemble(run.root, n_boot=0, plots=False)
+    single = results["test"]["resnet18/fold0"]
+    for name in ("resnet18/ensemble", "vgg16/ensemble", "ensemble_mean", "ensemble_weighted"):
+        for key in ("balanced_accuracy", "top1", "top2", "auroc_macro", "f1_macro", "loss"):
+            assert results["test"][name][key] == pytest.approx(single[key], rel=1e-5), (name, key)
+    assert np.allclose(mean_probs([test, test, test], np.array([0.2, 0.3, 0.5])), test)
+
+
+@pytest.mark.timeout(60)
+def test_weights_favour_the_better_backbone_and_never_read_test_labels(tmp_path):
+    run = FakeRun(tmp_path / "run", folds=3)
+    run.fill({"resnet18": 3.0, "vgg16": 0.3})
+    before = run_ensemble(run.root, n_boot=0, plots=False)
+    first = before["weights"]["backbones"]
+    assert first["resnet18"] > first["vgg16"] and sum(first.values()) == pytest.approx(1)
+    assert all(w >= 0 for w in first.values())
+    # Shuffle the test labels of every fold the same way: the weights must not move.
+    perm = np.random.default_rng(0).permutation(len(run.test_rows))
+    for npz in run.root.glob("*/fold*/predictions_test.npz"):
+        data = dict(np.load(npz))
+        data["labels"] = data["labels"][perm]
+        np.savez(npz, **data)
+    second = run_ensemble(run.root, n_boot=0, plots=False)
+    assert second["weights"]["backbones"] == first
+    # the test metrics did see the shuffled labels
+    assert second["test"]["ensemble_weighted"]["top1"] != before["test"]["ensemble_weighted"]["top1"]
+
+
+@pytest.mark.timeout(30)
+def test_fit_weights_is_on_the_simplex_and_picks_the_only_informative_model():
+    labels = np.repeat(np.arange(K), 10)
+    good, useless = onehot_probs(labels, 0.8), np.full((len(labels), K), 1 / K)
+    w = fit_weights([useless, good], labels)
+    assert w.sum() == pytest.approx(1) and (w >= 0).all() and w[1] > 0.99
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+@pytest.mark.timeout(120)
+def test_bootstrap_ci_contains_the_estimate_and_narrows_with_more_lesions():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n_lesions in (40, 400):
+        labels = np.repeat(np.arange(n_lesions) % K, 2)
+        lesions = np.repeat(np.arange(n_lesions).astype(str), 2)
+        probs = noisy_probs(labels, 1.0, rng)
+        point = metrics_of(probs, labels)
+        boot = bootstrap_ci(probs, labels, lesions, n_boot=200, seed=0)
+        assert boot["n_lesions"] == n_lesions and boot["unit"] == "lesion"
+        for key in ("balanced_accuracy", "top1", "auroc_macro", "loss"):
+            lo, hi = boot["ci"][key]
+            assert lo <= point[key] <= hi, (n_lesions, key)
+        widths.append(boot["ci"]["top1"][1] - boot["ci"]["top1"][0])
+    assert widths[1] < widths[0] / 2  # ~1/sqrt(10) in theory
+
+
+@pytest.mark.timeout(30)
+def test_bootstrap_draws_whole_lesions():
+    lesions = np.array(["a", "a", "a", "b", "c", "c"])
+    labels = np.arange(6) % K
+    probs = onehot_probs(labels)
+    seen = []
+
+    def record(p: np.ndarray, y: np.ndarray) -> dict:
+        seen.append(y.copy())
+        return {"top1": 1.0}
+
+    bootstrap_ci(probs, labels, lesions, n_boot=50, seed=1, metric_fn=record)
+    for y in seen:
+        counts = {lab: int(np.sum(y == lab)) for lab in range(6)}
+        assert counts[0] == counts[1] == counts[2] and counts[4] == counts[5]  # lesions a and c stay whole
+
+
+# --------------------------------------------------------------------------- run directory handling
+
+@pytest.mark.timeout(120)
+def test_missing_folds_are_reported_and_the_rest_aggregated(tmp_path):
+    run = FakeRun(tmp_path / "run", folds=3)
+    run.fill({"resnet18": 2.0, "vgg16": 1.0}, skip={("vgg16", 2)})
+    running = run.write_fold("resnet18", 1, *(onehot_probs(run.labels[r]) for r in (run.val_rows[1], run.test_rows)),
+                             status="running")
+    assert running.exists()
+    proc = subprocess.run([sys.executable, str(REPO_DIR / "jobs" / "ensemble.py"), str(run.root), "--n-boot", "20"],
+                          capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr
+    assert "missing: resnet18 fold 1" in proc.stdout and "missing: vgg16 fold 2" in proc.stdout
+    results = json.loads((run.root / "ensemble" / "metrics.json").read_text())
+    missing = {(m["backbone"], m["fold"]): m["reason"] for m in results["missing"]}
+    assert set(missing) == {("resnet18", 1), ("vgg16", 2)}
+    assert "running" in missing[("resnet18", 1)]
+    assert results["cv"]["resnet18"]["val"]["n_folds"] == 2 and results["cv"]["vgg16"]["folds"] == [0, 1]
+    assert results["oof"]["n"]["vgg16"] == len(run.val_rows[0]) + len(run.val_rows[1])
+    assert "Missing folds" in (run.root / "ensemble" / "report.md").read_text()
+    # bootstrap intervals exist for every ensemble and the baseline
+    assert set(results["bootstrap"]) >= {"majority_nv", "resnet18/ensemble", "ensemble_mean", "ensemble_weighted"}
+
+
+@pytest.mark.timeout(60)
+def test_no_finished_fold_is_a_clear_error(tmp_path):
+    run = FakeRun(tmp_path / "run", folds=2)
+    with pytest.raises(EnsembleError, match="no finished fold"):
+        run_ensemble(run.root, n_boot=0, plots=False)
+    proc = subprocess.run([sys.executable, str(REPO_DIR / "jobs" / "ensemble.py"), str(tmp_path / "nowhere")],
+                          capture_output=True, text=True, timeout=50)
+    assert proc.returncode != 0 and "nowhere" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_corrupt_prediction_file_is_named(tmp_path):
+    run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=2)
+    run.fill({"resnet18": 1.0})
+    bad = run.root / "resnet18" / "fold1" / "predictions_val.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(EnsembleError, match="fold1/predictions_val.npz"):
+        run_ensemble(run.root, n_boot=0, plots=False)
+
+
+@pytest.mark.timeout(60)
+def test_temperature_scaling_fit_out_of_fold_fixes_overconfidence(tmp_path):
+    run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=2, n_lesions=300)
+    rng = np.random.default_rng(5)
+    test = noisy_probs(run.labels[run.test_rows], 1.0, rng) ** 3
+    for k in range(2):  # logits three times too large: overconfident
+        val = noisy_probs(run.labels[run.val_rows[k]], 1.0, rng) ** 3
+        run.write_fold("resnet18", k, val / val.sum(1, keepdims=True), test / test.sum(1, keepdims=True))
+    cal = run_ensemble(run.root, n_boot=0, plots=False)["calibration"]["resnet18/ensemble"]
+    assert cal["temperature"]["resnet18"] == pytest.approx(3, rel=0.25)
+    assert cal["ece_after"] < cal["ece_before"] and cal["nll_after"] < cal["nll_before"]
