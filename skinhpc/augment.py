@@ -1,0 +1,341 @@
+"""Batched, seeded image transforms on the training device.
+
+FFCV (or the PIL fallback) delivers uint8 NHWC batches of the stored size; everything random happens
+here, drawn from a CPU ``torch.Generator`` seeded per batch by (seed, epoch, step, rank). Parameters
+are drawn on the CPU, in a fixed order and for every sample whether or not an augmentation is on, so
+a CPU and a GPU run draw the same crops and flips, and a resumed run the same as an uninterrupted one.
+
+Training: one ``grid_sample`` per batch does the random resized crop, the flips, the paper's affine
+augmentation (rotation, translation, zoom) and the elastic distortion; then blur, brightness,
+contrast, colour-channel shift and noise as tensor ops. Evaluation: the largest centred square,
+resized (antialiased) to the network's input size. ``normalize`` applies the ImageNet statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from skinhpc.config import AugmentConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop
+_ELASTIC_MAX_GRID = 32  # cap on the control grid of the elastic field (cost, and finer is noise)
+
+
+def batch_generator(seed: int, epoch: int, step: int, rank: int = 0) -> torch.Generator:
+    """A CPU generator whose state depends only on (seed, epoch, step, rank).
+
+    SeedSequence mixes the four numbers, so neighbouring steps or ranks get unrelated streams.
+    """
+    if min(seed, epoch, step, rank) < 0:
+        raise ValueError(f"seed, epoch, step and rank must be >= 0, got {(seed, epoch, step, rank)}")
+    state = np.random.SeedSequence([seed, epoch, step, rank]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+@dataclass
+class AugmentParams:
+    """Per-sample random parameters of one training batch (CPU tensors, first dim = batch)."""
+
+    boxes: torch.Tensor
+    """(N, 4) int64 crop boxes ``[top, left, height, width]`` in stored-image pixels."""
+    hflip: torch.Tensor
+    vflip: torch.Tensor
+    affine: torch.Tensor
+    """(N,) bool: rotation/translation/zoom applied to this sample."""
+    angle: torch.Tensor
+    """(N,) radians."""
+    shift: torch.Tensor
+    """(N, 2) translation (x, y) as a fraction of the side."""
+    zoom: torch.Tensor
+    elastic: torch.Tensor
+    elastic_field: torch.Tensor
+    """(N, 2, g, g) control-point displacements in [-1, 1] (scaled by elastic_alpha when applied)."""
+    brightness: torch.Tensor
+    contrast: torch.Tensor
+    color_shift: torch.Tensor
+    """(N, 3) additive shift per channel."""
+    blur: torch.Tensor
+    blur_sigma: torch.Tensor
+    noise: torch.Tensor
+    noise_seed: int
+    """Seed of the device generator that draws the noise pixels (too many to ship from the CPU)."""
+
+
+def _uniform(gen: torch.Generator, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
+    return torch.rand(shape, generator=gen, dtype=torch.float64) * (high - low) + low
+
+
+def sample_crop_boxes(gen: torch.Generator, n: int, height: int, width: int,
+                      scale: tuple[float, float], ratio: tuple[float, float]) -> torch.Tensor:
+    """torchvision's RandomResizedCrop box choice, vectorised: (N, 4) int64 ``[top, left, h, w]``.
+
+    Ten attempts per sample (area fraction uniform in ``scale``, log-uniform aspect ratio in
+    ``ratio``); the first that fits wins, else the whole image clamped to the ratio range, centred.
+    """
+    area = height * width
+    target = area * _uniform(gen, (n, _CROP_ATTEMPTS), scale[0], scale[1])
+    aspect = torch.exp(_uniform(gen, (n, _CROP_ATTEMPTS), math.log(ratio[0]), math.log(ratio[1])))
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = torch.argmax(fits.to(torch.int8), dim=1, keepdim=True)  # first True (0 when none)
+    w = w.gather(1, first)[:, 0]
+    h = h.gather(1, first)[:, 0]
+    any_fit = fits.any(dim=1)
+    # Fallback as torchvision: the whole image, clamped to the allowed aspect ratios.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        fw, fh = round(height * ratio[1]), height
+    else:
+        fw, fh = width, height
+    w = torch.where(any_fit, w, torch.full_like(w, fw))
+    h = torch.where(any_fit, h, torch.full_like(h, fh))
+    u = torch.rand((n, 2), generator=gen, dtype=torch.float64)
+    top = torch.floor(u[:, 0] * (height - h + 1))
+    left = torch.floor(u[:, 1] * (width - w + 1))
+    top = torch.where(any_fit, top, torch.full_like(top, 0) + (height - h) // 2)
+    left = torch.where(any_fit, left, torch.full_like(left, 0) + (width - w) // 2)
+    return torch.stack([top, left, h, w], dim=1).to(torch.int64)
+
+
+def elastic_grid_size(cfg: AugmentConfig) -> int:
+    """Control points per side of the elastic field: one per ``elastic_sigma`` of the side."""
+    return max(2, min(_ELASTIC_MAX_GRID, math.ceil(1.0 / max(cfg.elastic_sigma, 1e-6)) + 1))
+
+
+def draw_params(gen: torch.Generator, n: int, height: int, width: int, cfg: AugmentConfig) -> AugmentParams:
+    """Draw every random parameter of a batch of ``n`` images of ``height`` x ``width``.
+
+    The order and sizes of the draws never depend on the config's switches, so turning one
+    augmentation off leaves the others' parameters unchanged.
+    """
+    boxes = sample_crop_boxes(gen, n, height, width, tuple(cfg.crop_scale), tuple(cfg.crop_ratio))
+    coins = torch.rand((n, 6), generator=gen, dtype=torch.float64)
+    g = elastic_grid_size(cfg)
+    params = AugmentParams(
+        boxes=boxes,
+        hflip=coins[:, 0] < cfg.hflip,
+        vflip=coins[:, 1] < cfg.vflip,
+        affine=coins[:, 2] < cfg.affine_p,
+        angle=_uniform(gen, (n,), -1.0, 1.0) * math.radians(cfg.rotation),
+        shift=_uniform(gen, (n, 2), -1.0, 1.0) * cfg.translate,
+        zoom=_uniform(gen, (n,), cfg.scale[0], cfg.scale[1]),
+        elastic=coins[:, 3] < cfg.elastic_p,
+        elastic_field=_uniform(gen, (n, 2, g, g), -1.0, 1.0).float(),
+        brightness=_uniform(gen, (n,), -1.0, 1.0) * cfg.brightness,
+        contrast=1.0 + _uniform(gen, (n,), -1.0, 1.0) * cfg.contrast,
+        color_shift=_uniform(gen, (n, 3), -1.0, 1.0) * cfg.color_shift,
+        blur=coins[:, 4] < cfg.blur_p,
+        blur_sigma=_uniform(gen, (n,), cfg.blur_sigma[0], cfg.blur_sigma[1]),
+        noise=coins[:, 5] < cfg.noise_p,
+        noise_seed=int(torch.randint(0, 2**62, (1,), generator=gen).item()),
+    )
+    return params
+
+
+# ------------------------------------------------------------------------------ geometry
+
+def _to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW -> float32 NCHW in [0, 1]."""
+    return x.float().div_(255.0)
+
+
+def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bilinear resize of a uint8 NHWC batch -> float NCHW in [0, 1].
+
+    On the CPU the uint8 channels-last kernel (what torchvision uses) is several times faster than
+    converting to float first; on a GPU it is float.
+    """
+    x = images.permute(0, 3, 1, 2)  # NCHW view, channels-last memory
+    if tuple(x.shape[-2:]) == tuple(size):
+        return _to_float(x)
+    if x.device.type == "cpu":
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        return _to_float(x)
+    return F.interpolate(_to_float(x), size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def _prescaled_float(images: torch.Tensor, out_size: int) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW [0, 1], shrunk (antialiased) when over twice the output size.
+
+    grid_sample does not antialias; with at most 2x downsampling left its aliasing is mild.
+    Crops are given in normalised coordinates, so scaling the whole image changes nothing else.
+    """
+    height, width = images.shape[1:3]
+    short = min(height, width)
+    if short <= 2 * out_size:
+        return _to_float(images.permute(0, 3, 1, 2))
+    f = 2 * out_size / short
+    return _resize(images, (max(1, round(height * f)), max(1, round(width * f))))
+
+
+def _thetas(params: AugmentParams, height: int, width: int, use_affine: bool) -> torch.Tensor:
+    """(N, 2, 3) maps from output to input normalised coordinates: affine, then flip, then crop."""
+    n = params.boxes.shape[0]
+    boxes = params.boxes.to(torch.float64)
+    top, left, h, w = boxes.unbind(1)
+    linear = torch.eye(2, dtype=torch.float64).repeat(n, 1, 1)
+    offset = torch.zeros(n, 2, dtype=torch.float64)
+    if use_affine:
+        on = params.affine
+        cos, sin = torch.cos(params.angle), torch.sin(params.angle)
+        rot = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
+        rot = rot / params.zoom[:, None, None]  # zoom > 1 shows a smaller region: magnifies
+        linear = torch.where(on[:, None, None], rot, linear)
+        offset = torch.where(on[:, None], -2.0 * params.shift, offset)
+    flip = torch.stack([torch.where(params.hflip, -1.0, 1.0), torch.where(params.vflip, -1.0, 1.0)], 1)
+    flip = flip.to(torch.float64)
+    linear = linear * flip[:, :, None]
+    offset = offset * flip
+    crop_scale = torch.stack([w / width, h / height], 1)
+    crop_centre = torch.stack([(2 * left + w) / width - 1, (2 * top + h) / height - 1], 1)
+    theta = torch.cat([linear * crop_scale[:, :, None], (offset * crop_scale + crop_centre)[:, :, None]], 2)
+    return theta.float()
+
+
+def _elastic_displacement(params: AugmentParams, size: int, alpha: float, device: torch.device) -> torch.Tensor:
+    """(N, S, S, 2) smooth displacement in output normalised coordinates (zero where off)."""
+    field = params.elastic_field.to(device) * (2.0 * alpha) * params.elastic.to(device, torch.float32)[:, None, None, None]
+    disp = F.interpolate(field, size=(size, size), mode="bicubic", align_corners=True)
+    return disp.permute(0, 2, 3, 1)
+
+
+def geometric(images: torch.Tensor, params: AugmentParams, size: int, cfg: AugmentConfig) -> torch.Tensor:
+    """Crop + flips + affine + elastic of uint8 NHWC ``images`` -> float NCHW (N, C, size, size) in
+    [0, 1]: one grid_sample."""
+    n, height, width, c = images.shape
+    use_affine = cfg.affine_p > 0 and bool(params.affine.any())
+    theta = _thetas(params, height, width, use_affine).to(images.device)
+    x = _prescaled_float(images, size)
+    if cfg.elastic_p > 0 and cfg.elastic_alpha > 0 and bool(params.elastic.any()):
+        identity = torch.eye(2, 3, device=x.device).expand(n, 2, 3)
+        base = F.affine_grid(identity, [n, c, size, size], align_corners=False)
+        base = base + _elastic_displacement(params, size, cfg.elastic_alpha, x.device)
+        grid = base @ theta[:, :, :2].transpose(1, 2)[:, None] + theta[:, None, None, :, 2]
+    else:
+        grid = F.affine_grid(theta, [n, c, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+# ------------------------------------------------------------------------------ photometric
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of (n, C, H, W) with one sigma per sample (grouped convolutions)."""
+    n, c, h, w = x.shape
+    radius = max(1, math.ceil(3 * float(sigma.max())))
+    radius = min(radius, (min(h, w) - 1) // 2) or 1
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t[None] / sigma.to(x.device, torch.float32)[:, None]) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n*C, 2r+1)
+    y = x.reshape(1, n * c, h, w)
+    y = F.pad(y, (radius, radius, radius, radius), mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, k[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, h, w)
+
+
+def photometric(x: torch.Tensor, params: AugmentParams, cfg: AugmentConfig) -> torch.Tensor:
+    """Blur, brightness, contrast, colour-channel shift and noise on float NCHW in [0, 1]; clamps."""
+    dev = x.device
+    if cfg.blur_p > 0 and bool(params.blur.any()):
+        idx = params.blur.nonzero()[:, 0]
+        x = x.clone()
+        x[idx.to(dev)] = _gaussian_blur(x[idx.to(dev)], params.blur_sigma[idx])
+    if cfg.contrast > 0:
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        c = params.contrast.to(dev, torch.float32)[:, None, None, None]
+        x = (x - mean) * c + mean
+    if cfg.brightness > 0:
+        x = x + params.brightness.to(dev, torch.float32)[:, None, None, None]
+    if cfg.color_shift > 0:
+        x = x + params.color_shift.to(dev, torch.float32)[:, :, None, None]
+    if cfg.noise_p > 0 and cfg.noise_std > 0 and bool(params.noise.any()):
+        idx = params.noise.nonzero()[:, 0].to(dev)
+        dev_gen = torch.Generator(device=dev).manual_seed(params.noise_seed)
+        noise = torch.randn((len(idx),) + tuple(x.shape[1:]), generator=dev_gen, device=dev) * cfg.noise_std
+        x = x.index_add(0, idx, noise)
+    return x.clamp_(0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------ entry points
+
+def normalize(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """ImageNet mean/std normalisation of float NCHW in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype)[None, :, None, None]
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype)[None, :, None, None]
+    x = (x - mean) / std
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return x.contiguous(memory_format=memory_format)
+
+
+def train_transform(images: torch.Tensor, gen: torch.Generator, size: int, cfg: AugmentConfig) -> torch.Tensor:
+    """uint8 NHWC batch (on the device) -> augmented float NCHW (size x size) in [0, 1].
+
+    ``gen`` is the batch's CPU generator (see ``batch_generator``); normalise afterwards.
+    """
+    n, height, width, _ = images.shape
+    params = draw_params(gen, n, height, width, cfg)
+    return apply_params(images, params, size, cfg)
+
+
+def apply_params(images: torch.Tensor, params: AugmentParams, size: int, cfg: AugmentConfig) -> torch.Tensor:
+    """The training transform with parameters already drawn (uint8 NHWC -> float NCHW [0, 1])."""
+    return photometric(geometric(images, params, size, cfg), params, cfg)
+
+
+def centre_square(height: int, width: int) -> tuple[int, int, int]:
+    """(top, left, side) of the largest centred square."""
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side
+
+
+def eval_transform(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [0, 1]: the largest centred square, resized (antialiased)."""
+    _, height, width, _ = images.shape
+    top, left, side = centre_square(height, width)
+    return _resize(images[:, top:top + side, left:left + side], (size, size))
+
+
+# ------------------------------------------------------------------------------ fast uint8 crops
+
+def crop_resize_uint8(images: np.ndarray, boxes: np.ndarray, size: int, hflip: np.ndarray | None = None,
+                      vflip: np.ndarray | None = None, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+    """Crop boxes ``[top, left, h, w]`` out of uint8 NHWC ``images``, resize to size x size, flip.
+
+    The cheap CPU path (OpenCV releases the GIL, so a thread pool scales): used by the loader
+    benchmark and ``FoldLoader.crops``. Area interpolation when shrinking, bilinear otherwise.
+    """
+    import cv2  # opencv-python comes with FFCV; imported here so the PIL fallback does not need it
+
+    n = images.shape[0]
+    out = np.empty((n, size, size, images.shape[3]), dtype=np.uint8)
+
+    def work(indices: range) -> None:
+        for i in indices:
+            top, left, h, w = (int(v) for v in boxes[i])
+            crop = images[i, top:top + h, left:left + w]
+            interp = cv2.INTER_AREA if min(h, w) > size else cv2.INTER_LINEAR
+            img = cv2.resize(crop, (size, size), interpolation=interp)
+            if hflip is not None and hflip[i]:
+                img = img[:, ::-1]
+            if vflip is not None and vflip[i]:
+                img = img[::-1]
+            out[i] = img
+
+    if pool is None or n < 2:
+        work(range(n))
+    else:
+        chunks = np.array_split(np.arange(n), pool._max_workers)
+        list(pool.map(lambda c: work(range(int(c[0]), int(c[-1]) + 1)) if len(c) else None, chunks))
+    return out
