@@ -1,0 +1,42 @@
+"""Train one backbone on one fold; resumes automatically from the fold's newest checkpoint.
+
+    python jobs/train.py [--config FILE] model.backbone=resnet18 fold=0 run_dir=runs/x [key=value ...]
+    python -m torch.distributed.run --nproc_per_node 2 jobs/train.py ...      # DDP / DeepSpeed
+    srun python jobs/train.py ...                                              # one SLURM task per GPU
+
+Exit codes: 0 finished (or already finished), 0 after a preemption signal once the checkpoint is
+saved (rerun the same command to resume), 2 for a configuration or input error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="YAML config file (below the key=value overrides)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5")
+    args = ap.parse_args(argv)
+
+    from skinhpc.checkpoint import ResumeMismatch
+    from skinhpc.config import ConfigError, load_config
+    from skinhpc.convert import InputError
+    from skinhpc.split import SplitError
+    from skinhpc.train import train_fold
+
+    try:
+        cfg = load_config(args.overrides, args.config)
+        result = train_fold(cfg)
+    except (ConfigError, InputError, SplitError, ResumeMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.get("status") == "preempted":
+        print(f"preempted at epoch {result.get('epoch')} step {result.get('step')}: checkpoint saved; "
+              "run the same command again to resume", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,702 @@
+"""Train one (backbone, fold): the stage behind ``jobs/train.py`` and every training task of the launcher.
+
+``train_fold(cfg)`` runs alone (one process), under ``torchrun`` or as a SLURM task (ranks from the
+environment, see ``skinhpc.distributed``), with ``train.strategy`` ddp (DistributedDataParallel) or
+deepspeed (ZeRO stage 0/1/2). The fold's folder ``RUN/<backbone>/fold<k>/`` is laid out as DESIGN.md
+says; ``metrics.json`` is written last, and a fold that has it is not trained again.
+
+Resume is automatic and exact: checkpoints (``skinhpc.checkpoint``) hold the unwrapped model,
+optimizer, grad scaler, the loop's position (epoch, micro-batch within the epoch, optimizer step),
+running loss sums, best metric, early-stop counter and every rank's RNG states. The loader yields the
+same batches for (seed, epoch, step, rank) and the learning rate is a pure function of the optimizer
+step, so a run interrupted anywhere and resumed ends bit-identical (on CPU) to one that never stopped.
+
+Settings that change the trajectory cannot change on resume (``resume_keys``: backbone, batch size,
+accumulation, strategy, ZeRO stage, seed, world size, image size); a clear error names them. Others
+may change: ``train.epochs`` (the cosine schedule is recomputed for the new length, so the learning
+rate jumps), ``early_stop_patience``, ``log_every``, checkpoint frequency, ``num_workers``.
+
+Preemption: SIGUSR2 and SIGTERM only raise a flag. At the next optimizer-step boundary all ranks agree
+(all-reduce MAX), save a checkpoint on every rank, and then:
+
+- SIGUSR2 (SLURM's warning signal, sent by submitit): the previously installed handler is called when
+  it is a Python callable (submitit's requeues the job and exits on rank 0); then ``train_fold``
+  returns ``{"status": "preempted"}`` and ``jobs/train.py`` exits with code 0 after saying how to resume.
+- SIGTERM: when a callable handler was installed before (submitit's, which ignores SIGTERM because
+  USR2 follows), it is called and training goes on; otherwise the task returns "preempted" as above.
+
+For tests, ``SKINHPC_TEST_PREEMPT_AT_STEP=N`` makes rank 0 send itself SIGUSR2 after optimizer step N
+and ``SKINHPC_TEST_KILL_AT_STEP=N`` makes every rank SIGKILL itself there (a hard kill).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skinhpc import CLASSES, checkpoint, distributed
+from skinhpc.config import ConfigError, ExperimentConfig, TrainConfig, atomic_write_text, save_config
+from skinhpc.distributed import DistEnv
+
+METRICS_NAME = "metrics.json"
+LOG_NAME = "log.jsonl"
+PREEMPT_ENV = "SKINHPC_TEST_PREEMPT_AT_STEP"
+KILL_ENV = "SKINHPC_TEST_KILL_AT_STEP"
+# Settings whose change makes a checkpoint unusable or the resumed trajectory different.
+RESUME_KEYS = ("model.backbone", "model.image_size", "train.batch_size", "train.accum_steps", "train.strategy",
+               "train.seed")
+_SIGNAL_CODES = {signal.SIGTERM: 1, signal.SIGUSR2: 2}
+
+
+def fold_dir(cfg: ExperimentConfig) -> Path:
+    """``RUN/<backbone>/fold<k>``."""
+    return Path(cfg.run_dir) / cfg.model.backbone / f"fold{cfg.fold}"
+
+
+def finished_metrics(out: Path) -> dict | None:
+    """The fold's metrics.json when training finished (status done), else None."""
+    try:
+        metrics = json.loads((out / METRICS_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) and metrics.get("status") == "done" else None
+
+
+def train_fold(cfg: ExperimentConfig) -> dict:
+    """Train, validate and test one fold; returns metrics.json's content or ``{"status": "preempted"}``.
+
+    Idempotent: a fold whose metrics.json says done returns it at once; an unfinished one resumes
+    from its newest valid checkpoint.
+    """
+    out = fold_dir(cfg)
+    done = finished_metrics(out)
+    if done is not None:
+        _say(f"{out}: already finished (metrics.json); nothing to do")
+        return done
+    if cfg.train.strategy == "deepspeed" and cfg.train.precision == "fp16":
+        raise ConfigError("train.precision=fp16 is not supported with train.strategy=deepspeed; use bf16 or fp32")
+    env = distributed.setup(cfg.train.device, cfg.train.strategy)
+    clean = False
+    try:
+        result = FoldTrainer(cfg, env, out).run()
+        clean = True
+        return result
+    except SystemExit:
+        clean = True  # submitit's handler exits after requeueing; the other ranks still meet us
+        raise
+    finally:
+        if clean:
+            distributed.cleanup(env)
+        elif env.distributed:
+            torch.distributed.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- small pieces
+
+def _say(message: str, env: DistEnv | None = None) -> None:
+    if env is None or env.is_main:
+        print(message, flush=True)
+
+
+def resume_keys(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
+    """The settings a checkpoint must have been made with to be resumed now."""
+    flat = {"model": asdict(cfg.model), "train": asdict(cfg.train)}
+    keys = {k: flat[k.split(".")[0]][k.split(".")[1]] for k in RESUME_KEYS}
+    if cfg.train.strategy == "deepspeed":
+        keys["train.deepspeed.stage"] = cfg.train.deepspeed.stage
+    keys["world_size"] = world_size
+    return keys
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """None for fp32; bf16 for auto on GPU (fp32 on CPU, where bf16 autocast is slow)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def class_weights(labels: np.ndarray, num_classes: int = len(CLASSES)) -> torch.Tensor:
+    """Inverse class frequency of the training fold, mean 1 over present classes (absent: 0)."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max((counts > 0).sum(), 1), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al.): cross-entropy down-weighted by (1 - p_true)^gamma, optional class weights."""
+
+    def __init__(self, gamma: float, weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("weight", weight if weight is not None else None)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
+        loss = -((1 - logp.exp()) ** self.gamma) * logp
+        if self.weight is None:
+            return loss.mean()
+        w = self.weight[target]
+        return (w * loss).sum() / w.sum().clamp_min(1e-12)
+
+
+def make_criterion(train_cfg: TrainConfig, weight: torch.Tensor | None) -> nn.Module:
+    if train_cfg.loss == "focal":
+        return FocalLoss(train_cfg.focal_gamma, weight)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=train_cfg.label_smoothing)
+
+
+def lr_at(step: int, train_cfg: TrainConfig, steps_per_epoch: int) -> float:
+    """Head learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to min_lr."""
+    total = max(1, train_cfg.epochs * steps_per_epoch)
+    warmup = int(round(train_cfg.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return train_cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return train_cfg.min_lr + (train_cfg.lr - train_cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, train_cfg: TrainConfig, backbone_scale: float) -> torch.optim.Optimizer:
+    """SGD or AdamW over (backbone, head) x (decay, no decay) groups; biases and norms get no decay.
+
+    Each group carries ``lr_scale`` (the backbone's is ``backbone_scale``) and ``is_backbone``;
+    ``set_lr`` sets ``lr = lr_at(step) * lr_scale``.
+    """
+    from skinhpc.models import backbone_and_head_params
+    backbone, head = backbone_and_head_params(model)
+    groups = []
+    for params, scale, is_backbone in ((backbone, backbone_scale, True), (head, 1.0, False)):
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        for ps, wd in ((decay, train_cfg.weight_decay), (no_decay, 0.0)):
+            if ps:
+                groups.append({"params": ps, "weight_decay": wd, "lr": train_cfg.lr * scale, "lr_scale": scale,
+                               "is_backbone": is_backbone})
+    if train_cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=train_cfg.lr, momentum=train_cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=train_cfg.lr)
+
+
+def deepspeed_config(train_cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """DeepSpeed's config: the YAML/JSON file of train.deepspeed.config, overridden by what skinhpc sets.
+
+    Precision stays with skinhpc (torch.autocast around the forward, fp32 weights), so DeepSpeed's
+    own fp16/bf16 modes are off and the checkpoints hold fp32 weights like DDP's.
+    """
+    user: dict[str, Any] = {}
+    if train_cfg.deepspeed.config:
+        path = Path(train_cfg.deepspeed.config)
+        if not path.is_file():
+            raise ConfigError(f"train.deepspeed.config: {path} not found")
+        from omegaconf import OmegaConf
+        try:
+            user = OmegaConf.to_container(OmegaConf.load(path)) or {}  # YAML is a superset of JSON
+        except Exception as e:
+            raise ConfigError(f"train.deepspeed.config: cannot read {path}: {e}") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"train.deepspeed.config: {path} must hold a mapping")
+    zero = {**user.get("zero_optimization", {}), "stage": train_cfg.deepspeed.stage}
+    ours = {
+        "train_micro_batch_size_per_gpu": train_cfg.batch_size,
+        "gradient_accumulation_steps": train_cfg.accum_steps,
+        "train_batch_size": train_cfg.batch_size * train_cfg.accum_steps * world_size,
+        "gradient_clipping": train_cfg.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "fp16": {"enabled": False},
+        "bf16": {"enabled": False},
+    }
+    return {"steps_per_print": 10 ** 9, **user, **ours}
+
+
+def sync_buffers(env: DistEnv, model: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm statistics) to every rank, as DDP does before each forward."""
+    if not env.distributed or env.world_size == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in model.buffers():
+        by_dtype.setdefault(b.dtype, []).append(b)
+    for bufs in by_dtype.values():
+        flat = torch.cat([b.detach().reshape(-1) for b in bufs])
+        torch.distributed.broadcast(flat, src=0)
+        offset = 0
+        for b in bufs:
+            n = b.numel()
+            b.data.copy_(flat[offset:offset + n].view_as(b))
+            offset += n
+
+
+class PreemptionFlag:
+    """SIGUSR2/SIGTERM handlers that only record the signal (saving inside a handler can hang)."""
+
+    def __init__(self) -> None:
+        self.code = 0
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in _SIGNAL_CODES:
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:
+                pass  # not the main thread (e.g. a debugger): no preemption handling
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.code = max(self.code, _SIGNAL_CODES.get(signum, 0))
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.previous.clear()
+
+    def call_previous(self, signum: int) -> bool:
+        """Call the handler installed before ours; False when there was none to call."""
+        handler = self.previous.get(signum)
+        if callable(handler):
+            handler(signum, None)
+            return True
+        return False
+
+
+# --------------------------------------------------------------------------- the trainer
+
+class FoldTrainer:
+    """One fold's data, model, optimizer and loop state on this rank."""
+
+    def __init__(self, cfg: ExperimentConfig, env: DistEnv, out: Path) -> None:
+        self.cfg, self.env, self.out = cfg, env, out
+        self.tcfg = cfg.train
+        self.ckpt_dir = out / "checkpoints"
+        self.flag = PreemptionFlag()
+        self.writer: Any = None
+        self.engine: Any = None
+        self.ddp: nn.Module | None = None
+        self.scaler: Any = None
+        self.backbone_trainable = True
+        self._prepare_data()
+        self._prepare_model()
+        # Loop state: everything here goes into checkpoints.
+        self.state: dict[str, Any] = {"epoch": 0, "step": 0, "global_step": 0, "best_metric": -1.0,
+                                      "best_epoch": -1, "bad_epochs": 0, "stopped": False,
+                                      "loss_sum": 0.0, "correct": 0, "seen": 0}
+
+    # ---------------------------------------------------------------- setup
+    def _prepare_data(self) -> None:
+        from skinhpc.convert import ensure_converted, read_index, read_manifest
+        from skinhpc.load import build_loader
+        from skinhpc.split import ensure_split, fold_rows
+        cfg, env = self.cfg, self.env
+        if env.is_main:  # one converter and one split writer; the others read their results
+            ensure_converted(cfg.data, cfg.data_dir)
+        distributed.barrier(env)
+        self.index = read_index(cfg.data_dir)
+        self.manifest = read_manifest(cfg.data_dir)
+        if env.is_main:
+            ensure_split(cfg.run_dir, self.index, cfg.split)
+        distributed.barrier(env)
+        self.rows = fold_rows(ensure_split(cfg.run_dir, self.index, cfg.split), self.index, cfg.fold)
+        label_of = dict(zip(self.index["row"].to_numpy(), self.index["label"].to_numpy()))
+        self.train_labels = np.array([label_of[r] for r in self.rows.train], dtype=np.int64)
+        tc = self.tcfg
+        self.device = env.device
+        common = dict(image_size=cfg.model.image_size, data_cfg=cfg.data, aug_cfg=cfg.aug, seed=tc.seed,
+                      device=env.device, distributed=env.world_size > 1, channels_last=tc.channels_last)
+        eval_bs = tc.eval_batch_size or 2 * tc.batch_size
+        self.train_loader = build_loader(cfg.data_dir, self.rows.train, train=True, batch_size=tc.batch_size, **common)
+        self.val_loader = build_loader(cfg.data_dir, self.rows.val, train=False, batch_size=eval_bs, **common)
+        self.test_loader = (build_loader(cfg.data_dir, self.rows.test, train=False, batch_size=eval_bs, **common)
+                            if len(self.rows.test) else None)
+        steps = len(self.train_loader)
+        if tc.max_steps_per_epoch:
+            steps = min(steps, tc.max_steps_per_epoch)
+        # Whole accumulation cycles only: a partial one at the epoch's end would desynchronise
+        # DeepSpeed's micro-step counter and complicate exact resume; at most accum-1 batches are skipped.
+        self.steps_per_epoch = steps // tc.accum_steps * tc.accum_steps
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"fold {cfg.fold} has {len(self.rows.train)} training images: too few for "
+                              f"train.batch_size={tc.batch_size} x accum_steps={tc.accum_steps} on "
+                              f"{env.world_size} process(es)")
+        self.opt_steps_per_epoch = self.steps_per_epoch // tc.accum_steps
+
+    def _prepare_model(self) -> None:
+        from skinhpc.models import create_model
+        cfg, tc, env = self.cfg, self.tcfg, self.env
+        torch.backends.cudnn.benchmark = tc.cudnn_benchmark
+        if env.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        _seed_everything(tc.seed)  # the same initial weights on every rank
+        model = create_model(cfg.model)
+        model.to(env.device)
+        if tc.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.raw = model
+        pretrained = cfg.model.pretrained.lower() not in ("false", "0", "no", "")
+        scale = cfg.model.backbone_lr_scale if pretrained else 1.0
+        weight = class_weights(self.train_labels).to(env.device) if tc.class_weights else None
+        self.criterion = make_criterion(tc, weight).to(env.device)
+        self.optimizer = make_optimizer(model, tc, scale)
+        self.amp_dtype = autocast_dtype(tc.precision, env.device)
+        if tc.strategy == "deepspeed":
+            import deepspeed
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=self.optimizer, config=deepspeed_config(tc, env.world_size))
+        elif self.amp_dtype == torch.float16:
+            self.scaler = torch.amp.GradScaler(env.device.type)
+        self._set_backbone_trainable(cfg.model.freeze_epochs == 0)
+
+    def _set_backbone_trainable(self, flag: bool) -> None:
+        """Freeze/unfreeze the backbone; DDP is rebuilt because it registers trainable params when built.
+
+        DeepSpeed's partitioned optimizer cannot take parameters in later, so there the backbone
+        keeps requires_grad and gets learning rate 0 while frozen (its weights do not move).
+        """
+        from skinhpc.models import set_backbone_trainable
+        self.backbone_trainable = flag
+        if self.engine is None:
+            set_backbone_trainable(self.raw, flag)
+            if self.env.world_size > 1:
+                dev = [self.env.device.index] if self.env.device.type == "cuda" else None
+                self.ddp = nn.parallel.DistributedDataParallel(self.raw, device_ids=dev)
+            forward = self.ddp if self.ddp is not None else self.raw
+        else:
+            forward = self.engine
+        self.forward = torch.compile(forward) if self.tcfg.compile else forward
+
+    # ---------------------------------------------------------------- run
+    def run(self) -> dict:
+        out, env = self.out, self.env
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, out / "config.yaml")
+        distributed.barrier(env)
+        self._resume()
+        self._open_logs()
+        self.flag.install()
+        try:
+            while self.state["epoch"] < self.tcfg.epochs and not self.state["stopped"]:
+                if not self._train_epoch():
+                    return {"status": "preempted", "epoch": self.state["epoch"], "step": self.state["step"]}
+                self._end_epoch()
+        finally:
+            self.flag.uninstall()
+            if self.writer is not None:
+                self.writer.close()
+        return self._finish()
+
+    def _resume(self) -> None:
+        keys = resume_keys(self.cfg, self.env.world_size)
+        self.resume_keys = keys
+        found = checkpoint.load_latest(self.ckpt_dir, env=self.env, resume_keys=keys, model=self.raw,
+                                       optimizer=self.optimizer, scaler=self.scaler, engine=self.engine)
+        if found is None:
+            _say(f"{self.out}: fresh start ({self.steps_per_epoch} steps/epoch, {self.env.world_size} process(es), "
+                 f"strategy {self.tcfg.strategy})", self.env)
+            return
+        info, state = found
+        self.state.update(state)
+        _say(f"resuming from epoch {self.state['epoch']} step {self.state['step']} (checkpoint {info.path})", self.env)
+        if self.env.is_main:
+            self._truncate_log(self.state["epoch"])
+        # RNG was restored by load_latest; nothing below may draw from it before the loop.
+        if self.cfg.model.freeze_epochs and self.state["epoch"] >= self.cfg.model.freeze_epochs:
+            self._set_backbone_trainable(True)
+
+    def _truncate_log(self, epoch: int) -> None:
+        """Drop log lines of epochs the resumed run will train again (a kill after logging them)."""
+        path = self.out / LOG_NAME
+        if not path.is_file():
+            return
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] < epoch]
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+    def _open_logs(self) -> None:
+        if self.env.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            purge = self.state["global_step"] if self.state["global_step"] else None
+            self.writer = SummaryWriter(log_dir=str(self.out / "tb"), purge_step=purge)
+
+    # ---------------------------------------------------------------- one epoch
+    def _set_lr(self, step: int) -> float:
+        lr = lr_at(step, self.tcfg, self.opt_steps_per_epoch)
+        frozen = not self.backbone_trainable
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.0 if (frozen and group.get("is_backbone")) else lr * group.get("lr_scale", 1.0)
+        return lr
+
+    def _batches(self, epoch: int, start: int) -> Iterator[tuple[int, Any, float]]:
+        """(step, batch, seconds waited for it) for steps start .. steps_per_epoch-1."""
+        if start >= self.steps_per_epoch:
+            return
+        it = self.train_loader.epoch(epoch, start_step=start)
+        try:
+            for step in range(start, self.steps_per_epoch):
+                t0 = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    raise RuntimeError(f"loader ended after {step} of {self.steps_per_epoch} steps in epoch {epoch}") from None
+                yield step, batch, time.perf_counter() - t0
+        finally:
+            it.close()  # an epoch left early (step cap, preemption) must release the loader's workers
+
+    def _micro_step(self, batch: Any, boundary: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward + backward of one micro-batch; returns (loss, number correct) as device tensors."""
+        images, labels = batch.images, batch.labels
+        if self.engine is not None and self.env.world_size > 1:
+            sync_buffers(self.env, self.raw)
+        no_sync = self.ddp is not None and not boundary and self.engine is None
+        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+               else contextlib.nullcontext())
+        with (self.ddp.no_sync() if no_sync else contextlib.nullcontext()):  # type: ignore[union-attr]
+            with amp:
+                logits = self.forward(images)
+                loss = self.criterion(logits.float(), labels)
+            if self.engine is not None:
+                self.engine.backward(loss)
+            else:
+                scaled = loss / self.tcfg.accum_steps
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        correct = (logits.detach().argmax(1) == labels).sum()
+        return loss.detach(), correct
+
+    def _optimizer_step(self) -> float:
+        lr = self._set_lr(self.state["global_step"])
+        if self.engine is not None:
+            self.engine.step()
+        else:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            if self.tcfg.grad_clip > 0:
+                params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(params, self.tcfg.grad_clip)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.state["global_step"] += 1
+        return lr
+
+    def _train_epoch(self) -> bool:
+        """Train the rest of the current epoch; False when stopped by a preemption signal."""
+        st, tc = self.state, self.tcfg
+        epoch = st["epoch"]
+        want_trainable = epoch >= self.cfg.model.freeze_epochs
+        if want_trainable != self.backbone_trainable:
+            self._set_backbone_trainable(want_trainable)
+        (self.engine or self.raw).train()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        loss_sum = torch.tensor(st["loss_sum"], dtype=torch.float64, device=self.device)
+        correct = torch.tensor(st["correct"], dtype=torch.int64, device=self.device)
+        t_start, waited, images, lr = time.perf_counter(), 0.0, 0, 0.0
+        bar = self._progress_bar(epoch, st["step"])
+        for step, batch, wait in self._batches(epoch, st["step"]):
+            waited += wait
+            boundary = (step + 1) % tc.accum_steps == 0
+            loss, right = self._micro_step(batch, boundary)
+            loss_sum += loss.double()
+            correct += right
+            st["seen"] += len(batch.labels)
+            images += len(batch.labels)
+            if self.engine is not None and not boundary:
+                self.engine.step()  # DeepSpeed counts micro-steps itself; it only updates at the boundary
+            if not boundary:
+                continue
+            lr = self._optimizer_step()
+            st["step"] = step + 1
+            self._report_step(bar, step, loss, lr)
+            self._test_hooks()
+            if self._maybe_checkpoint(loss_sum, correct):
+                return False
+        if bar is not None:
+            bar.close()
+        st["loss_sum"], st["correct"] = float(loss_sum.item()), int(correct.item())
+        seconds = time.perf_counter() - t_start
+        self._epoch_stats = {"lr": lr or self.optimizer.param_groups[-1]["lr"],
+                             "images_per_s": images * self.env.world_size / max(seconds, 1e-9),
+                             "data_wait_frac": waited / max(seconds, 1e-9),
+                             "peak_mem_gb": (torch.cuda.max_memory_allocated(self.device) / 1e9
+                                             if self.device.type == "cuda" else 0.0),
+                             "time_s": seconds}
+        return True
+
+    def _progress_bar(self, epoch: int, start: int) -> Any:
+        if not (self.env.is_main and sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+        return tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+
+    def _report_step(self, bar: Any, step: int, loss: torch.Tensor, lr: float) -> None:
+        if not self.env.is_main:
+            return
+        g = self.state["global_step"]
+        if bar is not None:
+            bar.update(self.tcfg.accum_steps)
+        every = max(1, self.tcfg.log_every)
+        if g % every == 0 or bar is not None and g % 10 == 0:
+            value = float(loss.item())
+            self.writer.add_scalar("train/loss", value, g)
+            self.writer.add_scalar("train/lr", lr, g)
+            if bar is not None:
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+            elif g % every == 0:
+                print(f"epoch {self.state['epoch']} step {step + 1}/{self.steps_per_epoch} loss {value:.4f} "
+                      f"lr {lr:.3g}", flush=True)
+
+    def _test_hooks(self) -> None:
+        g = self.state["global_step"]
+        if os.environ.get(PREEMPT_ENV) == str(g) and self.env.is_main:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        if os.environ.get(KILL_ENV) == str(g):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _loop_state(self, loss_sum: torch.Tensor, correct: torch.Tensor) -> dict:
+        return {**self.state, "loss_sum": float(loss_sum.item()), "correct": int(correct.item())}
+
+    def _maybe_checkpoint(self, loss_sum: torch.Tensor, correct: torch.Tensor) -> bool:
+        """Save on a preemption signal or every train.checkpoint.every_steps; True = stop now."""
+        st = self.state
+        code = distributed.max_int(self.env, self.flag.code)
+        every = self.tcfg.checkpoint.every_steps
+        periodic = every > 0 and st["global_step"] % every == 0 and st["step"] < self.steps_per_epoch
+        if not code and not periodic:
+            return False
+        self._save(st["epoch"], st["step"], self._loop_state(loss_sum, correct))
+        if not code:
+            return False
+        self.flag.code = 0
+        signum = signal.SIGUSR2 if code == _SIGNAL_CODES[signal.SIGUSR2] else signal.SIGTERM
+        _say(f"{signal.Signals(signum).name}: checkpoint saved at epoch {st['epoch']} step {st['step']}", self.env)
+        called = self.flag.call_previous(signum)
+        if signum == signal.SIGTERM and called:
+            return False  # submitit ignores SIGTERM: USR2 (requeue) or the kill follows
+        return True
+
+    def _save(self, epoch: int, step: int, state: dict) -> None:
+        checkpoint.save_checkpoint(self.ckpt_dir, epoch, step, env=self.env, train_state=state,
+                                   resume_keys=self.resume_keys, model=self.raw, optimizer=self.optimizer,
+                                   scaler=self.scaler, engine=self.engine, keep_last=self.tcfg.checkpoint.keep_last)
+
+    # ---------------------------------------------------------------- epoch end
+    def _predict(self, loader: Any) -> Any:
+        from skinhpc.evaluate import predict
+        sync_buffers(self.env, self.raw)
+        amp = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else None
+        return predict(self.raw, loader.epoch(0), device=self.device, autocast=amp,
+                       distributed=self.env.world_size > 1)
+
+    def _metrics(self, preds: Any) -> dict:
+        """Metrics of gathered predictions; the loss is the unweighted cross-entropy."""
+        return preds.metrics()
+
+    def _end_epoch(self) -> None:
+        st, env = self.state, self.env
+        epoch = st["epoch"]
+        loss_sum, correct, seen = distributed.all_sum(env, [st["loss_sum"], float(st["correct"]), float(st["seen"])])
+        train_loss = loss_sum / max(1.0, self.steps_per_epoch * env.world_size)
+        metrics = self._metrics(self._predict(self.val_loader))
+        bal = float(metrics["balanced_accuracy"])
+        improved = bal > st["best_metric"]
+        if improved:
+            st["best_metric"], st["best_epoch"], st["bad_epochs"] = bal, epoch, 0
+            if env.is_main:
+                checkpoint.save_best(self.ckpt_dir, {k: v.detach().cpu() for k, v in self.raw.state_dict().items()},
+                                     {"epoch": epoch, "val_balanced_accuracy": bal})
+        else:
+            st["bad_epochs"] += 1
+        patience = self.tcfg.early_stop_patience
+        st["stopped"] = bool(patience and st["bad_epochs"] >= patience)
+        record = {"epoch": epoch, "lr": self._epoch_stats["lr"], "train_loss": train_loss,
+                  "train_acc": correct / max(1.0, seen), "val_loss": metrics["loss"],
+                  "val_balanced_accuracy": bal, "val_top1": metrics["top1"], "val_top2": metrics["top2"],
+                  "val_auroc_macro": metrics["auroc_macro"], **{k: v for k, v in self._epoch_stats.items() if k != "lr"}}
+        if env.is_main:
+            self._log_epoch(record, metrics, improved)
+        st.update(epoch=epoch + 1, step=0, loss_sum=0.0, correct=0, seen=0)
+        self._save(st["epoch"], 0, dict(st))
+        if st["stopped"]:
+            _say(f"early stop: no better val balanced accuracy for {patience} epochs (best {st['best_metric']:.4f} "
+                 f"at epoch {st['best_epoch']})", env)
+
+    def _log_epoch(self, record: dict, metrics: dict, improved: bool) -> None:
+        from skinhpc.evaluate import format_metrics
+        with open(self.out / LOG_NAME, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        g = self.state["global_step"]
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)) and not math.isnan(value):
+                self.writer.add_scalar(f"epoch/{key}", value, g)
+        self.writer.flush()
+        mark = " *best*" if improved else ""
+        print(f"epoch {record['epoch'] + 1}/{self.tcfg.epochs} val {format_metrics(metrics)} | train loss "
+              f"{record['train_loss']:.4f} acc {record['train_acc']:.3f} | {record['images_per_s']:.0f} img/s, "
+              f"data wait {100 * record['data_wait_frac']:.0f}%{mark}", flush=True)
+
+    # ---------------------------------------------------------------- after training
+    def _finish(self) -> dict:
+        from skinhpc.evaluate import save_predictions
+        from skinhpc.models import save_model_file
+        env, out, st = self.env, self.out, self.state
+        distributed.barrier(env)
+        best = checkpoint.load_best(self.ckpt_dir)
+        if best is not None:
+            self.raw.load_state_dict(best[0])
+        else:
+            _say("WARNING: no best checkpoint (val balanced accuracy never defined); using the last weights", env)
+        val = self._predict(self.val_loader)
+        test = self._predict(self.test_loader) if self.test_loader is not None else None
+        val_metrics = self._metrics(val)
+        test_metrics = self._metrics(test) if test is not None else None
+        result = {"status": "done", "backbone": self.cfg.model.backbone, "fold": self.cfg.fold,
+                  "best_epoch": st["best_epoch"], "epochs_trained": st["epoch"], "world_size": env.world_size,
+                  "strategy": self.tcfg.strategy, "val": val_metrics, "test": test_metrics}
+        if env.is_main:
+            save_predictions(out / "predictions_val.npz", val, self.index)
+            if test is not None:
+                save_predictions(out / "predictions_test.npz", test, self.index)
+            save_model_file(out / "model_best.pt", self.raw, self.cfg.model, self.manifest["stored_size"],
+                            epoch=st["best_epoch"], val_balanced_accuracy=st["best_metric"])
+            atomic_write_text(out / METRICS_NAME, json.dumps(_jsonable(result), indent=1) + "\n")
+            from skinhpc.evaluate import format_metrics
+            print(f"fold {self.cfg.fold} {self.cfg.model.backbone} done: best epoch {st['best_epoch'] + 1}; "
+                  f"val {format_metrics(val_metrics)}", flush=True)
+            if test_metrics is not None:
+                print(f"  test {format_metrics(test_metrics)}", flush=True)
+        distributed.barrier(env)
+        return _jsonable(result)
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars/arrays and NaN-free floats for metrics.json."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    return value
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
