@@ -1,0 +1,857 @@
+"""Run a whole cross-validated experiment with submitit: conversion, split, training, ensemble.
+
+One launch does, on the login node, in this order:
+
+1. **conversion** as a job of its own when the data dir holds no up-to-date ``.beton`` (else skipped);
+2. **the split**, computed once from the metadata rows (CSV order = beton row order, so it is the
+   same split whether the conversion already ran or not) and saved as ``RUN/split.json``; a later
+   launch with another split config on the same run dir is refused;
+3. **one job array** over backbone x fold (``executor.batch()``), after the conversion (``afterok``);
+   each task is ``cluster.nodes`` nodes x ``cluster.gpus_per_node`` processes, whose rendezvous comes
+   from the SLURM environment (``TorchDistributedEnvironment().export()``: first node of the job,
+   port derived from the job id);
+4. **the ensemble** job, ``afterok`` on the training tasks.
+
+It prints the plan and the job ids and returns. Job ids go to ``RUN/launch/jobs.json``, so
+``--status`` and ``--cancel`` find them and a relaunch never submits a pending or running task twice:
+finished tasks (``metrics.json`` status done) are skipped, failed/cancelled/unfinished ones are
+resubmitted and resume from their newest checkpoint (``train_fold`` does that). A lock file makes two
+concurrent launches of one experiment safe. A relaunch whose config would mix incompatible results
+(split, data, model, augmentation, training settings) is refused, naming the keys.
+
+Preemption and time limits: SLURM sends USR2 ``cluster.signal_delay_s`` before the end; the training
+loop saves a checkpoint at the next step and calls submitit's handler, which requeues the task
+(``TrainTask.checkpoint`` only returns the resubmission), at most ``cluster.max_requeues`` times. An
+outside ``scontrol requeue`` or a dead node restarts the task from its original pickle; it resumes
+from the newest valid checkpoint on disk all the same.
+
+``cluster.kind``: ``slurm``; ``local`` (submitit's LocalExecutor, which has no job dependencies:
+conversion, then each task, then the ensemble, waiting for each; blocks until done); ``debug``
+(everything in this process, sequentially, for a debugger); ``auto`` = slurm when ``sbatch`` is on
+PATH, else local.
+
+Test hook (documented, honest): a training task whose ``backbone/foldK`` is listed in the
+environment variable ``SKINHPC_TEST_FAIL_TASKS`` (comma-separated) raises before training. The tests
+use it to check the failure path (ensemble never starts, ``--status`` names the task, a relaunch
+without the variable recovers). SLURM passes the launcher's environment to the jobs.
+
+No torch import here (the dinov2 pattern): the training code is imported inside the jobs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import submitit
+from omegaconf import OmegaConf
+from submitit.slurm.slurm import _make_sbatch_string
+
+from skinhpc import REPO_DIR, SAMPLE_METADATA
+from skinhpc.config import (
+    ClusterConfig,
+    ConfigError,
+    ExperimentConfig,
+    atomic_write_text,
+    diff_keys,
+    from_yaml_file,
+    load_config,
+    save_config,
+    uses_sample,
+)
+
+FAIL_ENV = "SKINHPC_TEST_FAIL_TASKS"
+LAUNCH_DIR = "launch"
+JOBS_FILE = "jobs.json"
+LOCK_FILE = "lock"
+PROFILE_DIR = REPO_DIR / "slurm"
+ACTIVE = ("pending", "running", "requeued")
+# Config keys that do not change a task's results: everything else must match the saved run config.
+NEUTRAL_KEYS = {
+    "run_dir", "fold", "backbones", "preset", "model.backbone",
+    "data.dir", "data.convert_workers", "data.loader", "data.num_workers", "data.quasi_random", "data.os_cache",
+    "train.log_every", "train.checkpoint.every_steps", "train.checkpoint.keep_last", "train.device",
+    "train.compile", "train.cudnn_benchmark",
+}
+# SLURM states (squeue/sacct) → the launcher's words.
+_RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING"}
+_REQUEUED = {"REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "SUSPENDED", "PREEMPTED", "STOPPED", "RESV_DEL_HOLD"}
+_PREVIOUS_RUN = {"REQUEUED", "PREEMPTED", "NODE_FAIL", "TIMEOUT"}
+
+
+class LaunchError(RuntimeError):
+    """The launch cannot go ahead; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------- config
+
+def profile_path(name: str) -> Path:
+    """``cluster.profile``: a YAML path, or a name under slurm/ (``local`` → slurm/local.yaml)."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"cluster profile {path} not found")
+        return path
+    path = PROFILE_DIR / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+        raise ConfigError(f"no cluster profile {name!r} in {PROFILE_DIR}; profiles: {', '.join(names)}")
+    return path
+
+
+def read_profile(path: Path) -> dict[str, Any]:
+    """A profile's keys (those of the cluster section), checked by name."""
+    data = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"cluster profile {path}: expected a mapping of cluster.* keys")
+    valid = {f.name for f in dataclasses.fields(ClusterConfig)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise ConfigError(f"cluster profile {path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    data.pop("profile", None)
+    return data
+
+
+def load_launch_config(overrides: list[str], config_file: str | None = None,
+                       folds: int | None = None) -> tuple[ExperimentConfig, list[str]]:
+    """The experiment's config and notes to print: defaults < file < cluster profile < command line.
+
+    ``folds`` is the ``--folds K`` shorthand for ``split.folds=K``. No data configured → the sample
+    preset (load_config applies it); the notes say so.
+    """
+    overrides = list(overrides) + ([f"split.folds={folds}"] if folds is not None else [])
+    cfg = load_config(overrides, config_file)
+    notes = []
+    if cfg.cluster.profile:
+        path = profile_path(cfg.cluster.profile)
+        base = OmegaConf.load(config_file) if config_file else OmegaConf.create({})
+        merged = OmegaConf.merge(base, {"cluster": read_profile(path)})
+        with tempfile.TemporaryDirectory() as tmp:
+            # The profile sits between the config file and the command line, so a temporary file
+            # holding both is loaded below the overrides.
+            layered = Path(tmp) / f"config+profile-{path.stem}.yaml"
+            layered.write_text(OmegaConf.to_yaml(merged))
+            cfg = load_config(overrides, layered)
+        notes.append(f"cluster profile: {path}")
+    if uses_sample(cfg) and cfg.preset == "sample":
+        notes.append("no data configured: using the sample preset (bundled 426-image HAM10000 sample, "
+                     f"{', '.join(cfg.backbones)}, {cfg.model.image_size} px, {cfg.train.epochs} epochs)")
+    return absolute_paths(cfg), notes
+
+
+def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Paths made absolute, so that jobs find them whatever directory they start in."""
+    def absolute(p: str) -> str:
+        return str(Path(p).expanduser().resolve()) if p else p
+    data = dataclasses.replace(cfg.data, dir=absolute(cfg.data.dir), metadata=absolute(cfg.data.metadata),
+                               images=[absolute(p) for p in cfg.data.images])
+    ds = dataclasses.replace(cfg.train.deepspeed, config=absolute(cfg.train.deepspeed.config))
+    train = dataclasses.replace(cfg.train, deepspeed=ds)
+    return dataclasses.replace(cfg, run_dir=absolute(cfg.run_dir), data=data, train=train)
+
+
+def result_keys(cfg: ExperimentConfig) -> list[str]:
+    """Every dotted config key that changes a task's results (all but NEUTRAL_KEYS and cluster.*)."""
+    def walk(obj: Any, prefix: str) -> list[str]:
+        keys = []
+        for f in dataclasses.fields(obj):
+            key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                keys += walk(value, key + ".")
+            else:
+                keys.append(key)
+        return keys
+    return [k for k in walk(cfg, "") if k not in NEUTRAL_KEYS and not k.startswith("cluster.")]
+
+
+def check_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
+    """Refuse a launch whose results could not be mixed with those already in ``run_dir``."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        saved = from_yaml_file(path)
+    except (ConfigError, ValueError) as e:
+        raise LaunchError(f"{path}: cannot read the saved run config ({e})") from None
+    changed = diff_keys(saved, cfg, result_keys(cfg))
+    if changed:
+        raise LaunchError(f"{run_dir} was launched with another config; these keys differ (saved -> now): "
+                          + "; ".join(changed) + ". Use a new run_dir, or the saved values to continue.")
+
+
+def resolve_kind(kind: str) -> str:
+    """cluster.kind auto → slurm when sbatch is on PATH, else local."""
+    if kind == "auto":
+        return "slurm" if shutil.which("sbatch") else "local"
+    if kind == "slurm" and not shutil.which("sbatch"):
+        raise LaunchError("cluster.kind=slurm but sbatch is not on PATH (no SLURM here); "
+                          "use cluster.kind=local or start one with slurm/local/start.sh")
+    return kind
+
+
+# --------------------------------------------------------------------------- tasks and callables
+
+@dataclass(frozen=True)
+class Task:
+    """One (backbone, fold) training task of the experiment."""
+
+    backbone: str
+    fold: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.backbone}/fold{self.fold}"
+
+    def dir(self, run_dir: str | Path) -> Path:
+        return Path(run_dir) / self.backbone / f"fold{self.fold}"
+
+
+def experiment_tasks(cfg: ExperimentConfig) -> list[Task]:
+    return [Task(b, k) for b in cfg.backbones for k in range(cfg.split.folds)]
+
+
+def task_config(cfg: ExperimentConfig, task: Task) -> ExperimentConfig:
+    """The config one training task runs with (its backbone and fold filled in)."""
+    model = dataclasses.replace(cfg.model, backbone=task.backbone)
+    return dataclasses.replace(cfg, fold=task.fold, model=model)
+
+
+def _under_submitit() -> bool:
+    return bool(os.environ.get("SUBMITIT_EXECUTOR"))
+
+
+class ConvertTask:
+    """Job callable: convert the raw images into the .beton (no-op when up to date)."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self) -> str:
+        from skinhpc.convert import ensure_converted
+
+        result = ensure_converted(self.cfg.data, self.cfg.data_dir)
+        return str(getattr(result, "status", result))
+
+
+class TrainTask(submitit.helpers.Checkpointable):
+    """Job callable: train one (backbone, fold), resuming from its newest checkpoint.
+
+    Each of the task's processes (nodes x processes per node) runs it; the rendezvous is exported
+    from the SLURM environment before the training code is imported.
+    """
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+
+    @property
+    def key(self) -> str:
+        return Task(self.cfg.model.backbone, self.cfg.fold).key
+
+    def __call__(self) -> dict:
+        failing = [k.strip() for k in os.environ.get(FAIL_ENV, "").split(",") if k.strip()]
+        if self.key in failing:
+            raise RuntimeError(f"injected failure for {self.key} ({FAIL_ENV}={os.environ[FAIL_ENV]}; test hook)")
+        if _under_submitit():
+            # MASTER_ADDR = first node of the job, MASTER_PORT from the job id, RANK/WORLD_SIZE/
+            # LOCAL_RANK from SLURM. All GPUs stay visible: the training code picks cuda:LOCAL_RANK.
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        from skinhpc.train import train_fold
+
+        return train_fold(self.cfg)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on USR2 (preemption, time limit): only the resubmission.
+
+        Saving is the training loop's job: it saved at a step boundary on every rank before it
+        handed the signal to submitit.
+        """
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+class EnsembleTask:
+    """Job callable: evaluate the fold ensemble of the run directory and write its report."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+
+    def __call__(self) -> dict:
+        from skinhpc.ensemble import run_ensemble
+
+        run_ensemble(self.run_dir)
+        return {"report": str(Path(self.run_dir) / "ensemble" / "report.md")}
+
+
+# --------------------------------------------------------------------------- run directory state
+
+def launch_dir(run_dir: Path) -> Path:
+    return run_dir / LAUNCH_DIR
+
+
+def read_jobs(run_dir: Path) -> dict[str, Any]:
+    """``RUN/launch/jobs.json``: the job ids of every submission (empty when none yet)."""
+    path = launch_dir(run_dir) / JOBS_FILE
+    if not path.is_file():
+        return {"tasks": {}}
+    try:
+        jobs = json.loads(path.read_text())
+    except ValueError as e:
+        raise LaunchError(f"{path}: not valid JSON ({e}); move it away to start the bookkeeping afresh") from None
+    jobs.setdefault("tasks", {})
+    return jobs
+
+
+def write_jobs(run_dir: Path, jobs: dict[str, Any]) -> None:
+    atomic_write_text(launch_dir(run_dir) / JOBS_FILE, json.dumps(jobs, indent=1) + "\n")
+
+
+@contextmanager
+def launch_lock(run_dir: Path) -> Iterator[None]:
+    """Exclusive, non-blocking lock of the run: a second launch stops instead of double-submitting."""
+    path = launch_dir(run_dir) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise LaunchError(f"another launch of {run_dir} is in progress ({holder}, lock {path}); "
+                              "nothing submitted — check with --status when it is done") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def task_done(run_dir: Path, task: Task) -> bool:
+    metrics = read_json(task.dir(run_dir) / "metrics.json")
+    return bool(metrics) and metrics.get("status") == "done"
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The epoch lines of a task's log.jsonl (a half-written last line is ignored)."""
+    rows = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return rows
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def data_up_to_date(cfg: ExperimentConfig) -> bool:
+    """Does the data dir hold an up-to-date conversion of the configured images (or the sample)?"""
+    from skinhpc import SAMPLE_IMAGES, convert
+
+    d = cfg.data
+    if not d.images and not d.metadata:
+        if d.dir:  # a conversion made elsewhere: used as it is
+            return (cfg.data_dir / convert.MANIFEST_NAME).is_file()
+        images, metadata = [str(SAMPLE_IMAGES)], str(SAMPLE_METADATA)
+    else:
+        images, metadata = list(d.images), d.metadata
+    return convert.is_up_to_date(images, metadata, cfg.data_dir, max_resolution=d.max_resolution,
+                                 write_mode=d.write_mode, jpeg_quality=d.jpeg_quality)
+
+
+def index_rows(cfg: ExperimentConfig, converted: bool) -> Any:
+    """Metadata rows in beton row order (image_id, lesion_id, dx) for the split.
+
+    Rows of index.csv are those of the metadata CSV in CSV order, so reading the CSV gives the same
+    split as the converted index, and the split can be made before the conversion job has run.
+    """
+    from skinhpc.split import read_metadata
+
+    if converted and (cfg.data_dir / "index.csv").is_file():
+        from skinhpc.convert import read_index
+
+        return read_index(cfg.data_dir)
+    if cfg.data.metadata:
+        return read_metadata(cfg.data.metadata)
+    if uses_sample(cfg):
+        return read_metadata(SAMPLE_METADATA)
+    raise LaunchError(f"data.dir={cfg.data.dir} holds no up-to-date conversion and no raw data is configured "
+                      "(data.images, data.metadata): nothing to convert")
+
+
+# --------------------------------------------------------------------------- SLURM queries
+
+def _run(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout if out.returncode == 0 else ""
+
+
+@dataclass
+class JobInfo:
+    """What SLURM says about one job id (array elements as ``<array>_<index>``)."""
+
+    slurm_state: str = ""
+    reason: str = ""
+    previous_runs: int = 0
+    live: bool = False
+
+
+def query_jobs(job_ids: list[str]) -> dict[str, JobInfo]:
+    """squeue (live jobs, arrays expanded) + sacct (finished jobs, requeue history) for job ids."""
+    info: dict[str, JobInfo] = {}
+    ids = sorted({j for j in job_ids if j})
+    if not ids or not shutil.which("squeue"):
+        return info
+    for line in _run(["squeue", "-h", "-r", "-o", "%i|%T|%r", "--me"]).splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 3 and parts[0] in ids:
+            info[parts[0]] = JobInfo(slurm_state=parts[1], reason=parts[2], live=True)
+    bases = sorted({j.split("_")[0] for j in ids})
+    out = _run(["sacct", "-n", "-P", "-X", "-D", "-o", "JobID,State", "-j", ",".join(bases)])
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 2 or parts[0] not in ids:
+            continue
+        job_id, state = parts[0], parts[1].split()[0]
+        entry = info.setdefault(job_id, JobInfo())
+        if state in _PREVIOUS_RUN:
+            entry.previous_runs += 1
+        if not entry.live:
+            entry.slurm_state = state
+    return info
+
+
+def job_state(info: JobInfo | None) -> str:
+    """pending / running / requeued / failed / cancelled / completed / unknown."""
+    if info is None or not info.slurm_state:
+        return "unknown"
+    s = info.slurm_state
+    if info.live:
+        if s in _RUNNING:
+            return "running"
+        if s in _REQUEUED or (s == "PENDING" and info.previous_runs):
+            return "requeued"
+        return "pending"
+    if s == "COMPLETED":
+        return "completed"
+    if s.startswith("CANCELLED"):
+        return "cancelled"
+    return "failed"
+
+
+def dependency_never_satisfied(info: JobInfo | None) -> bool:
+    return bool(info and info.live and "DependencyNeverSatisfied" in info.reason)
+
+
+# --------------------------------------------------------------------------- executors
+
+def slurm_parameters(cluster: ClusterConfig, *, name: str, nodes: int, tasks_per_node: int, cpus: int,
+                     time_min: int, gpus: bool, dependency: str = "") -> dict[str, Any]:
+    """submitit SlurmExecutor parameters (its own names) for one kind of job."""
+    params: dict[str, Any] = {
+        "job_name": name, "time": time_min, "nodes": nodes, "ntasks_per_node": tasks_per_node,
+        "cpus_per_task": cpus, "signal_delay_s": cluster.signal_delay_s,
+    }
+    if gpus and cluster.use_gpus:
+        params["gpus_per_node"] = cluster.gpus_per_node
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(cluster, key):
+            params[key] = getattr(cluster, key)
+    if cluster.mem_gb:
+        params["mem"] = f"{cluster.mem_gb}GB"
+    if dependency:
+        params["dependency"] = dependency
+    extra = sbatch_extra(cluster.sbatch_extra)
+    if extra:
+        params["additional_parameters"] = extra
+    # The package must be importable on the nodes; the job runs this very interpreter (the venv's).
+    params["setup"] = [*cluster.setup, f"export PYTHONPATH={shlex.quote(str(REPO_DIR))}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    return params
+
+
+def sbatch_extra(lines: list[str]) -> dict[str, Any]:
+    """``['--exclusive', '--mail-type=FAIL']`` → submitit's additional_parameters."""
+    extra: dict[str, Any] = {}
+    for line in lines:
+        opt = line.strip()
+        if opt.startswith("#SBATCH"):
+            opt = opt[len("#SBATCH"):].strip()
+        if not opt.startswith("--"):
+            raise ConfigError(f"cluster.sbatch_extra: {line!r} must be a long sbatch option such as --exclusive or --key=value")
+        key, sep, value = opt[2:].partition("=")
+        extra[key] = value if sep else True
+    return extra
+
+
+def task_parameters(cfg: ExperimentConfig, dependency: str = "") -> dict[str, Any]:
+    c = cfg.cluster
+    return slurm_parameters(c, name=f"skinhpc-train-{Path(cfg.run_dir).name}", nodes=c.nodes,
+                            tasks_per_node=c.gpus_per_node, cpus=c.cpus_per_task, time_min=c.time_min,
+                            gpus=True, dependency=dependency)
+
+
+def convert_parameters(cfg: ExperimentConfig) -> dict[str, Any]:
+    c = cfg.cluster
+    return slurm_parameters(c, name=f"skinhpc-convert-{Path(cfg.run_dir).name}", nodes=1, tasks_per_node=1,
+                            cpus=c.cpus_per_task, time_min=c.ensemble_time_min, gpus=False)
+
+
+def ensemble_parameters(cfg: ExperimentConfig, dependency: str = "") -> dict[str, Any]:
+    c = cfg.cluster
+    return slurm_parameters(c, name=f"skinhpc-ensemble-{Path(cfg.run_dir).name}", nodes=1, tasks_per_node=1,
+                            cpus=c.ensemble_cpus, time_min=c.ensemble_time_min, gpus=False, dependency=dependency)
+
+
+def submitit_folder(run_dir: Path) -> Path:
+    return launch_dir(run_dir) / "submitit"
+
+
+def submitit_command(folder: Path) -> str:
+    """The command submitit's SlurmExecutor puts in every script (this interpreter, i.e. the venv)."""
+    return " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+
+
+def sbatch_script(folder: Path, params: dict[str, Any], array_size: int | None = None) -> str:
+    """The sbatch script submitit would submit with these parameters (an array when array_size)."""
+    extra = {"map_count": array_size} if array_size and array_size > 1 else {}
+    return _make_sbatch_string(command=submitit_command(folder), folder=folder, **params, **extra)
+
+
+def slurm_executor(cfg: ExperimentConfig, params: dict[str, Any]) -> submitit.SlurmExecutor:
+    ex = submitit.SlurmExecutor(folder=submitit_folder(Path(cfg.run_dir)), max_num_timeout=cfg.cluster.max_requeues)
+    ex.update_parameters(**params)
+    return ex
+
+
+# --------------------------------------------------------------------------- plan
+
+@dataclass
+class Plan:
+    """What a launch will do, computed from the run directory and SLURM's view of recorded jobs."""
+
+    kind: str
+    run_dir: Path
+    convert: str                     # "skip" (up to date) | "submit" | "wait:<job id>"
+    submit: list[Task] = field(default_factory=list)
+    active: dict[str, str] = field(default_factory=dict)     # task key → job id, pending/running
+    done: list[Task] = field(default_factory=list)
+    ensemble: str = "submit"         # "submit" | "skip" (done) | "wait:<job id>"
+    cancel_ensemble: str = ""        # stale ensemble job to cancel before submitting a new one
+    tasks: list[Task] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"run dir: {self.run_dir} ({self.kind})"]
+        conv = {"skip": "data up to date, no conversion job",
+                "submit": "conversion job (the training array waits for it)"}.get(
+            self.convert, f"conversion job {self.convert[5:]} still queued/running: training waits for it")
+        out.append(f"convert: {conv}")
+        out.append(f"train: {len(self.tasks)} task(s) = {len({t.backbone for t in self.tasks})} backbone(s) x "
+                   f"{len({t.fold for t in self.tasks})} fold(s): {len(self.submit)} to submit, "
+                   f"{len(self.active)} queued/running, {len(self.done)} done")
+        for t in self.submit:
+            out.append(f"  submit {t.key}")
+        for key, job in self.active.items():
+            out.append(f"  keep   {key} (job {job})")
+        ens = {"submit": "ensemble job after all training tasks (afterok)",
+               "skip": "ensemble done, nothing to do"}.get(self.ensemble, f"ensemble job {self.ensemble[5:]} already waiting")
+        out.append(f"ensemble: {ens}")
+        return out
+
+
+def make_plan(cfg: ExperimentConfig, kind: str, jobs: dict[str, Any], infos: dict[str, JobInfo]) -> Plan:
+    run_dir = Path(cfg.run_dir)
+    tasks = experiment_tasks(cfg)
+    plan = Plan(kind=kind, run_dir=run_dir, convert="skip", tasks=tasks)
+    if not data_up_to_date(cfg):
+        conv = jobs.get("convert", {}).get("job_id", "")
+        plan.convert = f"wait:{conv}" if kind == "slurm" and job_state(infos.get(conv)) in ACTIVE else "submit"
+    for t in tasks:
+        job = jobs["tasks"].get(t.key, {}).get("job_id", "")
+        if task_done(run_dir, t):
+            plan.done.append(t)
+        elif kind == "slurm" and job and job_state(infos.get(job)) in ACTIVE:
+            plan.active[t.key] = job
+        else:
+            plan.submit.append(t)
+    ens_job = jobs.get("ensemble", {}).get("job_id", "")
+    ens_active = kind == "slurm" and job_state(infos.get(ens_job)) in ACTIVE
+    ens_done = (run_dir / "ensemble" / "metrics.json").is_file()
+    if plan.submit or plan.convert == "submit":
+        plan.ensemble = "submit"
+        plan.cancel_ensemble = ens_job if ens_active else ""
+    elif ens_active and not dependency_never_satisfied(infos.get(ens_job)):
+        plan.ensemble = f"wait:{ens_job}"
+    elif ens_done and not plan.active and not ens_active:
+        plan.ensemble = "skip"
+    else:
+        plan.ensemble = "submit"
+        plan.cancel_ensemble = ens_job if ens_active else ""
+    return plan
+
+
+# --------------------------------------------------------------------------- launch
+
+def recorded_job_ids(jobs: dict[str, Any]) -> list[str]:
+    ids = [v.get("job_id", "") for v in jobs["tasks"].values()]
+    ids += [jobs.get(k, {}).get("job_id", "") for k in ("convert", "ensemble")]
+    return [i for i in ids if i]
+
+
+def launch(cfg: ExperimentConfig, *, dry_run: bool = False, echo: Callable[[str], None] = print) -> Plan:
+    """Launch (or relaunch) the experiment ``cfg``; see the module docstring. Returns the plan."""
+    kind = resolve_kind(cfg.cluster.kind) if not dry_run else ("slurm" if cfg.cluster.kind == "auto" else cfg.cluster.kind)
+    run_dir = Path(cfg.run_dir)
+    check_compatible(run_dir, cfg)
+    if dry_run:
+        return _dry_run(cfg, kind, echo)
+    if kind == "slurm":
+        with launch_lock(run_dir):
+            return _launch_slurm(cfg, echo)
+    with launch_lock(run_dir):
+        return _launch_inline(cfg, kind, echo)
+
+
+def _prepare_run(cfg: ExperimentConfig, converted: bool) -> None:
+    """Split (once) and the run's config, both saved in the run directory before any job starts."""
+    from skinhpc.split import ensure_split
+
+    ensure_split(cfg.run_dir, index_rows(cfg, converted), cfg.split)
+    save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+
+
+def _launch_slurm(cfg: ExperimentConfig, echo: Callable[[str], None]) -> Plan:
+    run_dir = Path(cfg.run_dir)
+    jobs = read_jobs(run_dir)
+    plan = make_plan(cfg, "slurm", jobs, query_jobs(recorded_job_ids(jobs)))
+    _prepare_run(cfg, converted=plan.convert == "skip")
+    for line in plan.lines():
+        echo(line)
+    jobs.update(kind="slurm", run_dir=str(run_dir))
+    convert_job = plan.convert[5:] if plan.convert.startswith("wait:") else ""
+    if plan.convert == "submit":
+        job = slurm_executor(cfg, convert_parameters(cfg)).submit(ConvertTask(cfg))
+        convert_job = job.job_id
+        jobs["convert"] = {"job_id": job.job_id, "log": str(job.paths.stderr), "submitted": time.time()}
+        write_jobs(run_dir, jobs)
+        echo(f"submitted conversion job {job.job_id}")
+    if plan.submit:
+        dep = f"afterok:{convert_job}" if convert_job else ""
+        ex = slurm_executor(cfg, task_parameters(cfg, dep))
+        with ex.batch():
+            submitted = [ex.submit(TrainTask(task_config(cfg, t))) for t in plan.submit]
+        for t, job in zip(plan.submit, submitted):
+            jobs["tasks"][t.key] = {"job_id": job.job_id, "log": str(job.paths.stdout),
+                                    "err": str(job.paths.stderr), "submitted": time.time()}
+            plan.active[t.key] = job.job_id
+        write_jobs(run_dir, jobs)
+        echo(f"submitted training array {submitted[0].job_id.split('_')[0]}: "
+             + ", ".join(f"{t.key}={j.job_id}" for t, j in zip(plan.submit, submitted)))
+    if plan.cancel_ensemble:
+        _run(["scancel", plan.cancel_ensemble])
+        echo(f"cancelled stale ensemble job {plan.cancel_ensemble}")
+    if plan.ensemble == "submit":
+        deps = sorted(set(plan.active.values()) | ({convert_job} if convert_job and not plan.active else set()))
+        dep = "afterok:" + ":".join(deps) if deps else ""
+        job = slurm_executor(cfg, ensemble_parameters(cfg, dep)).submit(EnsembleTask(str(run_dir)))
+        jobs["ensemble"] = {"job_id": job.job_id, "log": str(job.paths.stdout), "err": str(job.paths.stderr),
+                            "depends_on": deps, "submitted": time.time()}
+        write_jobs(run_dir, jobs)
+        echo(f"submitted ensemble job {job.job_id}" + (f" ({dep})" if dep else ""))
+    if not plan.submit and plan.ensemble != "submit" and plan.convert != "submit":
+        echo("nothing to submit")
+    echo(f"follow with: python jobs/launch.py --status run_dir={run_dir}")
+    return plan
+
+
+def _launch_inline(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]) -> Plan:
+    """local / debug: conversion, then every task, then the ensemble, one after the other."""
+    run_dir = Path(cfg.run_dir)
+    plan = make_plan(cfg, kind, {"tasks": {}}, {})
+    if cfg.cluster.nodes > 1 and kind == "local":
+        raise LaunchError("cluster.kind=local runs on this machine only: cluster.nodes must be 1")
+    _prepare_run(cfg, converted=plan.convert == "skip")
+    for line in plan.lines():
+        echo(line)
+    folder = submitit_folder(run_dir)
+
+    def run(name: str, fn: Callable[[], Any], tasks_per_node: int = 1) -> Any:
+        if kind == "debug":
+            return fn()
+        ex = submitit.LocalExecutor(folder=folder, max_num_timeout=cfg.cluster.max_requeues)
+        ex.update_parameters(timeout_min=cfg.cluster.time_min, tasks_per_node=tasks_per_node, nodes=1)
+        job = ex.submit(fn)
+        echo(f"{name}: local job {job.job_id}, log {job.paths.stdout}")
+        try:
+            results = job.results()
+        except Exception as e:  # the task's traceback is in its log
+            raise LaunchError(f"{name} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e} "
+                              f"(log {job.paths.stderr})") from None
+        return results[0]
+
+    if plan.convert == "submit":
+        echo(f"conversion: {run('conversion', ConvertTask(cfg))}")
+    for t in plan.submit:
+        run(f"train {t.key}", TrainTask(task_config(cfg, t)), tasks_per_node=cfg.cluster.gpus_per_node)
+    if plan.ensemble == "submit":
+        run("ensemble", EnsembleTask(str(run_dir)))
+    echo(f"report: {run_dir / 'ensemble' / 'report.md'}")
+    return plan
+
+
+def _dry_run(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]) -> Plan:
+    """The plan and the sbatch scripts submitit would submit; nothing is written or submitted."""
+    run_dir = Path(cfg.run_dir)
+    jobs = read_jobs(run_dir)
+    plan = make_plan(cfg, kind, jobs, query_jobs(recorded_job_ids(jobs)) if kind == "slurm" else {})
+    echo("DRY RUN: nothing is submitted")
+    for line in plan.lines():
+        echo(line)
+    if kind != "slurm":
+        return plan
+    folder = submitit_folder(run_dir)
+    convert_dep = "afterok:<conversion job>" if plan.convert == "submit" else (
+        f"afterok:{plan.convert[5:]}" if plan.convert.startswith("wait:") else "")
+    scripts = []
+    if plan.convert == "submit":
+        scripts.append(("conversion job", sbatch_script(folder, convert_parameters(cfg))))
+    if plan.submit:
+        scripts.append((f"training array ({len(plan.submit)} tasks)",
+                        sbatch_script(folder, task_parameters(cfg, convert_dep), len(plan.submit))))
+    if plan.ensemble == "submit":
+        deps = sorted(plan.active.values()) + (["<training array>"] if plan.submit else [])
+        scripts.append(("ensemble job", sbatch_script(folder, ensemble_parameters(cfg, "afterok:" + ":".join(deps) if deps else ""))))
+    for title, script in scripts:
+        echo(f"----- sbatch script: {title}")
+        echo(script.rstrip("\n"))
+    return plan
+
+
+# --------------------------------------------------------------------------- status and cancel
+
+@dataclass
+class TaskStatus:
+    task: Task
+    job_id: str
+    state: str
+    epoch: str
+    best_val_bacc: str
+    log: str
+
+
+def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict[str, JobInfo]) -> TaskStatus:
+    run_dir = Path(cfg.run_dir)
+    job = entry.get("job_id", "")
+    rows = read_log(t.dir(run_dir) / "log.jsonl")
+    metrics = read_json(t.dir(run_dir) / "metrics.json")
+    if task_done(run_dir, t):
+        state = "done"
+    elif not job:
+        state = "started" if rows else "not submitted"
+    else:
+        state = job_state(infos.get(job))
+        state = "failed" if state == "completed" else state  # ended without metrics.json
+    epoch = f"{max(int(r.get('epoch', 0)) for r in rows) + 1}/{cfg.train.epochs}" if rows else f"0/{cfg.train.epochs}"
+    accs = [r["val_balanced_accuracy"] for r in rows if isinstance(r.get("val_balanced_accuracy"), (int, float))]
+    if metrics and isinstance(metrics.get("val"), dict) and "balanced_accuracy" in metrics["val"]:
+        accs.append(metrics["val"]["balanced_accuracy"])
+    best = f"{max(accs):.4f}" if accs else "-"
+    log = entry.get("err", "") if state in ("failed", "cancelled") else entry.get("log", "")
+    return TaskStatus(t, job or "-", state, epoch, best, log or str(t.dir(run_dir) / "log.jsonl"))
+
+
+def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
+    """A table per task merged from SLURM (squeue, sacct) and the run directory, plus the ensemble."""
+    run_dir = Path(cfg.run_dir)
+    jobs = read_jobs(run_dir)
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        # The run's own backbones and folds (the command line may not repeat them).
+        saved_cfg = from_yaml_file(saved)
+        cfg = dataclasses.replace(cfg, backbones=saved_cfg.backbones, split=saved_cfg.split, train=saved_cfg.train)
+    infos = query_jobs(recorded_job_ids(jobs))
+    rows = [_task_row(cfg, t, jobs["tasks"].get(t.key, {}), infos) for t in experiment_tasks(cfg)]
+    head = ("backbone", "fold", "job", "state", "epoch", "best val bacc", "log")
+    table = [head] + [(r.task.backbone, str(r.task.fold), r.job_id, r.state, r.epoch, r.best_val_bacc, r.log) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
+    lines = [f"run dir: {run_dir}"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1] for row in table]
+    ens_entry = jobs.get("ensemble", {})
+    ens_job = ens_entry.get("job_id", "")
+    ens_metrics = read_json(run_dir / "ensemble" / "metrics.json")
+    ens_info = infos.get(ens_job)
+    if ens_metrics is not None and not (ens_info and ens_info.live):
+        ens_state = "done"
+    elif ens_job:
+        ens_state = job_state(ens_info)
+    else:
+        ens_state = "not submitted"
+    failed = [r for r in rows if r.state in ("failed", "cancelled")]
+    lines.append(f"ensemble: job {ens_job or '-'} {ens_state}")
+    if dependency_never_satisfied(ens_info) or (failed and ens_state in ACTIVE):
+        lines.append("  the ensemble job can never start (DependencyNeverSatisfied): a training task it waits "
+                     "for did not finish:")
+    for r in failed:
+        lines.append(f"  {r.state}: {r.task.key} (job {r.job_id}), log {r.log}")
+    if failed:
+        lines.append("  relaunch (the same jobs/launch.py command) to resubmit them and a new ensemble job")
+    if ens_state == "done" and ens_metrics:
+        lines += ["  " + line for line in ensemble_headline(ens_metrics)]
+        lines.append(f"  report: {run_dir / 'ensemble' / 'report.md'}")
+    summary = {"tasks": {r.task.key: dataclasses.asdict(r) | {"task": r.task.key} for r in rows},
+               "ensemble": {"job_id": ens_job, "state": ens_state}, "failed": [r.task.key for r in failed]}
+    return "\n".join(lines), summary
+
+
+def ensemble_headline(metrics: dict[str, Any]) -> list[str]:
+    """One line per ensemble entry of RUN/ensemble/metrics.json: test balanced accuracy first."""
+    lines = []
+    for name, m in (metrics.get("test") or {}).items():
+        if not isinstance(m, dict) or m.get("kind") == "fold":
+            continue
+        nums = "  ".join(f"{k} {m[k]:.4f}" for k in ("balanced_accuracy", "top1", "auroc_macro")
+                         if isinstance(m.get(k), (int, float)))
+        lines.append(f"{name}: {nums}")
+    return lines
+
+
+def cancel(cfg: ExperimentConfig, echo: Callable[[str], None] = print) -> list[str]:
+    """scancel the experiment's pending and running jobs (training, conversion, ensemble)."""
+    run_dir = Path(cfg.run_dir)
+    jobs = read_jobs(run_dir)
+    infos = query_jobs(recorded_job_ids(jobs))
+    active = [j for j in recorded_job_ids(jobs) if job_state(infos.get(j)) in ACTIVE]
+    if active:
+        subprocess.run(["scancel", *active], check=False)
+        echo(f"cancelled {len(active)} job(s): {' '.join(active)}")
+    else:
+        echo("no pending or running jobs")
+    return active

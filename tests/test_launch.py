@@ -1,0 +1,157 @@
+"""The launcher without a SLURM cluster: config layering, refusals, dry-run scripts (golden), lock,
+and the local (LocalExecutor) mode end to end. The SLURM integration tests are in test_launch_slurm.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from skinhpc import REPO_DIR
+from skinhpc.config import ConfigError, load_config, save_config
+from skinhpc.launch import (
+    LaunchError,
+    absolute_paths,
+    check_compatible,
+    launch_lock,
+    load_launch_config,
+    read_jobs,
+    result_keys,
+    sbatch_extra,
+)
+
+GOLDEN = Path(__file__).parent / "golden"
+LAUNCH = [sys.executable, str(REPO_DIR / "jobs" / "launch.py")]
+
+
+def run_launch(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(LAUNCH + args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def normalise(text: str, run_dir: Path) -> str:
+    """Machine-specific paths → placeholders, as submitit's own sbatch tests do."""
+    return (text.replace(str(run_dir), "<RUN>").replace(sys.executable, "<PYTHON>")
+            .replace(str(REPO_DIR), "<REPO>"))
+
+
+@pytest.mark.timeout(60)
+def test_dry_run_prints_plan_and_sbatch_scripts_matching_golden_file(tmp_path: Path) -> None:
+    run_dir = tmp_path / "exp"
+    proc = run_launch(["--dry-run", "--folds", "3", f"run_dir={run_dir}", "backbones=[resnet18,vgg16_gap]",
+                       "cluster.profile=example-gpu-cluster", "cluster.nodes=2"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    got = normalise(proc.stdout, run_dir)
+    golden = GOLDEN / "dry_run_gpu_cluster.txt"
+    if os.environ.get("SKINHPC_UPDATE_GOLDEN") == "1":
+        golden.write_text(got)
+    assert got == golden.read_text(), "dry-run output changed; if intended, rerun with SKINHPC_UPDATE_GOLDEN=1"
+    assert not run_dir.exists(), "a dry run must not write anything"
+
+
+@pytest.mark.timeout(60)
+def test_golden_training_array_requests_nodes_gpus_and_profile_settings() -> None:
+    text = (GOLDEN / "dry_run_gpu_cluster.txt").read_text()
+    array = text.split("----- sbatch script: training array")[1].split("-----")[0]
+    for line in ("#SBATCH --array=0-5%6", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4",
+                 "#SBATCH --gpus-per-node=4", "#SBATCH --partition=gpu", "#SBATCH --account=my-project",
+                 "#SBATCH --exclusive", "#SBATCH --mail-type=FAIL", "#SBATCH --signal=USR2@120",
+                 "#SBATCH --time=720", "#SBATCH --mem=64GB", "module load cuda/12.4",
+                 "export PYTHONPATH=<REPO>"):
+        assert line in array, line
+
+
+@pytest.mark.timeout(60)
+def test_cluster_profile_fills_cluster_section_below_command_line() -> None:
+    cfg, notes = load_launch_config(["cluster.profile=local", "cluster.cpus_per_task=3"])
+    assert cfg.cluster.partition == "debug" and cfg.cluster.use_gpus is False
+    assert cfg.cluster.cpus_per_task == 3  # the command line wins over the profile
+    assert any("slurm/local.yaml" in n for n in notes)
+
+
+@pytest.mark.timeout(60)
+def test_no_data_configured_uses_sample_preset_and_says_so() -> None:
+    cfg, notes = load_launch_config([])
+    assert cfg.preset == "sample" and cfg.backbones == ["resnet18"]
+    assert any("sample preset" in n for n in notes)
+    assert Path(cfg.run_dir).is_absolute()
+
+
+@pytest.mark.timeout(60)
+def test_profile_with_unknown_key_is_refused_naming_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "site.yaml"
+    bad.write_text("partition: gpu\ngpus: 4\n")
+    with pytest.raises(ConfigError, match=r"site.yaml.*gpus"):
+        load_launch_config([f"cluster.profile={bad}"])
+
+
+@pytest.mark.timeout(60)
+def test_sbatch_extra_lines_become_sbatch_flags() -> None:
+    assert sbatch_extra(["--exclusive", "--reservation=x", "#SBATCH --mail-type=FAIL"]) == {
+        "exclusive": True, "reservation": "x", "mail-type": "FAIL"}
+    with pytest.raises(ConfigError, match="long sbatch option"):
+        sbatch_extra(["-p gpu"])
+
+
+@pytest.mark.timeout(60)
+def test_relaunch_with_other_split_or_image_size_is_refused_naming_the_keys(tmp_path: Path) -> None:
+    run_dir = tmp_path / "exp"
+    saved = absolute_paths(load_config([f"run_dir={run_dir}", "split.folds=2"]))
+    save_config(saved, run_dir / "config.yaml")
+    proc = run_launch(["--dry-run", "--folds", "3", f"run_dir={run_dir}", "model.image_size=96"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "split.folds: 2 -> 3" in proc.stderr and "model.image_size: 64 -> 96" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_relaunch_with_other_cluster_or_more_backbones_is_accepted(tmp_path: Path) -> None:
+    run_dir = tmp_path / "exp"
+    saved = absolute_paths(load_config([f"run_dir={run_dir}", "split.folds=2"]))
+    save_config(saved, run_dir / "config.yaml")
+    now = absolute_paths(load_config([f"run_dir={run_dir}", "split.folds=2", "backbones=[resnet18,resnet34]",
+                                      "cluster.time_min=5", "train.log_every=1"]))
+    check_compatible(run_dir, now)  # no error
+    assert "train.lr" in result_keys(now) and "cluster.time_min" not in result_keys(now)
+
+
+@pytest.mark.timeout(60)
+def test_second_launch_while_locked_stops_and_says_why(tmp_path: Path) -> None:
+    run_dir = tmp_path / "exp"
+    with launch_lock(run_dir):
+        with pytest.raises(LaunchError, match="another launch .* is in progress"):
+            with launch_lock(run_dir):
+                pass
+    with launch_lock(run_dir):  # released: the next launch proceeds
+        pass
+
+
+@pytest.mark.timeout(60)
+def test_status_of_a_run_never_launched_lists_tasks_not_submitted(tmp_path: Path) -> None:
+    run_dir = tmp_path / "exp"
+    proc = run_launch(["--status", "--folds", "2", f"run_dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("not submitted") == 3  # two tasks + the ensemble
+    assert read_jobs(run_dir) == {"tasks": {}}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_local_kind_runs_whole_experiment_then_relaunch_does_nothing(tmp_path: Path) -> None:
+    run_dir = tmp_path / "exp"
+    args = ["--folds", "2", f"run_dir={run_dir}", "cluster.kind=local", "train.epochs=1",
+            "train.max_steps_per_epoch=2"]
+    proc = run_launch(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "sample preset" in proc.stdout
+    assert (run_dir / "ensemble" / "report.md").is_file()
+    assert f"report: {run_dir / 'ensemble' / 'report.md'}" in proc.stdout
+    for k in range(2):
+        assert json.loads((run_dir / "resnet18" / f"fold{k}" / "metrics.json").read_text())["status"] == "done"
+    again = run_launch(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "0 to submit" in again.stdout and "ensemble done, nothing to do" in again.stdout
