@@ -1,0 +1,209 @@
+"""The fold loader (skinhpc/load.py) with real FFCV over a converted copy of the bundled sample.
+
+Each FFCV loader spends seconds compiling, so the tests share a few module-scoped loaders.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from skinhpc.config import AugmentConfig, DataConfig
+from skinhpc.load import FoldLoader, LoaderError, build_loader, epoch_order
+
+SIZE = 48
+BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def data_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared converted sample (tests/conftest.py) when there is one, else a conversion of our own."""
+    try:
+        return Path(request.getfixturevalue("sample_data_dir"))
+    except pytest.FixtureLookupError:
+        import skinhpc
+        from skinhpc.convert import convert
+        out = tmp_path_factory.mktemp("load-data")
+        convert([skinhpc.SAMPLE_IMAGES], skinhpc.SAMPLE_METADATA, out, workers=2)
+        return out
+
+
+def _fold_rows() -> np.ndarray:
+    """A fold-like subset: every third row, not sorted, so 'in order' means the given order."""
+    rows = np.arange(1, 426, 3, dtype=np.int64)
+    return np.concatenate([rows[40:], rows[:40]])
+
+
+def _build(data_dir: Path, *, train: bool, loader: str = "ffcv", rows: np.ndarray | None = None,
+           seed: int = 7, aug: AugmentConfig | None = None, batch_size: int = BATCH) -> FoldLoader:
+    return build_loader(data_dir, _fold_rows() if rows is None else rows, train=train, batch_size=batch_size,
+                        image_size=SIZE, data_cfg=DataConfig(loader=loader, num_workers=2),
+                        aug_cfg=aug or AugmentConfig(), seed=seed, device="cpu", distributed=False,
+                        channels_last=True)
+
+
+@pytest.fixture(scope="module")
+def train_loader(data_dir: Path) -> FoldLoader:
+    return _build(data_dir, train=True)
+
+
+@pytest.fixture(scope="module")
+def eval_loader(data_dir: Path) -> FoldLoader:
+    return _build(data_dir, train=False)
+
+
+def _rows(batches: list) -> np.ndarray:
+    return torch.cat([b.rows for b in batches]).numpy()
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(torch.equal(x.images, y.images) and torch.equal(x.rows, y.rows)
+                                    and torch.equal(x.labels, y.labels) for x, y in zip(a, b))
+
+
+@pytest.mark.timeout(120)
+def test_eval_loader_serves_every_requested_row_once_in_the_given_order(eval_loader: FoldLoader,
+                                                                          data_dir: Path) -> None:
+    from skinhpc.convert import read_index
+    batches = list(eval_loader.epoch(0))
+    rows = _fold_rows()
+    assert len(eval_loader) == len(batches) == -(-len(rows) // BATCH)
+    assert _rows(batches).tolist() == rows.tolist()
+    labels = torch.cat([b.labels for b in batches]).numpy()
+    assert labels.tolist() == read_index(data_dir)["label"].to_numpy()[rows].tolist()
+    b = batches[0]
+    assert b.images.shape == (BATCH, 3, SIZE, SIZE) and b.images.dtype == torch.float32
+    assert b.images.is_contiguous(memory_format=torch.channels_last)
+    assert b.labels.dtype == b.rows.dtype == torch.int64
+    assert _same(batches, list(eval_loader.epoch(3)))  # no randomness in evaluation
+
+
+@pytest.mark.timeout(120)
+def test_train_loader_serves_whole_batches_of_fold_rows_only(train_loader: FoldLoader) -> None:
+    batches = list(train_loader.epoch(0))
+    rows = _rows(batches)
+    assert len(train_loader) == len(batches) == len(_fold_rows()) // BATCH
+    assert all(len(b.rows) == BATCH for b in batches)
+    assert len(set(rows.tolist())) == len(rows) and set(rows.tolist()) <= set(_fold_rows().tolist())
+    images = torch.cat([b.images for b in batches])
+    assert images.shape[1:] == (3, SIZE, SIZE) and bool(torch.isfinite(images).all())
+    assert abs(float(images.mean())) < 1.5  # normalised, not [0, 255]
+
+
+@pytest.mark.timeout(180)
+def test_same_seed_and_epoch_give_identical_batches_even_from_a_new_loader(train_loader: FoldLoader,
+                                                                           data_dir: Path) -> None:
+    first = list(train_loader.epoch(2))
+    assert _same(first, list(train_loader.epoch(2)))
+    other_epoch = list(train_loader.epoch(3))
+    assert _rows(first).tolist() != _rows(other_epoch).tolist()
+    fresh = _build(data_dir, train=True)  # what a restarted job builds
+    try:
+        assert _same(first, list(fresh.epoch(2)))
+    finally:
+        fresh.close()
+
+
+@pytest.mark.timeout(120)
+def test_resumed_epoch_yields_exactly_the_tail_of_the_uninterrupted_epoch(train_loader: FoldLoader) -> None:
+    full = list(train_loader.epoch(4))
+    for k in (1, 3, len(full) - 1, len(full)):
+        assert _same(full[k:], list(train_loader.epoch(4, start_step=k))), f"start_step={k}"
+
+
+@pytest.mark.timeout(120)
+def test_an_epoch_left_mid_way_leaves_no_loader_thread_running(train_loader: FoldLoader) -> None:
+    before = threading.active_count()
+    it = train_loader.epoch(5)
+    next(it)
+    it.close()  # what a `break` out of the for loop does
+    assert threading.active_count() <= before
+    it = train_loader.epoch(6)
+    next(it)
+    assert len(list(train_loader.epoch(6))) == len(train_loader)  # a new epoch stops the old one
+    assert threading.active_count() <= before
+
+
+@pytest.mark.timeout(120)
+def test_rows_outside_the_converted_data_are_rejected_naming_the_index(data_dir: Path) -> None:
+    with pytest.raises(LoaderError, match="index.csv"):
+        _build(data_dir, train=False, rows=np.array([0, 5, 426]))
+    with pytest.raises(LoaderError, match="fewer than one batch"):
+        _build(data_dir, train=True, rows=np.arange(5))
+
+
+@pytest.mark.timeout(180)
+def test_pil_loader_serves_the_same_rows_labels_and_pixels_as_ffcv(eval_loader: FoldLoader,
+                                                                   train_loader: FoldLoader,
+                                                                   data_dir: Path) -> None:
+    pil_eval = _build(data_dir, train=False, loader="pil")
+    pil_train = _build(data_dir, train=True, loader="pil")
+    assert pil_eval.kind == "pil" and eval_loader.kind == "ffcv"
+    assert len(pil_eval) == len(eval_loader) and len(pil_train) == len(train_loader)
+    std = torch.tensor([0.229, 0.224, 0.225])[None, :, None, None] * 255  # back to 0..255 units
+    for ffcv_batches, pil_batches in ((list(eval_loader.epoch(0)), list(pil_eval.epoch(0))),
+                                      (list(train_loader.epoch(1)), list(pil_train.epoch(1)))):
+        assert _rows(ffcv_batches).tolist() == _rows(pil_batches).tolist()
+        for a, b in zip(ffcv_batches, pil_batches):
+            assert torch.equal(a.labels, b.labels)
+            diff = ((a.images - b.images) * std).abs()
+            assert float(diff.mean()) < 2.0  # the .beton stores JPEG (quality 90) of the same pixels
+    # Resume works the same way on the PIL path.
+    assert _same(list(pil_train.epoch(1))[2:], list(pil_train.epoch(1, start_step=2)))
+
+
+@pytest.mark.timeout(60)
+def test_pil_order_reproduces_ffcv_orders_under_ddp_sharding() -> None:
+    rows = np.arange(10, 33, dtype=np.int64)  # 23 rows over 2 ranks: one padded duplicate
+    shards = [epoch_order(rows, shuffle=True, seed=1, epoch=2, rank=r, world=2, distributed=True) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 12
+    assert set(shards[0].tolist()) | set(shards[1].tolist()) == set(rows.tolist())
+    assert len(set(shards[0].tolist()) & set(shards[1].tolist())) <= 1
+
+
+# ------------------------------------------------------------------------------ two processes
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, data_dir: str, out: str) -> None:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        result = {}
+        for train in (True, False):
+            loader = build_loader(data_dir, _fold_rows(), train=train, batch_size=BATCH, image_size=SIZE,
+                                  data_cfg=DataConfig(num_workers=1), aug_cfg=AugmentConfig(), seed=3,
+                                  device="cpu", distributed=True, channels_last=False)
+            result["train" if train else "eval"] = _rows(list(loader.epoch(1)))
+            result[("train" if train else "eval") + "_len"] = np.array([len(loader)])
+            loader.close()
+        np.savez(Path(out) / f"rank{rank}.npz", **result)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_get_disjoint_shards_that_together_cover_the_fold(data_dir: Path, tmp_path: Path) -> None:
+    torch.multiprocessing.spawn(_rank_main, args=(2, _free_port(), str(data_dir), str(tmp_path)), nprocs=2)
+    r0, r1 = (np.load(tmp_path / f"rank{r}.npz") for r in (0, 1))
+    rows = set(_fold_rows().tolist())
+    n = len(rows)
+    # Evaluation: every row on exactly one rank, plus at most one padded duplicate.
+    e0, e1 = r0["eval"].tolist(), r1["eval"].tolist()
+    assert len(e0) == len(e1) == -(-n // 2)
+    assert set(e0) | set(e1) == rows
+    assert len(set(e0) & set(e1)) == len(e0) + len(e1) - n
+    # Training: whole batches per rank, disjoint but for padding, same number of steps everywhere.
+    t0, t1 = r0["train"].tolist(), r1["train"].tolist()
+    assert r0["train_len"][0] == r1["train_len"][0] == (-(-n // 2)) // BATCH
+    assert set(t0) <= rows and set(t1) <= rows
+    assert len(set(t0) & set(t1)) <= len(e0) * 2 - n
