@@ -1,0 +1,229 @@
+"""The trained fold ensemble on new images: ``predict_images`` and ``run_predict``.
+
+Every finished fold of every backbone of a run (``RUN/<backbone>/fold<k>/model_best.pt``) is loaded.
+Each image goes through exactly the evaluation path of training: ``convert.prepare_image`` to the
+stored size the model was trained on, then ``augment.eval_transform`` (largest centred square
+resized to the model's input size) and ``augment.normalize``. With test-time augmentation the
+probabilities are averaged over the identity, a horizontal and a vertical flip. Probabilities are
+averaged over the fold models of each backbone, then over backbones (the report's "ensemble
+(mean)"), so a backbone with more finished folds does not outweigh the others.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from skinhpc import CLASSES
+from skinhpc.config import atomic_write_text
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+class PredictError(ValueError):
+    """Nothing can be predicted (no model, no image); the message says what and where."""
+
+
+@dataclass
+class FoldModel:
+    """One fold model and the input geometry it was trained with."""
+
+    backbone: str
+    fold: int
+    model: nn.Module
+    stored_size: tuple[int, int]
+    image_size: int
+
+
+@dataclass
+class PredictResult:
+    """Probabilities (N, 7) of the images that could be read, and one message per image that could not."""
+
+    paths: list[str] = field(default_factory=list)
+    probs: np.ndarray = field(default_factory=lambda: np.zeros((0, len(CLASSES)), np.float64))
+    errors: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- models
+
+def finished_model_files(run_dir: str | Path) -> list[tuple[str, int, Path]]:
+    """(backbone, fold, model_best.pt) of every finished fold (metrics.json says done)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise PredictError(f"{run_dir}: no such run directory")
+    found = []
+    for status_path in sorted(run_dir.glob("*/fold*/metrics.json")):
+        fold_dir = status_path.parent
+        if not fold_dir.name[4:].isdigit() or fold_dir.parent.name == "ensemble":
+            continue
+        try:
+            done = json.loads(status_path.read_text()).get("status") == "done"
+        except ValueError:
+            done = False
+        if done and (fold_dir / "model_best.pt").is_file():
+            found.append((fold_dir.parent.name, int(fold_dir.name[4:]), fold_dir / "model_best.pt"))
+    if not found:
+        raise PredictError(f"{run_dir}: no finished fold with a model_best.pt "
+                           "(looked for <backbone>/fold<k>/metrics.json with status done)")
+    return sorted(found, key=lambda t: (t[0], t[1]))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_fold_models(run_dir: str | Path, device: torch.device | str | None = None) -> list[FoldModel]:
+    """Load every finished fold model of the run, in eval mode, on ``device`` (GPU if present)."""
+    from skinhpc.models import load_model_file
+
+    device = torch.device(device) if device is not None else default_device()
+    models = []
+    for backbone, fold, path in finished_model_files(run_dir):
+        model, meta = load_model_file(path, map_location="cpu")
+        classes = list(meta.get("classes", CLASSES))
+        if classes != list(CLASSES):
+            raise PredictError(f"{path}: classes {classes} differ from skinhpc's {list(CLASSES)}")
+        stored = meta["stored_size"]
+        models.append(FoldModel(backbone, fold, model.to(device).eval(), (int(stored[0]), int(stored[1])),
+                                int(meta["model_cfg"].image_size)))
+    return models
+
+
+# --------------------------------------------------------------------------- images
+
+def expand_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
+    """Image files named directly or found in folders (*.jpg, *.jpeg, *.png, any case, not recursive),
+    and an error message for each input that is neither."""
+    paths: list[Path] = []
+    errors: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                errors.append(f"{p}: folder holds no {'/'.join(IMAGE_SUFFIXES)} images")
+            paths += found
+        elif p.is_file():
+            paths.append(p)
+        else:
+            errors.append(f"{p}: no such file or folder")
+    return paths, errors
+
+
+def _read(path: Path, stored_size: tuple[int, int]) -> np.ndarray | str:
+    """The image's pixels as conversion stores them, or the reason it cannot be read."""
+    from skinhpc.convert import prepare_image
+    try:
+        return prepare_image(path, stored_size)
+    except Exception as e:  # PIL raises many types for broken files; the user needs the name
+        return f"{path}: cannot read image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+
+
+def _chunks(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+# --------------------------------------------------------------------------- prediction
+
+@torch.inference_mode()
+def _model_probs(fm: FoldModel, images: torch.Tensor, tta: bool) -> torch.Tensor:
+    """Softmax probabilities of one model on a uint8 NHWC batch (mean over flips with ``tta``)."""
+    from skinhpc.augment import eval_transform, normalize
+
+    x = normalize(eval_transform(images, fm.image_size))
+    views = [x, x.flip(3), x.flip(2)] if tta else [x]  # identity, horizontal, vertical flip
+    return torch.stack([torch.softmax(fm.model(v).float(), dim=1) for v in views]).mean(0)
+
+
+def ensemble_probs(models: Sequence[FoldModel], images_by_size: dict[tuple[int, int], torch.Tensor],
+                   tta: bool) -> np.ndarray:
+    """Mean over each backbone's folds, then over backbones."""
+    per_backbone: dict[str, list[torch.Tensor]] = {}
+    for fm in models:
+        per_backbone.setdefault(fm.backbone, []).append(_model_probs(fm, images_by_size[fm.stored_size], tta))
+    means = [torch.stack(p).mean(0) for p in per_backbone.values()]
+    return torch.stack(means).mean(0).double().cpu().numpy()
+
+
+def predict_images(models: Sequence[FoldModel], paths: Sequence[str | Path], *, tta: bool = False,
+                   batch_size: int = 32, workers: int = 0, on_error=None) -> PredictResult:
+    """Ensemble probabilities of every readable image; unreadable ones are reported and skipped.
+
+    Images are decoded in ``workers`` threads (0: every core) and run ``batch_size`` at a time;
+    the answers do not depend on the batch size (eval mode, no cross-sample state).
+    """
+    if not models:
+        raise PredictError("no models to predict with")
+    if batch_size < 1:
+        raise PredictError(f"batch size must be >= 1, not {batch_size}")
+    device = next(models[0].model.parameters()).device
+    sizes = sorted({fm.stored_size for fm in models})
+    result = PredictResult()
+    batches: list[np.ndarray] = []
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        for chunk in _chunks([Path(p) for p in paths], batch_size):
+            decoded = {s: list(pool.map(lambda p, s=s: _read(p, s), chunk)) for s in sizes}
+            ok = [i for i in range(len(chunk)) if all(not isinstance(decoded[s][i], str) for s in sizes)]
+            for i in range(len(chunk)):
+                if i not in ok:
+                    message = next(decoded[s][i] for s in sizes if isinstance(decoded[s][i], str))
+                    result.errors.append(message)
+                    if on_error is not None:
+                        on_error(message)
+            if not ok:
+                continue
+            images = {s: torch.from_numpy(np.stack([decoded[s][i] for i in ok])).to(device) for s in sizes}
+            batches.append(ensemble_probs(models, images, tta))
+            result.paths += [str(chunk[i]) for i in ok]
+    if batches:
+        result.probs = np.concatenate(batches)
+    return result
+
+
+def to_csv(paths: Sequence[str], probs: np.ndarray) -> str:
+    """CSV text: image, one probability column per class (named after it), prediction."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image", *CLASSES, "prediction"])
+    for path, p in zip(paths, probs):
+        writer.writerow([path, *(f"{v:.6f}" for v in p), CLASSES[int(np.argmax(p))]])
+    return buf.getvalue()
+
+
+def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, tta: bool = False, out: str | Path | None = None,
+                batch_size: int = 32, device: str | None = None) -> int:
+    """The command: predict every image, write the CSV to ``out`` (atomically) or stdout, print
+    problems on stderr. Returns the exit status: 0, or 1 when any input could not be read."""
+    def warn(message: str) -> None:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+
+    paths, input_errors = expand_inputs(inputs)
+    for message in input_errors:
+        warn(message)
+    models = load_fold_models(run_dir, device)
+    print(f"predicting {len(paths)} images with {len(models)} fold models "
+          f"({', '.join(sorted({m.backbone for m in models}))}) on {next(models[0].model.parameters()).device}"
+          f"{', flip TTA' if tta else ''}", file=sys.stderr)
+    result = predict_images(models, paths, tta=tta, batch_size=batch_size, on_error=warn)
+    text = to_csv(result.paths, result.probs)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write_text(out, text)
+        print(f"wrote {len(result.paths)} rows to {out}", file=sys.stderr)
+    failed = len(input_errors) + len(result.errors)
+    if failed:
+        print(f"error: {failed} input(s) could not be read (see above); the others were predicted", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,138 @@
+"""Predicting new images with a run's fold ensemble (small fresh timm models, bundled sample images)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from skinhpc import CLASSES, REPO_DIR, SAMPLE_IMAGES
+from skinhpc.augment import eval_transform, normalize
+from skinhpc.config import ModelConfig
+from skinhpc.convert import prepare_image
+from skinhpc.models import create_model, save_model_file
+from skinhpc.predict import PredictError, expand_inputs, load_fold_models, predict_images
+
+# Two resnet18 folds and one fold of a second, smaller backbone stored at another size, so the
+# mean over folds-then-backbones and the per-model stored sizes are both exercised.
+MODELS = (("resnet18", 0, [75, 100], 64), ("resnet18", 1, [75, 100], 64),
+          ("mobilenetv3_small_050", 0, [90, 120], 48))
+SAMPLE = sorted(SAMPLE_IMAGES.glob("*.jpg"))[:7]
+
+
+def _write_fold(run: Path, backbone: str, fold: int, stored_size: list[int], image_size: int,
+                status: str = "done") -> None:
+    torch.manual_seed(100 * fold + len(backbone))
+    cfg = ModelConfig(backbone=backbone, image_size=image_size, pretrained="false", drop_rate=0.0)
+    model = create_model(cfg)
+    # Fresh BatchNorm statistics make every output near-uniform: give them some spread.
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    d = run / backbone / f"fold{fold}"
+    save_model_file(d / "model_best.pt", model, cfg, stored_size, epoch=1, val_balanced_accuracy=0.5)
+    (d / "metrics.json").write_text(json.dumps({"status": status, "backbone": backbone, "fold": fold}))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("predict") / "run"
+    for spec in MODELS:
+        _write_fold(run, *spec)
+    _write_fold(run, "resnet18", 2, [75, 100], 64, status="running")  # unfinished: never used
+    return run
+
+
+def _manual_probs(run: Path, paths: list[Path], tta: bool = False) -> np.ndarray:
+    """The training eval path written out by hand: mean over folds, then over backbones."""
+    per_backbone: dict[str, list[np.ndarray]] = {}
+    for backbone, fold, stored, size in MODELS:
+        from skinhpc.models import load_model_file
+        model, _ = load_model_file(run / backbone / f"fold{fold}" / "model_best.pt")
+        images = torch.from_numpy(np.stack([prepare_image(p, stored) for p in paths]))
+        x = normalize(eval_transform(images, size))
+        with torch.no_grad():
+            views = [x, torch.flip(x, [3]), torch.flip(x, [2])] if tta else [x]
+            probs = np.mean([torch.softmax(model(v), 1).numpy() for v in views], axis=0)
+        per_backbone.setdefault(backbone, []).append(probs)
+    return np.mean([np.mean(v, axis=0) for v in per_backbone.values()], axis=0)
+
+
+@pytest.mark.timeout(120)
+def test_only_finished_folds_are_loaded(run_dir):
+    models = load_fold_models(run_dir, "cpu")
+    assert [(m.backbone, m.fold) for m in models] == [("mobilenetv3_small_050", 0), ("resnet18", 0), ("resnet18", 1)]
+    assert {m.stored_size for m in models} == {(75, 100), (90, 120)}
+
+
+@pytest.mark.timeout(180)
+def test_rows_sum_to_one_and_batch_size_does_not_change_answers(run_dir):
+    models = load_fold_models(run_dir, "cpu")
+    results = [predict_images(models, SAMPLE, batch_size=bs, workers=1) for bs in (1, 3, 16)]
+    for r in results:
+        assert r.errors == [] and r.paths == [str(p) for p in SAMPLE]
+        assert np.allclose(r.probs.sum(axis=1), 1.0, atol=1e-6)
+        np.testing.assert_allclose(r.probs, results[0].probs, atol=1e-5)
+
+
+@pytest.mark.timeout(180)
+def test_ensemble_is_the_eval_path_averaged_over_folds_then_backbones(run_dir):
+    models = load_fold_models(run_dir, "cpu")
+    paths = SAMPLE[:4]
+    for tta in (False, True):
+        got = predict_images(models, paths, tta=tta, batch_size=4, workers=1).probs
+        np.testing.assert_allclose(got, _manual_probs(run_dir, paths, tta=tta), atol=1e-5)
+    plain = predict_images(models, paths, batch_size=4, workers=1).probs
+    assert not np.allclose(plain, got, atol=1e-6)  # flips do change the answer
+
+
+@pytest.mark.timeout(240)
+def test_unreadable_image_is_named_others_processed_and_exit_nonzero(run_dir, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in SAMPLE[:3]:
+        shutil.copy(p, folder / p.name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    (folder / "notes.txt").write_text("ignored: not an image suffix")
+    out = tmp_path / "pred.csv"
+    proc = subprocess.run([sys.executable, str(REPO_DIR / "jobs" / "predict.py"), "--run", str(run_dir),
+                           str(folder), str(tmp_path / "missing.png"), "--out", str(out), "--batch-size", "2"],
+                          capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 1, proc.stderr
+    assert "broken.jpg" in proc.stderr and "missing.png" in proc.stderr and "Traceback" not in proc.stderr
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert [Path(r["image"]).name for r in rows] == sorted(p.name for p in SAMPLE[:3])
+    assert list(rows[0]) == ["image", *CLASSES, "prediction"]
+    for r in rows:
+        probs = [float(r[c]) for c in CLASSES]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-4)
+        assert r["prediction"] == CLASSES[int(np.argmax(probs))]
+
+
+@pytest.mark.timeout(60)
+def test_run_without_finished_folds_is_a_clear_error(tmp_path):
+    with pytest.raises(PredictError, match="no finished fold"):
+        load_fold_models(tmp_path, "cpu")
+    proc = subprocess.run([sys.executable, str(REPO_DIR / "jobs" / "predict.py"), "--run", str(tmp_path),
+                           str(SAMPLE[0])], capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 2 and "no finished fold" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.timeout(30)
+def test_folders_contribute_their_images_and_empty_ones_are_reported(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.PNG").write_bytes(b"")
+    (tmp_path / "a" / "y.jpeg").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    paths, errors = expand_inputs([tmp_path / "a", tmp_path / "empty"])
+    assert [p.name for p in paths] == ["x.PNG", "y.jpeg"]
+    assert len(errors) == 1 and "empty" in errors[0]

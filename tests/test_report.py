@@ -1,0 +1,103 @@
+"""The ensemble's report: markdown tables in the paper's shape and valid PNG figures."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.image as mpimg  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from skinhpc import CLASSES  # noqa: E402
+from skinhpc.ensemble import run_ensemble  # noqa: E402
+from skinhpc.report import plot_confusion, plot_curves, read_log  # noqa: E402
+
+from test_ensemble import FakeRun  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
+    image = mpimg.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 50, path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    run = FakeRun(tmp_path_factory.mktemp("report") / "run", folds=3, n_lesions=150)
+    run.fill({"resnet18": 2.0, "vgg16": 1.0}, skip={("vgg16", 2)})
+    # an unfinished fold with a log (and a line cut by a crash): its curve is still drawn
+    d = run.root / "vgg16" / "fold2"
+    d.mkdir(parents=True)
+    (d / "log.jsonl").write_text(json.dumps({"epoch": 0, "train_loss": 2.0, "val_loss": 2.1,
+                                             "val_balanced_accuracy": 0.2}) + '\n{"epoch": 1, "tra')
+    results = run_ensemble(run.root, n_boot=30, plots=True)
+    return run, results
+
+
+@pytest.mark.timeout(180)
+def test_every_plot_is_a_valid_png(finished):
+    run, results = finished
+    out = run.root / "ensemble"
+    names = set(results["plots"])
+    assert {"confusion_best_single.png", "confusion_ensemble_mean.png", "confusion_ensemble_weighted.png",
+            "roc_ensemble_mean.png", "reliability_ensemble_mean.png", "curves_resnet18.png",
+            "curves_vgg16.png"} <= names
+    for name in names:
+        assert_png(out / name)
+    assert not list(out.glob(".*tmp*")), "temporary files left behind"
+
+
+@pytest.mark.timeout(180)
+def test_report_leads_with_balanced_accuracy_and_shows_the_majority_baseline(finished):
+    run, results = finished
+    text = (run.root / "ensemble" / "report.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| model |"))
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    assert cells[1].startswith("balanced acc") and cells[2].startswith("top-1") and cells[3].startswith("top-2")
+    assert "AUC" in cells[4] and cells[-1] == "loss"
+    assert "66.95%" in text
+    baseline_row = next(line for line in text.splitlines() if line.startswith('| majority class ("nv")'))
+    top1 = results["test"]["majority_nv"]["top1"]
+    assert f"{top1 * 100:.1f}" in baseline_row
+    # mean ± std rows per backbone, with the number of folds that finished
+    assert re.search(r"\| resnet18: fold models \(3\) \| \d+\.\d ± \d+\.\d", text)
+    assert "vgg16: fold models (2)" in text and "vgg16 fold 2" in text
+    for name in results["plots"]:
+        assert f"]({name})" in text
+    for cls in CLASSES:
+        assert f"| {cls} |" in text
+
+
+@pytest.mark.timeout(180)
+def test_metrics_json_is_strict_json_with_every_section(finished):
+    run, _ = finished
+    raw = (run.root / "ensemble" / "metrics.json").read_text()
+    results = json.loads(raw, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    for key in ("per_fold", "cv", "oof", "test", "weights", "bootstrap", "calibration", "missing", "finished"):
+        assert key in results
+    assert results["test"]["majority_nv"]["balanced_accuracy"] == pytest.approx(
+        1 / len({int(v) for v in np.nonzero(results["test"]["majority_nv"]["confusion_matrix"])[0]}))
+
+
+@pytest.mark.timeout(60)
+def test_log_reader_skips_a_truncated_line_and_curves_draw(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": 1.2 / (e + 1),
+                                       "val_balanced_accuracy": 0.1 * e}) + "\n" for e in range(4)) + '{"epo')
+    entries = read_log(log)
+    assert [e["epoch"] for e in entries] == [0, 1, 2, 3]
+    plot_curves("resnet18", {"fold0": entries, "fold1": entries[:2]}, tmp_path / "curves.png")
+    assert_png(tmp_path / "curves.png")
+
+
+@pytest.mark.timeout(60)
+def test_confusion_plot_of_an_empty_matrix_is_still_drawn(tmp_path):
+    plot_confusion(np.zeros((len(CLASSES), len(CLASSES))), "nothing", tmp_path / "cm.png")
+    assert_png(tmp_path / "cm.png")
