@@ -1,0 +1,222 @@
+"""train_fold on one process: learning, the fold's files, idempotence, exact resume after preemption
+and after a hard kill, and refusing a resume with a changed batch size.
+
+Runs on a tiny fold of the converted bundled sample: the test writes the run's split.json itself
+(2-3 images per class), which ``ensure_split`` accepts because its config and image count match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from skinhpc import CLASSES, REPO_DIR
+from skinhpc.checkpoint import ResumeMismatch, list_checkpoints
+from skinhpc.config import SplitConfig, load_config
+from skinhpc.convert import read_index
+from skinhpc.split import SPLIT_NAME
+from skinhpc.train import KILL_ENV, PREEMPT_ENV, fold_dir, train_fold
+
+PYTHON = sys.executable
+TIMING_KEYS = {"images_per_s", "data_wait_frac", "peak_mem_gb", "time_s"}
+# No augmentation: a few images can then be learned by heart within a few steps.
+NO_AUG = ["aug.hflip=0", "aug.vflip=0", "aug.affine_p=0", "aug.noise_p=0", "aug.brightness=0", "aug.contrast=0",
+          "aug.blur_p=0", "aug.color_shift=0", "aug.elastic_p=0", "aug.crop_scale=[1.0,1.0]",
+          "aug.crop_ratio=[1.3333,1.3333]"]
+
+
+def write_tiny_split(run_dir: Path, data_dir: Path, per_class: tuple[int, int, int] = (3, 1, 1)) -> dict:
+    """RUN/split.json with (train, val, test) images per class from distinct lesions, fold 0 only used."""
+    index = read_index(data_dir)
+    first = index.drop_duplicates("lesion_id").sort_values("row")
+    parts: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for dx in CLASSES:
+        ids = first.loc[first["dx"] == dx, "image_id"].tolist()
+        n_tr, n_va, n_te = per_class
+        parts["train"] += ids[:n_tr]
+        parts["val"] += ids[n_tr:n_tr + n_va]
+        parts["test"] += ids[n_tr + n_va:n_tr + n_va + n_te]
+    cfg = SplitConfig()
+    split = {"seed": cfg.seed, "config": dataclasses.asdict(cfg), "n_images": int(len(index)), "rare_classes": [],
+             "test": sorted(parts["test"]),
+             "folds": [{"train": sorted(parts["train"]), "val": sorted(parts["val"])}] * cfg.folds}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / SPLIT_NAME).write_text(json.dumps(split))
+    return split
+
+
+def overrides(run_dir: Path, data_dir: Path, *extra: str) -> list[str]:
+    """A small, fast training config on the tiny split (resnet18, 64 px, few steps)."""
+    return [f"run_dir={run_dir}", f"data.dir={data_dir}", "model.backbone=resnet18", "model.image_size=64",
+            "train.batch_size=7", "train.epochs=3", "train.warmup_epochs=0", "train.lr=0.002",
+            "train.log_every=1", "data.num_workers=2", "fold=0", *extra]
+
+
+def run_job(args: list[str], env_extra: dict[str, str] | None = None, nproc: int = 1,
+            timeout: float = 240) -> subprocess.CompletedProcess:
+    """jobs/train.py in a subprocess (under torchrun when nproc > 1)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu", **(env_extra or {})}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    if nproc > 1:
+        cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(_free_port()), str(REPO_DIR / "jobs" / "train.py"), *args]
+    else:
+        cmd = [PYTHON, str(REPO_DIR / "jobs" / "train.py"), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_DIR)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def epoch_log(out: Path) -> list[dict]:
+    """log.jsonl without the timing keys (these differ between any two runs)."""
+    lines = (out / "log.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in lines]
+
+
+def best_weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "model_best.pt", weights_only=True)["state_dict"]
+
+
+def last_checkpoint_model(out: Path) -> dict[str, torch.Tensor]:
+    newest = list_checkpoints(out / "checkpoints")[-1]
+    return torch.load(newest.path / "state.pt", weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Bit-identical weights (best and last) and the same per-epoch metrics."""
+    assert epoch_log(a) == epoch_log(b)
+    assert_same_weights(best_weights(a), best_weights(b))
+    assert_same_weights(last_checkpoint_model(a), last_checkpoint_model(b))
+    va, vb = np.load(a / "predictions_val.npz"), np.load(b / "predictions_val.npz")
+    assert np.array_equal(va["logits"], vb["logits"])
+
+
+@pytest.fixture(scope="module")
+def data_dir(sample_data_dir: Path) -> Path:
+    return Path(sample_data_dir)
+
+
+# Exactness is tested with augmentation and dropout on: both draw random numbers that a resume must
+# reproduce (the loader's seeded generator, and the global torch RNG for dropout).
+EXACT = ["train.epochs=3", "train.max_steps_per_epoch=3", "train.batch_size=5", "model.drop_rate=0.3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """The reference: the EXACT config trained without interruption (in this process)."""
+    run = tmp_path_factory.mktemp("uninterrupted")
+    write_tiny_split(run, data_dir)
+    cfg = load_config(overrides(run, data_dir, *EXACT))
+    assert train_fold(cfg)["status"] == "done"
+    return fold_dir(cfg)
+
+
+@pytest.mark.timeout(300)
+def test_single_process_fold_learns_and_writes_the_fold_layout(tmp_path: Path, data_dir: Path) -> None:
+    write_tiny_split(tmp_path, data_dir, per_class=(2, 1, 1))
+    cfg = load_config(overrides(tmp_path, data_dir, "train.epochs=10", "model.drop_rate=0", "train.lr=0.003",
+                                "train.class_weights=false", *NO_AUG))
+    result = train_fold(cfg)
+    out = fold_dir(cfg)
+    assert out == tmp_path / "resnet18" / "fold0"
+    assert result["status"] == "done" and result["fold"] == 0 and result["backbone"] == "resnet18"
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == list(range(10))
+    for key in ("epoch", "lr", "train_loss", "val_loss", "val_balanced_accuracy", "val_top1", "val_top2",
+                "val_auroc_macro", "images_per_s", "data_wait_frac", "peak_mem_gb", "time_s"):
+        assert key in log[0], key
+    # 14 images, no augmentation: learned by heart.
+    assert log[-1]["train_acc"] == 1.0, [r["train_acc"] for r in log]
+    assert log[-1]["train_loss"] < 0.5 * log[0]["train_loss"]
+    for name in ("config.yaml", "model_best.pt", "predictions_val.npz", "predictions_test.npz", "metrics.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert (out / "checkpoints" / "best" / "meta.json").is_file()
+    assert len(list_checkpoints(out / "checkpoints")) == cfg.train.checkpoint.keep_last
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["status"] == "done" and saved["val"]["n"] == 7 and saved["test"]["n"] == 7
+    preds = np.load(out / "predictions_val.npz")
+    assert preds["probs"].shape == (7, 7) and len(preds["image_ids"]) == 7
+    blob = torch.load(out / "model_best.pt", weights_only=True)
+    assert blob["model"]["backbone"] == "resnet18" and blob["epoch"] == saved["best_epoch"]
+    assert len(blob["stored_size"]) == 2
+
+    # A finished fold is not trained again.
+    before = (out / "log.jsonl").read_text()
+    start = time.monotonic()
+    assert train_fold(cfg) == result
+    assert time.monotonic() - start < 5
+    assert (out / "log.jsonl").read_text() == before
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_preempted_mid_epoch_run_resumes_bit_identical(tmp_path: Path, data_dir: Path, uninterrupted: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    write_tiny_split(tmp_path, data_dir)
+    cfg = load_config(overrides(tmp_path, data_dir, *EXACT))
+    # A real SIGUSR2 to this process after optimizer step 4 = epoch 1, step 1 of 3.
+    monkeypatch.setenv(PREEMPT_ENV, "4")
+    result = train_fold(cfg)
+    assert result["status"] == "preempted" and (result["epoch"], result["step"]) == (1, 1)
+    out = fold_dir(cfg)
+    assert not (out / "metrics.json").exists()
+    assert (out / "checkpoints" / "e001-s000001" / "meta.json").is_file()
+    monkeypatch.delenv(PREEMPT_ENV)
+
+    # Resuming with another batch size is refused, naming the key.
+    changed = load_config(overrides(tmp_path, data_dir, *EXACT, "train.batch_size=4"))
+    with pytest.raises(ResumeMismatch, match=r"train\.batch_size: 5 \(checkpoint\) vs 4 \(now\)"):
+        train_fold(changed)
+
+    capsys.readouterr()
+    assert train_fold(cfg)["status"] == "done"
+    assert "resuming from epoch 1 step 1" in capsys.readouterr().out
+    assert_same_run(uninterrupted, out)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_hard_killed_run_resumes_from_last_checkpoint_bit_identical(tmp_path: Path, data_dir: Path,
+                                                                   uninterrupted: Path) -> None:
+    write_tiny_split(tmp_path, data_dir)
+    args = overrides(tmp_path, data_dir, *EXACT, "train.checkpoint.every_steps=2")
+    # SIGKILL after optimizer step 5 (epoch 1, step 2); the newest checkpoint is then step 4.
+    killed = run_job(args, {KILL_ENV: "5"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    out = tmp_path / "resnet18" / "fold0"
+    assert list_checkpoints(out / "checkpoints")[-1].path.name == "e001-s000001"
+    resumed = run_job(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from epoch 1 step 1" in resumed.stdout
+    assert_same_run(uninterrupted, out)
+
+
+@pytest.mark.timeout(120)
+def test_train_job_reports_a_config_error_without_traceback(tmp_path: Path) -> None:
+    res = run_job([f"run_dir={tmp_path}", "train.strategy=deepspeed", "train.precision=fp16"], timeout=100)
+    assert res.returncode == 2
+    assert "error: train.precision=fp16 is not supported" in res.stderr
+    assert "Traceback" not in res.stderr
