@@ -324,7 +324,7 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], sourc
     """Load pretrained tensors into ``model``: head layers (``head_modules``) whose shape differs
     keep their fresh initialisation, other shape mismatches are an error, and one log line lists
     what was not loaded."""
-    if any(k.startswith("classifier.") for k in state) and hasattr(model, "features"):
+    if isinstance(model, (VGG16GAP, timm.models.vgg.VGG)) and any(k.startswith("classifier.") for k in state):
         state = _torchvision_vgg_to_timm(state)
     own = model.state_dict()
     head = head_prefixes(model)

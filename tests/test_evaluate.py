@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -189,6 +188,7 @@ def _rank_predict(rank: int, world: int, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes import torch: 20-30 s
 @pytest.mark.timeout(120)
 def test_predict_gathers_all_ranks_over_gloo(tmp_path):
     out = str(tmp_path / "preds")

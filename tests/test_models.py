@@ -41,7 +41,9 @@ def _forward_backward(model: nn.Module, size: int = 64) -> torch.Tensor:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("backbone", ["resnet152", "seresnext101_32x4d", "vgg16", "vgg16_gap"])
+@pytest.mark.parametrize("backbone", [pytest.param("resnet152", marks=pytest.mark.slow),
+                                      pytest.param("seresnext101_32x4d", marks=pytest.mark.slow),
+                                      "vgg16", "vgg16_gap"])  # the big ones take ~25-30 s on 2 busy cores
 def test_paper_backbone_builds_and_trains_one_step_at_64px(backbone):
     model = create_model(ModelConfig(backbone=backbone, pretrained="false"), num_classes=7)
     out = _forward_backward(model)
@@ -146,6 +148,28 @@ def test_vgg16_weights_load_into_vgg16_gap_conv_layers(tmp_path):
     for key, value in model.features.state_dict().items():
         assert torch.equal(value, source[f"features.{key}"]), key
     assert model.fc.out_features == 7
+
+
+@pytest.mark.timeout(120)
+def test_torchvision_named_vgg16_weights_load_into_timm_vgg16(tmp_path):
+    # torchvision (and the hub's vgg16.tv_in1k file) keep FC6/FC7/FC8 as Linear "classifier.0/3/6".
+    torch.manual_seed(0)
+    source = timm.create_model("vgg16", pretrained=False).state_dict()
+    tv = {k: v for k, v in source.items() if k.startswith("features.")}
+    tv["classifier.0.weight"] = source["pre_logits.fc1.weight"].reshape(4096, -1)
+    tv["classifier.0.bias"] = source["pre_logits.fc1.bias"]
+    tv["classifier.3.weight"] = source["pre_logits.fc2.weight"].reshape(4096, -1)
+    tv["classifier.3.bias"] = source["pre_logits.fc2.bias"]
+    tv["classifier.6.weight"], tv["classifier.6.bias"] = source["head.fc.weight"], source["head.fc.bias"]
+    path = tmp_path / "vgg16_tv.pth"
+    torch.save(tv, path)
+    del source
+    model = create_model(ModelConfig(backbone="vgg16", pretrained=str(path)))
+    own = model.state_dict()
+    assert torch.equal(own["pre_logits.fc1.weight"].reshape(4096, -1), tv["classifier.0.weight"])
+    assert torch.equal(own["pre_logits.fc2.bias"], tv["classifier.3.bias"])
+    assert torch.equal(own["features.28.weight"], tv["features.28.weight"])
+    assert own["head.fc.weight"].shape == (7, 4096)
 
 
 @pytest.mark.timeout(30)
