@@ -506,7 +506,7 @@ def evaluate_run(scan: RunScan, *, n_boot: int = 1000, seed: int = 0) -> tuple[d
     calibration = calibrate(scan, oof_preds, weights, test_labels)
 
     bootstrap = {e.name: bootstrap_ci(e.probs, test_labels, test_lesions, n_boot=n_boot, seed=seed)
-                 for e in entries if e.kind != "fold"} if n_boot > 0 else {}
+                 for e in entries} if n_boot > 0 else {}
 
     # The best single model is chosen on its own validation fold, never on the test set.
     best = max(scan.finished, key=lambda f: per_fold[f.backbone][f"fold{f.fold}"]["val"]["balanced_accuracy"] or 0)

@@ -136,3 +136,28 @@ def test_folders_contribute_their_images_and_empty_ones_are_reported(tmp_path):
     paths, errors = expand_inputs([tmp_path / "a", tmp_path / "empty"])
     assert [p.name for p in paths] == ["x.PNG", "y.jpeg"]
     assert len(errors) == 1 and "empty" in errors[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_trained_run_ensembles_and_predicts_like_the_training_eval_path(tmp_path):
+    """End to end on the bundled sample: train two tiny folds, ensemble them, predict the test
+    images: predict must give the probabilities training's own eval path saved (PIL loader, so
+    the pixels are the same; FFCV re-encodes JPEGs)."""
+    from skinhpc.ensemble import read_predictions, run_ensemble
+
+    run = tmp_path / "run"
+    for fold in (0, 1):
+        proc = subprocess.run([sys.executable, str(REPO_DIR / "jobs" / "train.py"), f"run_dir={run}", f"fold={fold}",
+                               "split.folds=2", "train.epochs=1", "train.max_steps_per_epoch=2", "data.loader=pil",
+                               "data.num_workers=1"], capture_output=True, text=True, timeout=500)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    results = run_ensemble(run, n_boot=20)
+    assert results["missing"] == [] and len(results["finished"]) == 2
+    assert (run / "ensemble" / "report.md").is_file() and results["plots"]
+
+    tests = [read_predictions(run / "resnet18" / f"fold{k}" / "predictions_test.npz") for k in (0, 1)]
+    paths = [SAMPLE_IMAGES / f"{image_id}.jpg" for image_id in tests[0].image_ids[:12]]
+    got = predict_images(load_fold_models(run, "cpu"), paths, batch_size=5, workers=1)
+    expected = (tests[0].probs[:12] + tests[1].probs[:12]) / 2
+    np.testing.assert_allclose(got.probs, expected, atol=1e-5)
