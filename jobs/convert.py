@@ -1,0 +1,48 @@
+"""Convert the raw HAM10000 download into DATA/{ham10000.beton, index.csv, manifest.json}.
+
+    python jobs/convert.py --images HAM10000_images_part_1 HAM10000_images_part_2 \
+        --metadata HAM10000_metadata.csv --out data/ham10000
+
+Checks everything first (columns, classes, unique ids, every image present and decodable) and
+writes nothing on a problem; re-running on an up-to-date folder does nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from skinhpc.convert import WRITE_MODES, ConversionError, InputError, convert
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", nargs="+", required=True, metavar="DIR",
+                        help="folder(s) holding <image_id>.jpg (the download splits them over two)")
+    parser.add_argument("--metadata", required=True, metavar="CSV", help="HAM10000_metadata.csv")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder of the converted data")
+    parser.add_argument("--max-resolution", type=int, default=256, metavar="N",
+                        help="longest side of the stored images, never upscaled (default 256)")
+    parser.add_argument("--write-mode", choices=WRITE_MODES, default="jpg",
+                        help="how FFCV stores pixels (default jpg)")
+    parser.add_argument("--jpeg-quality", type=int, default=90, metavar="Q", help="JPEG quality (default 90)")
+    parser.add_argument("--workers", type=int, default=0, metavar="N", help="processes; 0 = all cores (default)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        convert(args.images, args.metadata, args.out, max_resolution=args.max_resolution,
+                write_mode=args.write_mode, jpeg_quality=args.jpeg_quality, workers=args.workers)
+    except (InputError, ConversionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

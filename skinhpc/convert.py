@@ -1,0 +1,715 @@
+"""Convert raw HAM10000 JPEG folders + metadata CSV into DATA/{ham10000.beton, index.csv, manifest.json}.
+
+The trip: parse and check the CSV (columns, classes, unique ids, every image found) → decode every
+image once, in parallel, to prove it readable and learn its size → pick one stored size for all (the
+most common source size, scaled so its long side is <= max_resolution, never upscaled) → write the
+.beton with FFCV in a *spawned* child process under a watchdog → rename into place, manifest last.
+
+Why the child process: FFCV's DatasetWriter hangs forever when a sample raises inside one of its
+workers, and it can deadlock when forked from a process in which FFCV loaders ran (numba's compile
+lock). A fresh spawned process avoids the second; validating first plus the watchdog handles the first.
+So ``convert()`` is safe to call from tests, the launcher or a training job.
+
+Why one stored size: FFCV then decodes every sample with the deterministic ``SimpleRGBImageDecoder``
+and all randomness happens later on the device with our own seeded generator (exact resume).
+``prepare_image`` is that one resize; the PIL loader and predict reuse it.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import fcntl
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile
+
+import skinhpc
+from skinhpc import CLASS_TO_LABEL, CLASSES
+from skinhpc.config import DataConfig, atomic_write_text
+
+BETON_NAME = "ham10000.beton"
+INDEX_NAME = "index.csv"
+MANIFEST_NAME = "manifest.json"
+
+REQUIRED_COLUMNS: tuple[str, ...] = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
+INDEX_COLUMNS: tuple[str, ...] = ("row", "image_id", "lesion_id", "dx", "label", "dx_type", "age", "sex",
+                                  "localization")
+WRITE_MODES: tuple[str, ...] = ("jpg", "raw", "proportion")
+# Files in an image folder that count as images (to report the ones the CSV does not list).
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
+PAGE_SIZE = 2 << 20
+"""FFCV page size: the smallest allowed (2 MiB); the 8 MiB default pads small datasets."""
+FORMAT_VERSION = 1
+"""Bumped when the stored pixels would change for the same inputs (e.g. a new resize filter)."""
+MAX_LISTED = 20
+"""Problems listed in full in an error message; the rest are counted."""
+STALL_TIMEOUT_S = 300.0
+"""The writer is stopped when no sample has been finished for this long (FFCV hangs on errors)."""
+PROGRESS_EVERY_S = 10.0
+"""Interval of the plain progress lines printed when stderr is not a terminal (SLURM logs)."""
+
+
+class InputError(ValueError):
+    """The raw data is unusable; ``problems`` lists each one with its file (and CSV line)."""
+
+    def __init__(self, problems: Sequence[str], what: str = "input problem") -> None:
+        self.problems = list(problems)
+        n = len(self.problems)
+        if n == 1:
+            super().__init__(self.problems[0])
+        else:
+            super().__init__("\n".join([f"{n} {what}s:"] + _listed(self.problems)))
+
+
+class ConversionError(RuntimeError):
+    """Writing the .beton failed for a reason other than the input (crash, hang); nothing was kept."""
+
+
+@dataclass
+class ConvertResult:
+    status: str
+    """converted | up-to-date"""
+    out_dir: Path
+    n_images: int
+    counts: dict[str, int]
+    """Images per class name, every class listed."""
+    stored_size: list[int]
+    """[H, W] of every stored image."""
+    n_resized: int
+    """Images whose source size differed from the most common one (resized to stored_size anyway)."""
+    seconds: float
+    """Wall time of this call."""
+    images_per_s: float
+    """Images converted per second over the whole call (validation included); 0 when up to date."""
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    """The checked CSV rows and where each image is: everything but the pixels."""
+
+    metadata: Path
+    records: list[dict[str, str]]
+    lines: list[int]
+    paths: list[Path]
+    image_dirs: list[Path]
+    warnings: list[str]
+
+
+# --------------------------------------------------------------------------- messages and progress
+
+def _listed(items: Sequence[str]) -> list[str]:
+    shown = [f"  {item}" for item in items[:MAX_LISTED]]
+    if len(items) > MAX_LISTED:
+        shown.append(f"  ... and {len(items) - MAX_LISTED} more")
+    return shown
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+class _Progress:
+    """A tqdm bar on a terminal; otherwise a plain line every PROGRESS_EVERY_S (SLURM logs)."""
+
+    def __init__(self, total: int, verb: str) -> None:
+        self.total, self.verb = total, verb
+        self.start = self.last_line = time.monotonic()
+        self.done = 0
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=verb, unit="img", file=sys.stderr)
+
+    def update(self, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.done)
+        elif time.monotonic() - self.last_line >= PROGRESS_EVERY_S and done < self.total:
+            self.last_line = time.monotonic()
+            self._line(done)
+        self.done = done
+
+    def _line(self, done: int) -> None:
+        rate = done / max(time.monotonic() - self.start, 1e-9)
+        _say(f"{self.verb} {done}/{self.total} ({rate:.0f} img/s)")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            self._line(self.done)
+
+
+# --------------------------------------------------------------------------- the CSV and the folders
+
+def _read_csv(metadata: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and (line as shown in an editor, cells) of each non-blank record."""
+    with open(metadata, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = [name.strip() for name in next(reader, [])]
+        records = []
+        previous_end = reader.line_num
+        for cells in reader:
+            line = previous_end + 1  # a record may span lines (quoted newlines): name its first
+            previous_end = reader.line_num
+            if cells and any(c.strip() for c in cells):
+                records.append((line, cells))
+    return header, records
+
+
+def _check_records(metadata: Path, header: list[str],
+                   raw: list[tuple[int, list[str]]]) -> tuple[list[dict[str, str]], list[int], list[str]]:
+    name = str(metadata)
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        return [], [], [f"{name}:1: missing column(s) {', '.join(missing)} (the header has: {', '.join(header)};"
+                        f" required: {', '.join(REQUIRED_COLUMNS)})"]
+    if not raw:
+        return [], [], [f"{name}: no data rows"]
+    problems: list[str] = []
+    records, lines = [], []
+    first_line: dict[str, int] = {}
+    for line, cells in raw:
+        if len(cells) != len(header):
+            problems.append(f"{name}:{line}: {len(cells)} fields, the header has {len(header)}")
+            continue
+        rec = {col: cells[header.index(col)].strip() for col in REQUIRED_COLUMNS}
+        image_id = rec["image_id"]
+        where = f"{name}:{line}: image_id {image_id!r}"
+        if not image_id:
+            problems.append(f"{name}:{line}: empty image_id")
+        elif image_id in first_line:
+            problems.append(f"{where} duplicates line {first_line[image_id]}")
+        else:
+            first_line[image_id] = line
+        if not rec["lesion_id"]:
+            problems.append(f"{where}: empty lesion_id")
+        if rec["dx"] not in CLASS_TO_LABEL:
+            problems.append(f"{where}: unknown dx {rec['dx']!r} (known: {', '.join(CLASSES)})")
+        records.append(rec)
+        lines.append(line)
+    return records, lines, problems
+
+
+def _list_images(image_dirs: Sequence[Path]) -> tuple[dict[str, list[Path]], list[str]]:
+    """File name → paths over all folders (in folder order), and problems with the folders."""
+    found: dict[str, list[Path]] = {}
+    problems = []
+    for folder in image_dirs:
+        if not folder.is_dir():
+            problems.append(f"{folder}: image folder not found")
+            continue
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES):
+                    found.setdefault(entry.name, []).append(Path(entry.path))
+    return found, problems
+
+
+def _plan(image_dirs: Sequence[str | Path], metadata: str | Path) -> _Plan:
+    """Check everything but the pixels; raise InputError listing every problem found."""
+    metadata = Path(metadata)
+    dirs = [Path(d) for d in image_dirs]
+    if not dirs:
+        raise InputError(["no image folder given"])
+    if not metadata.is_file():
+        raise InputError([f"{metadata}: metadata CSV not found"])
+    try:
+        header, raw = _read_csv(metadata)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError([f"{metadata}: cannot read the CSV ({e})"]) from None
+    records, lines, problems = _check_records(metadata, header, raw)
+    found, dir_problems = _list_images(dirs)
+    problems += dir_problems
+    if dir_problems or not records:
+        raise InputError(problems)
+    paths: list[Path] = []
+    warnings: list[str] = []
+    listed = set()
+    folders = ", ".join(str(d) for d in dirs)
+    for rec, line in zip(records, lines):
+        file_name = f"{rec['image_id']}.jpg"
+        listed.add(file_name)
+        where = found.get(file_name, [])
+        if not where:
+            problems.append(f"{metadata}:{line}: image {file_name} not found in {folders}")
+            continue
+        if len(where) > 1:
+            warnings.append(f"{file_name} is in {len(where)} folders; using {where[0]}")
+        paths.append(where[0])
+    if problems:
+        raise InputError(problems)
+    extra = sorted(str(p[0]) for n, p in found.items() if n not in listed)
+    if extra:
+        warnings.append(f"{len(extra)} image(s) in the folders are not in {metadata} and are skipped:")
+        warnings += _listed(extra)
+    return _Plan(metadata, records, lines, paths, dirs, warnings)
+
+
+# --------------------------------------------------------------------------- fingerprint, up to date
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _images_hash(paths: Sequence[Path]) -> str:
+    """Hash of the sorted list of used image files with their sizes and mtimes (no pixels read)."""
+    digest = hashlib.sha256()
+    for path in sorted(paths, key=lambda p: p.name):
+        st = path.stat()
+        digest.update(f"{path.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _settings(max_resolution: int, write_mode: str, jpeg_quality: int) -> dict[str, Any]:
+    return {"write_mode": write_mode, "max_resolution": int(max_resolution), "jpeg_quality": int(jpeg_quality),
+            "page_size": PAGE_SIZE, "format_version": FORMAT_VERSION}
+
+
+def _fingerprint(plan: _Plan, settings: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata_sha256": _sha256_file(plan.metadata), "images_sha256": _images_hash(plan.paths),
+            "settings": settings}
+
+
+def _matches(out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest when out_dir holds a complete conversion of exactly these inputs and settings."""
+    try:
+        manifest = read_manifest(out_dir)
+        same_inputs = (manifest["metadata"]["sha256"] == fingerprint["metadata_sha256"]
+                       and manifest["images"]["sha256"] == fingerprint["images_sha256"]
+                       and manifest["ffcv"] == fingerprint["settings"])
+        if not same_inputs:
+            return None
+        for name, key in ((BETON_NAME, "beton"), (INDEX_NAME, "index")):
+            path = out_dir / name
+            if path.stat().st_size != manifest[key]["size"] or _sha256_file(path) != manifest[key]["sha256"]:
+                return None
+    except (OSError, KeyError, TypeError, ValueError, InputError):
+        return None
+    return manifest
+
+
+def is_up_to_date(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str | Path, *,
+                  max_resolution: int = 256, write_mode: str = "jpg", jpeg_quality: int = 90) -> bool:
+    """Whether ``out_dir`` already holds the conversion of these inputs with these settings."""
+    try:
+        plan = _plan(image_dirs, metadata)
+    except InputError:
+        return False
+    fingerprint = _fingerprint(plan, _settings(max_resolution, write_mode, jpeg_quality))
+    return _matches(Path(out_dir), fingerprint) is not None
+
+
+# --------------------------------------------------------------------------- pixels
+
+def prepare_image(image: Image.Image | str | Path, stored_size: Sequence[int]) -> np.ndarray:
+    """The exact pixels conversion stores: RGB, resized to ``stored_size`` [H, W]; uint8 HxWx3.
+
+    The PIL loader and predict call this too, so every path into the network sees the same pixels.
+    """
+    height, width = int(stored_size[0]), int(stored_size[1])
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as opened:
+            return _resized_rgb(opened, width, height)
+    return _resized_rgb(image, width, height)
+
+
+def _resized_rgb(image: Image.Image, width: int, height: int) -> np.ndarray:
+    rgb = image.convert("RGB")  # decodes fully; grey, palette, CMYK or RGBA sources become RGB
+    if rgb.size != (width, height):
+        # LANCZOS antialiases when shrinking; reducing_gap first box-reduces very large sources (fast).
+        rgb = rgb.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return np.array(rgb, dtype=np.uint8)
+
+
+def _most_common_size(sizes: Counter[tuple[int, int]]) -> tuple[int, int]:
+    """(width, height) seen most often; ties go to the larger, so the choice never depends on order."""
+    return max(sizes.items(), key=lambda kv: (kv[1], kv[0][0] * kv[0][1], kv[0]))[0]
+
+
+def stored_size_for(sizes: Counter[tuple[int, int]], max_resolution: int) -> list[int]:
+    """[H, W]: the most common (width, height) scaled so its long side is <= max_resolution."""
+    width, height = _most_common_size(sizes)
+    scale = min(1.0, max_resolution / max(width, height))  # never upscale
+    return [max(1, round(height * scale)), max(1, round(width * scale))]
+
+
+def _decode(path: Path) -> tuple[str | None, tuple[int, int] | None]:
+    """(problem, None) or (None, (width, height)) after decoding every byte of the image."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # a truncated or corrupt JPEG only fails here, not at open
+            return None, image.size
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb)
+        return f"{type(e).__name__}: {e}", None
+
+
+def _decode_all(paths: Sequence[Path], workers: int) -> Iterator[tuple[str | None, tuple[int, int] | None]]:
+    """Decode in threads: PIL releases the GIL while decoding, and threads need neither a process
+    start (seconds) nor a fork (unsafe after FFCV loaders or torch threads ran in this process)."""
+    # Someone in this process may have set LOAD_TRUNCATED_IMAGES; the check must not be lenient.
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="skinhpc-check") as pool:
+            yield from pool.map(_decode, paths)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
+
+
+def _check_images(plan: _Plan, workers: int) -> list[tuple[int, int]]:
+    """Decode every image; (width, height) of each, or InputError naming each bad file and its row."""
+    sizes, problems = [], []
+    progress = _Progress(len(plan.paths), "checked")
+    for i, (problem, size) in enumerate(_decode_all(plan.paths, workers)):
+        if problem:
+            problems.append(f"{plan.paths[i]}: unreadable or corrupt image ({problem})"
+                            f" [{plan.metadata}:{plan.lines[i]}]")
+        else:
+            assert size is not None
+            sizes.append(size)
+        progress.update(i + 1)
+    progress.close()
+    if problems:
+        raise InputError(problems)
+    return sizes
+
+
+# --------------------------------------------------------------------------- the FFCV writer (child process)
+
+class _BetonSource:
+    """The indexed dataset handed to FFCV's DatasetWriter: (image, label, row) per CSV row.
+
+    It never raises: a failure (a file changed since it was checked) is reported on ``errors`` and
+    a black image returned, because an exception inside a writer worker hangs FFCV forever.
+    """
+
+    def __init__(self, paths: list[Path], labels: list[int], stored_size: list[int],
+                 counter: Any, errors: Any) -> None:
+        self.paths, self.labels, self.stored_size = paths, labels, stored_size
+        self.counter, self.errors = counter, errors
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
+        try:
+            image = prepare_image(self.paths[i], self.stored_size)
+        except Exception as e:
+            self.errors.put(f"{self.paths[i]}: unreadable or corrupt image ({type(e).__name__}: {e})")
+            image = np.zeros((*self.stored_size, 3), dtype=np.uint8)
+        # write_mode=proportion draws np.random.rand() while encoding this sample, in whichever
+        # worker got it: seeding by row makes that choice, and so the file, reproducible.
+        np.random.seed(i)
+        with self.counter.get_lock():
+            self.counter.value += 1
+        return image, int(self.labels[i]), i
+
+
+def _end_with_parent(parent_pid: int) -> None:
+    """Runs in the writer child: if the converting process dies, end the writer and its workers."""
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os.killpg(0, signal.SIGKILL)
+
+
+def _writer_main(paths: list[Path], labels: list[int], stored_size: list[int], dest: str,
+                 settings: dict[str, Any], workers: int, counter: Any, errors: Any) -> None:
+    """Entry point of the spawned writer process."""
+    # Own process group: the parent can end us with FFCV's forked workers in one call, and a
+    # Ctrl-C at the terminal reaches only the parent, which then cleans up.
+    os.setpgid(0, 0)
+    threading.Thread(target=_end_with_parent, args=(os.getppid(),), daemon=True).start()
+    # A spawned child inherits "spawn" as its default start method, and FFCV's workers would each
+    # re-import torch and ffcv (seconds). This fresh process ran no loader: forking it is safe.
+    mp.set_start_method("fork", force=True)
+    from functools import partial
+
+    import ffcv.writer
+    from ffcv.fields import IntField, RGBImageField
+    from tqdm import tqdm
+    ffcv.writer.tqdm = partial(tqdm, disable=True)  # the parent shows progress from `counter`
+    fields = {
+        "image": RGBImageField(write_mode=settings["write_mode"], max_resolution=settings["max_resolution"],
+                               jpeg_quality=settings["jpeg_quality"]),
+        "label": IntField(),
+        "row": IntField(),
+    }
+    writer = ffcv.writer.DatasetWriter(dest, fields, page_size=settings["page_size"], num_workers=workers)
+    chunk = max(1, min(100, len(paths) // (workers * 8)))  # small chunks keep the workers balanced
+    writer.from_indexed_dataset(_BetonSource(paths, labels, stored_size, counter, errors), chunksize=chunk)
+
+
+def _stop(proc: mp.process.BaseProcess) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the writer and FFCV's workers
+    except (ProcessLookupError, PermissionError, TypeError):
+        proc.kill()  # not yet in its own group
+    proc.join()
+
+
+def _write_beton(plan: _Plan, stored_size: list[int], dest: Path, settings: dict[str, Any], workers: int,
+                 stall_timeout_s: float = STALL_TIMEOUT_S) -> None:
+    """Write the .beton to ``dest`` in a spawned process; raise (leaving ``dest`` to the caller) on failure."""
+    ctx = mp.get_context("spawn")
+    counter = ctx.Value("Q", 0)
+    errors = ctx.SimpleQueue()
+    labels = [CLASS_TO_LABEL[r["dx"]] for r in plan.records]
+    proc = ctx.Process(target=_writer_main, name="skinhpc-convert-writer",
+                       args=(plan.paths, labels, stored_size, str(dest), settings, workers, counter, errors))
+    progress = _Progress(len(plan.paths), "converted")
+    proc.start()
+    try:
+        last_done, last_change = -1, time.monotonic()
+        while proc.exitcode is None:
+            proc.join(0.2)
+            done = counter.value
+            progress.update(done)
+            if not errors.empty():
+                break
+            if done != last_done:
+                last_done, last_change = done, time.monotonic()
+            elif time.monotonic() - last_change > stall_timeout_s:
+                raise ConversionError(f"the FFCV writer made no progress for {stall_timeout_s:.0f} s"
+                                      f" ({done}/{len(plan.paths)} images); stopped it")
+        if not errors.empty():
+            problems = []
+            while not errors.empty() and len(problems) <= MAX_LISTED:
+                problems.append(errors.get())
+            raise InputError(problems, what="image failed while writing")
+        if proc.exitcode != 0:
+            raise ConversionError(f"the FFCV writer process failed (exit code {proc.exitcode})")
+    finally:
+        if proc.exitcode is None:
+            _stop(proc)
+        progress.close()
+
+
+# --------------------------------------------------------------------------- convert
+
+def _workers(workers: int) -> int:
+    if workers > 0:
+        return workers
+    try:
+        return len(os.sched_getaffinity(0))  # the cores SLURM gave this job, not the whole node's
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def _dir_lock(out_dir: Path) -> Iterator[bool]:
+    """Exclusive lock on the output folder (several jobs may convert into it at once)."""
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            locked = True
+        except OSError:  # some network filesystems refuse: go on unlocked
+            locked = False
+        yield locked
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _temp(out_dir: Path, name: str) -> Path:
+    return out_dir / f".{name}.tmp-{os.getpid()}"
+
+
+def _remove_stale_temps(out_dir: Path) -> None:
+    """Temp files of a killed conversion; only called while holding the folder's lock."""
+    for name in (BETON_NAME, INDEX_NAME, MANIFEST_NAME):
+        for stale in out_dir.glob(f".{name}.tmp-*"):
+            stale.unlink(missing_ok=True)
+
+
+def _index_frame(plan: _Plan) -> Any:
+    import pandas as pd
+    frame = pd.DataFrame(plan.records, columns=list(REQUIRED_COLUMNS))
+    frame.insert(0, "row", np.arange(len(frame), dtype=np.int64))
+    frame["label"] = [CLASS_TO_LABEL[dx] for dx in frame["dx"]]
+    return frame[list(INDEX_COLUMNS)]
+
+
+def _counts(plan: _Plan) -> dict[str, int]:
+    found = Counter(r["dx"] for r in plan.records)
+    return {name: found.get(name, 0) for name in CLASSES}
+
+
+def _manifest(plan: _Plan, fingerprint: dict[str, Any], stored_size: list[int], sizes: Counter[tuple[int, int]],
+              n_resized: int, beton: Path, index: Path, seconds: float, workers: int) -> dict[str, Any]:
+    n = len(plan.records)
+    return {
+        "n_images": n,
+        "counts": _counts(plan),
+        "classes": list(CLASSES),
+        "stored_size": stored_size,
+        "n_resized": n_resized,
+        "source_sizes": {f"{w}x{h}": c for (w, h), c in sizes.most_common(10)},
+        "metadata": {"path": str(plan.metadata.resolve()), "sha256": fingerprint["metadata_sha256"]},
+        "images": {"dirs": [str(d.resolve()) for d in plan.image_dirs], "n_files": n,
+                   "sha256": fingerprint["images_sha256"]},
+        "ffcv": fingerprint["settings"],
+        "fields": {"image": "RGBImageField", "label": "IntField", "row": "IntField"},
+        "beton": {"name": BETON_NAME, "size": beton.stat().st_size, "sha256": _sha256_file(beton)},
+        "index": {"name": INDEX_NAME, "size": index.stat().st_size, "sha256": _sha256_file(index)},
+        "skinhpc_version": skinhpc.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "conversion": {"seconds": round(seconds, 2), "images_per_s": round(n / max(seconds, 1e-9), 1),
+                       "workers": workers},
+    }
+
+
+def _result_from(manifest: dict[str, Any], status: str, out_dir: Path, seconds: float,
+                 warnings: list[str]) -> ConvertResult:
+    n = int(manifest["n_images"])
+    rate = n / max(seconds, 1e-9) if status == "converted" else 0.0
+    return ConvertResult(status=status, out_dir=out_dir, n_images=n, counts=dict(manifest["counts"]),
+                         stored_size=list(manifest["stored_size"]), n_resized=int(manifest["n_resized"]),
+                         seconds=seconds, images_per_s=rate, warnings=warnings)
+
+
+def _up_to_date_result(manifest: dict[str, Any], out_dir: Path, start: float, warnings: list[str]) -> ConvertResult:
+    h, w = manifest["stored_size"]
+    _say(f"{out_dir}: up to date ({manifest['n_images']} images, {h}x{w}); nothing to do")
+    return _result_from(manifest, "up-to-date", out_dir, time.monotonic() - start, warnings)
+
+
+def convert(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str | Path, *,
+            max_resolution: int = 256, write_mode: str = "jpg", jpeg_quality: int = 90,
+            workers: int = 0) -> ConvertResult:
+    """Check the raw data, then write ``out_dir/{ham10000.beton, index.csv, manifest.json}``.
+
+    Nothing is written until every check passed (InputError lists the problems with file and CSV
+    line). Files appear atomically, manifest last; a failure leaves an earlier good conversion as it
+    was. When ``out_dir`` already holds this conversion, nothing is done (status "up-to-date").
+    """
+    start = time.monotonic()
+    if write_mode not in WRITE_MODES:
+        raise InputError([f"write_mode must be one of {', '.join(WRITE_MODES)}, not {write_mode!r}"])
+    if not 1 <= jpeg_quality <= 100 or max_resolution < 1:
+        raise InputError([f"need 1 <= jpeg_quality <= 100 and max_resolution >= 1"
+                          f" (got {jpeg_quality}, {max_resolution})"])
+    out_dir = Path(out_dir)
+    workers = _workers(workers)
+    plan = _plan(image_dirs, metadata)
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    settings = _settings(max_resolution, write_mode, jpeg_quality)
+    fingerprint = _fingerprint(plan, settings)
+    manifest = _matches(out_dir, fingerprint)
+    if manifest is not None:
+        return _up_to_date_result(manifest, out_dir, start, plan.warnings)
+
+    image_sizes = _check_images(plan, workers)
+    sizes = Counter(image_sizes)
+    stored_size = stored_size_for(sizes, max_resolution)
+    n_resized = sum(c for size, c in sizes.items() if size != _most_common_size(sizes))
+
+    created_dir = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _dir_lock(out_dir) as locked:
+        manifest = _matches(out_dir, fingerprint)  # another job may have converted while we checked
+        if manifest is not None:
+            return _up_to_date_result(manifest, out_dir, start, plan.warnings)
+        if locked:
+            _remove_stale_temps(out_dir)
+        beton_tmp, index_tmp = _temp(out_dir, BETON_NAME), _temp(out_dir, INDEX_NAME)
+        try:
+            _write_beton(plan, stored_size, beton_tmp, settings, workers)
+            _index_frame(plan).to_csv(index_tmp, index=False)
+            seconds = time.monotonic() - start
+            manifest = _manifest(plan, fingerprint, stored_size, sizes, n_resized, beton_tmp, index_tmp,
+                                 seconds, workers)
+            # Manifest gone first: between the renames the folder reads as "not converted", never
+            # as a new .beton described by an old manifest.
+            (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+            os.replace(beton_tmp, out_dir / BETON_NAME)
+            os.replace(index_tmp, out_dir / INDEX_NAME)
+            atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+        finally:
+            beton_tmp.unlink(missing_ok=True)
+            index_tmp.unlink(missing_ok=True)
+            if created_dir and not (out_dir / MANIFEST_NAME).exists():
+                _remove_empty_dir(out_dir)
+    seconds = time.monotonic() - start
+    result = _result_from(manifest, "converted", out_dir, seconds, plan.warnings)
+    h, w = stored_size
+    _say(f"{out_dir}: converted {result.n_images} images to {h}x{w} {write_mode} in {seconds:.1f} s"
+         f" ({result.images_per_s:.0f} img/s, {workers} workers; {n_resized} resized from other sizes)")
+    return result
+
+
+def _remove_empty_dir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # not empty: someone else's files are there
+
+
+# --------------------------------------------------------------------------- entry points for the other stages
+
+def ensure_converted(data_cfg: DataConfig, data_dir: Path) -> Path:
+    """Converted data in ``data_dir`` for this data config; converts only when not up to date.
+
+    ``data.images``/``data.metadata`` name the raw download; both empty means the bundled sample,
+    unless ``data.dir`` points at an existing conversion, which is then used as it is.
+    """
+    data_dir = Path(data_dir)
+    images, metadata = list(data_cfg.images), data_cfg.metadata
+    if not images and not metadata:
+        if data_cfg.dir:
+            if (data_dir / MANIFEST_NAME).is_file():
+                return data_dir  # a conversion made elsewhere; nothing here says how to redo it
+            raise InputError([f"{data_dir}: no converted data ({MANIFEST_NAME} missing); give data.images and"
+                              " data.metadata to convert your download, or run jobs/convert.py"])
+        _say(f"no data.images/data.metadata given: using the bundled HAM10000 sample ({skinhpc.SAMPLE_METADATA})")
+        images, metadata = [str(skinhpc.SAMPLE_IMAGES)], str(skinhpc.SAMPLE_METADATA)
+    convert(images, metadata, data_dir, max_resolution=data_cfg.max_resolution, write_mode=data_cfg.write_mode,
+            jpeg_quality=data_cfg.jpeg_quality, workers=data_cfg.convert_workers)
+    return data_dir
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a conversion (InputError when the folder holds none)."""
+    path = Path(data_dir) / MANIFEST_NAME
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError([f"{path}: not found; convert the data first (jobs/convert.py)"]) from None
+    except (OSError, ValueError) as e:
+        raise InputError([f"{path}: unreadable ({e})"]) from None
+
+
+def read_index(data_dir: str | Path) -> Any:
+    """index.csv as a DataFrame: row i describes sample i of the .beton (pandas.DataFrame)."""
+    import pandas as pd
+    path = Path(data_dir) / INDEX_NAME
+    if not path.is_file():
+        raise InputError([f"{path}: not found; convert the data first (jobs/convert.py)"])
+    text_columns = {c: str for c in ("image_id", "lesion_id", "dx", "dx_type", "sex", "localization")}
+    frame = pd.read_csv(path, dtype={**text_columns, "row": np.int64, "label": np.int64})
+    return frame
+
+
+__all__ = ["BETON_NAME", "INDEX_NAME", "MANIFEST_NAME", "ConversionError", "ConvertResult", "InputError",
+           "convert", "ensure_converted", "is_up_to_date", "prepare_image", "read_index", "read_manifest",
+           "stored_size_for"]
