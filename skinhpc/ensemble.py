@@ -107,17 +107,16 @@ REQUIRED_KEYS = ("probs", "labels", "rows", "image_ids", "lesion_ids")
 
 def read_predictions(path: str | Path) -> Predictions:
     """Load a prediction npz (keys as in DESIGN.md), checked, sorted by row."""
+    from skinhpc.evaluate import load_predictions
+
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in REQUIRED_KEYS if k not in z.files]
-            if missing:
-                raise EnsembleError(f"{path}: missing arrays {', '.join(missing)} (has {', '.join(z.files)})")
-            arrays = {k: z[k] for k in (*REQUIRED_KEYS, "logits") if k in z.files}
-    except EnsembleError:
-        raise
-    except Exception as e:  # zipfile/npz errors come in many types; the user needs the file name
-        raise EnsembleError(f"{path}: unreadable prediction file ({e})") from None
+        arrays = load_predictions(path)
+    except (OSError, ValueError) as e:  # its messages name the file
+        raise EnsembleError(str(e)) from None
+    missing = [k for k in REQUIRED_KEYS if k not in arrays]
+    if missing:
+        raise EnsembleError(f"{path}: missing arrays {', '.join(missing)} (has {', '.join(arrays)})")
     probs = np.asarray(arrays["probs"], dtype=np.float64)
     n = len(arrays["rows"])
     if probs.ndim != 2 or probs.shape != (n, NUM_CLASSES):
@@ -143,11 +142,11 @@ def _expected_layout(run_dir: Path) -> tuple[list[str], int]:
     num_folds = 0
     cfg_path = run_dir / "config.yaml"
     if cfg_path.is_file():
-        from skinhpc.config import ConfigError, from_yaml_file
+        from skinhpc.config import from_yaml_file
         try:
             cfg = from_yaml_file(cfg_path)
             backbones, num_folds = list(cfg.backbones), cfg.split.folds
-        except (ConfigError, ValueError) as e:
+        except Exception as e:  # OmegaConf and validation errors alike: name the file, no traceback
             raise EnsembleError(f"{cfg_path}: {e}") from None
     split_path = run_dir / "split.json"
     if split_path.is_file():
@@ -452,86 +451,84 @@ def _majority_probs(n: int) -> np.ndarray:
     return probs
 
 
+def _backbone_numbers(folds: list[FoldRun], test_labels: np.ndarray) -> tuple[dict, dict, list[TestEntry]]:
+    """One backbone: metrics of each fold (val and test), their mean ± std, and its test entries
+    (every fold model, then the fold ensemble)."""
+    per_fold = {f"fold{f.fold}": {"val": metrics_of(f.val.probs, f.val.labels),
+                                  "test": metrics_of(f.test.probs, f.test.labels),
+                                  "best_epoch": f.status.get("best_epoch")} for f in folds}
+    cv = {"val": aggregate_folds([m["val"] for m in per_fold.values()]),
+          "test": aggregate_folds([m["test"] for m in per_fold.values()]),
+          "folds": [f.fold for f in folds]}
+    entries = [TestEntry(f.name, "fold", f.test.probs, per_fold[f"fold{f.fold}"]["test"]) for f in folds]
+    ens_probs = mean_probs([f.test.probs for f in folds])
+    entries.append(TestEntry(f"{folds[0].backbone}/ensemble", "backbone_ensemble", ens_probs,
+                             metrics_of(ens_probs, test_labels)))
+    return per_fold, cv, entries
+
+
+def _oof_ensembles(oof_preds: dict[str, Predictions]) -> tuple[np.ndarray, dict[str, Predictions]]:
+    """Backbone weights fit on the out-of-fold rows every backbone predicted, and the mean and
+    weighted OOF ensembles on those rows. No common rows (e.g. disjoint missing folds): uniform."""
+    aligned = common_rows(list(oof_preds.values()))
+    ref = aligned[0]
+    k = len(aligned)
+    weights = fit_weights([p.probs for p in aligned], ref.labels) if len(ref) else np.full(k, 1.0 / k)
+    ensembles = {name: Predictions(mean_probs([p.probs for p in aligned], w), ref.labels, ref.rows,
+                                   ref.image_ids, ref.lesion_ids)
+                 for name, w in (("ensemble_mean", None), ("ensemble_weighted", weights))}
+    return weights, ensembles
+
+
 def evaluate_run(scan: RunScan, *, n_boot: int = 1000, seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
     """All the numbers of ``run_ensemble`` (JSON-ready) and the arrays the plots need."""
     test_labels = scan.finished[0].test.labels
     test_lesions = scan.finished[0].test.lesion_ids
     backbones = scan.finished_backbones
-    per_fold: dict[str, dict[str, Any]] = {}
-    cv: dict[str, Any] = {}
-    oof_preds: dict[str, Predictions] = {}
-    entries: list[TestEntry] = []
 
     baseline = TestEntry("majority_nv", "baseline", _majority_probs(len(test_labels)))
-    baseline.metrics = metrics_of(baseline.probs, test_labels)
-    baseline.metrics["loss"] = None  # a one-hot guess has no meaningful log-loss
-    entries.append(baseline)
+    baseline.metrics = {**metrics_of(baseline.probs, test_labels), "loss": None}  # one-hot: no meaningful log-loss
+    entries = [baseline]
+    per_fold: dict[str, Any] = {}
+    cv: dict[str, Any] = {}
+    for b in backbones:
+        per_fold[b], cv[b], backbone_entries = _backbone_numbers(scan.folds_of(b), test_labels)
+        entries += backbone_entries
 
-    for backbone in backbones:
-        folds = scan.folds_of(backbone)
-        per_fold[backbone] = {}
-        for f in folds:
-            val_m, test_m = metrics_of(f.val.probs, f.val.labels), metrics_of(f.test.probs, f.test.labels)
-            per_fold[backbone][f"fold{f.fold}"] = {"val": val_m, "test": test_m,
-                                                   "best_epoch": f.status.get("best_epoch")}
-            entries.append(TestEntry(f.name, "fold", f.test.probs, test_m))
-        cv[backbone] = {"val": aggregate_folds([per_fold[backbone][f"fold{f.fold}"]["val"] for f in folds]),
-                        "test": aggregate_folds([per_fold[backbone][f"fold{f.fold}"]["test"] for f in folds]),
-                        "folds": [f.fold for f in folds]}
-        oof_preds[backbone] = concat_oof(folds)
-        ens = TestEntry(f"{backbone}/ensemble", "backbone_ensemble", mean_probs([f.test.probs for f in folds]))
-        ens.metrics = metrics_of(ens.probs, test_labels)
-        entries.append(ens)
-
-    backbone_test = [mean_probs([f.test.probs for f in scan.folds_of(b)]) for b in backbones]
-    aligned = common_rows([oof_preds[b] for b in backbones])
-    oof_labels = aligned[0].labels
-    weights = fit_weights([p.probs for p in aligned], oof_labels) if len(oof_labels) else np.full(
-        len(backbones), 1.0 / len(backbones))
-    mean_ens = TestEntry("ensemble_mean", "ensemble", mean_probs(backbone_test))
-    weighted_ens = TestEntry("ensemble_weighted", "ensemble", mean_probs(backbone_test, weights))
-    for e in (mean_ens, weighted_ens):
-        e.metrics = metrics_of(e.probs, test_labels)
-    entries += [mean_ens, weighted_ens]
-
-    oof_ens = {
-        "ensemble_mean": Predictions(mean_probs([p.probs for p in aligned]), oof_labels, aligned[0].rows,
-                                     aligned[0].image_ids, aligned[0].lesion_ids),
-        "ensemble_weighted": Predictions(mean_probs([p.probs for p in aligned], weights), oof_labels,
-                                         aligned[0].rows, aligned[0].image_ids, aligned[0].lesion_ids),
-    }
+    oof_preds = {b: concat_oof(scan.folds_of(b)) for b in backbones}
+    weights, oof_ens = _oof_ensembles(oof_preds)  # fit on out-of-fold predictions only, never on test
+    backbone_test = [e.probs for e in entries if e.kind == "backbone_ensemble"]
+    for name, w in (("ensemble_mean", None), ("ensemble_weighted", weights)):
+        probs = mean_probs(backbone_test, w)
+        entries.append(TestEntry(name, "ensemble", probs, metrics_of(probs, test_labels)))
     oof_metrics = {b: metrics_of(p.probs, p.labels) for b, p in oof_preds.items()}
     oof_metrics.update({k: metrics_of(p.probs, p.labels) for k, p in oof_ens.items() if len(p)})
 
-    calibration = calibrate(scan, oof_preds, weights, test_labels)
-
     bootstrap = {e.name: bootstrap_ci(e.probs, test_labels, test_lesions, n_boot=n_boot, seed=seed)
                  for e in entries} if n_boot > 0 else {}
-
     # The best single model is chosen on its own validation fold, never on the test set.
     best = max(scan.finished, key=lambda f: per_fold[f.backbone][f"fold{f.fold}"]["val"]["balanced_accuracy"] or 0)
+    n_common = len(oof_ens["ensemble_mean"])
     results = _plain({
         "run_dir": str(scan.run_dir),
         "classes": list(CLASSES),
         "expected": {"backbones": scan.backbones, "folds": scan.num_folds},
         "finished": [{"backbone": f.backbone, "fold": f.fold} for f in scan.finished],
         "missing": scan.missing,
-        "n_test": int(len(test_labels)), "n_test_lesions": int(len(np.unique(test_lesions))),
+        "n_test": len(test_labels), "n_test_lesions": len(np.unique(test_lesions)),
         "majority_class": MAJORITY_CLASS,
         "majority_top1_full_ham10000": FULL_HAM10000_MAJORITY_TOP1,
         "per_fold": per_fold,
         "cv": cv,
-        "oof": {"metrics": oof_metrics, "n": {b: len(p) for b, p in oof_preds.items()},
-                "n_common": int(len(oof_labels))},
+        "oof": {"metrics": oof_metrics, "n": {b: len(p) for b, p in oof_preds.items()}, "n_common": n_common},
         "test": {e.name: {"kind": e.kind, **e.metrics} for e in entries},
         "weights": {"backbones": dict(zip(backbones, weights.tolist())), "fit_on": "out-of-fold",
-                    "objective": "log-loss", "n": int(len(oof_labels))},
+                    "objective": "log-loss", "n": n_common},
         "bootstrap": bootstrap,
-        "calibration": calibration,
+        "calibration": calibrate(scan, oof_preds, weights, test_labels),
         "best_single": best.name,
     })
-    arrays = {"test_labels": test_labels, "entries": {e.name: e.probs for e in entries},
-              "best_single": best.name}
+    arrays = {"test_labels": test_labels, "entries": {e.name: e.probs for e in entries}}
     return results, arrays
 
 
@@ -566,7 +563,8 @@ def summary(results: dict[str, Any]) -> str:
         lines.append(f"{name:<32} balanced_accuracy {_num(m.get('balanced_accuracy'))}{ci_text}  {nums}")
     weights = ", ".join(f"{b}={w:.3f}" for b, w in results["weights"]["backbones"].items())
     lines.append(f"OOF weights: {weights}")
-    lines.append(f"wrote {Path(results['run_dir']) / 'ensemble'}/metrics.json, report.md, {len(results.get('plots', []))} plots")
+    out = Path(results["run_dir"]) / "ensemble"
+    lines.append(f"wrote {out}/metrics.json, report.md, {len(results.get('plots', []))} plots")
     return "\n".join(lines)
 
 

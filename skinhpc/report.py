@@ -100,7 +100,8 @@ def _cv_section(results: dict[str, Any]) -> list[str]:
         rows.append([f"{b} OOF (n={results['oof']['n'][b]})"] + [fmt(k, oof[b].get(k)) for k, _ in HEADLINE])
     for name in ("ensemble_mean", "ensemble_weighted"):
         if name in oof:
-            rows.append([f"{name} OOF (n={results['oof']['n_common']})"] + [fmt(k, oof[name].get(k)) for k, _ in HEADLINE])
+            label = f"{name} OOF (n={results['oof']['n_common']})"
+            rows.append([label] + [fmt(k, oof[name].get(k)) for k, _ in HEADLINE])
     return lines + _table(header, rows) + [""]
 
 
@@ -113,7 +114,8 @@ def _per_class_section(results: dict[str, Any]) -> list[str]:
         row = [cls]
         for n in names:
             m = results["test"][n]
-            row.append(f"{fmt('sensitivity', m['sensitivity'].get(cls))} / {fmt('specificity', m['specificity'].get(cls))}")
+            sens, spec = m["sensitivity"].get(cls), m["specificity"].get(cls)
+            row.append(f"{fmt('sensitivity', sens)} / {fmt('specificity', spec)}")
         for agg in results["cv"].values():
             mean, std = agg["test"]["mean"], agg["test"]["std"]
             row.append(f"{fmt('sensitivity', mean['sensitivity'][cls], std['sensitivity'][cls])} / "
