@@ -204,10 +204,18 @@ def _thetas(params: AugmentParams, height: int, width: int, use_affine: bool) ->
     return theta.float()
 
 
-def _elastic_displacement(params: AugmentParams, size: int, alpha: float, device: torch.device) -> torch.Tensor:
-    """(N, S, S, 2) smooth displacement in output normalised coordinates (zero where off)."""
-    field = params.elastic_field.to(device) * (2.0 * alpha) * params.elastic.to(device, torch.float32)[:, None, None, None]
-    disp = F.interpolate(field, size=(size, size), mode="bicubic", align_corners=True)
+def _affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
+    """``F.affine_grid(theta, (N, C, size, size), align_corners=False)`` as two broadcast
+    multiply-adds: the same numbers, about 6x faster on the CPU (affine_grid runs a batched matmul)."""
+    c = (torch.arange(size, device=theta.device, dtype=theta.dtype) * 2 + 1) / size - 1  # pixel centres
+    row = torch.addcmul(theta[:, None, None, :, 2], theta[:, None, None, :, 0], c[None, None, :, None])
+    return torch.addcmul(row, theta[:, None, None, :, 1], c[None, :, None, None])  # (N, S, S, 2)
+
+
+def _elastic_displacement(field: torch.Tensor, size: int, alpha: float) -> torch.Tensor:
+    """(k, S, S, 2) smooth displacement in output normalised coordinates from (k, 2, g, g) control
+    points in [-1, 1]: bicubic upsampling of a coarse random field (a cheap smoothed-noise field)."""
+    disp = F.interpolate(field * (2.0 * alpha), size=(size, size), mode="bicubic", align_corners=True)
     return disp.permute(0, 2, 3, 1)
 
 
@@ -218,13 +226,14 @@ def geometric(images: torch.Tensor, params: AugmentParams, size: int, cfg: Augme
     use_affine = cfg.affine_p > 0 and bool(params.affine.any())
     theta = _thetas(params, height, width, use_affine).to(images.device)
     x = _prescaled_float(images, size)
+    grid = _affine_grid(theta, size)
     if cfg.elastic_p > 0 and cfg.elastic_alpha > 0 and bool(params.elastic.any()):
-        identity = torch.eye(2, 3, device=x.device).expand(n, 2, 3)
-        base = F.affine_grid(identity, [n, c, size, size], align_corners=False)
-        base = base + _elastic_displacement(params, size, cfg.elastic_alpha, x.device)
-        grid = base @ theta[:, :, :2].transpose(1, 2)[:, None] + theta[:, None, None, :, 2]
-    else:
-        grid = F.affine_grid(theta, [n, c, size, size], align_corners=False)
+        # The displacement lives in output coordinates, so it goes through theta's linear part.
+        idx = params.elastic.nonzero()[:, 0].to(x.device)
+        disp = _elastic_displacement(params.elastic_field[params.elastic].to(x.device), size, cfg.elastic_alpha)
+        lin = theta[idx, :, :2]
+        delta = disp[..., 0:1] * lin[:, None, None, :, 0] + disp[..., 1:2] * lin[:, None, None, :, 1]
+        grid.index_add_(0, idx, delta)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -246,37 +255,51 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def photometric(x: torch.Tensor, params: AugmentParams, cfg: AugmentConfig) -> torch.Tensor:
-    """Blur, brightness, contrast, colour-channel shift and noise on float NCHW in [0, 1]; clamps."""
+    """Blur, contrast, brightness, colour-channel shift and noise on float NCHW in [0, 1]; clamps.
+
+    Returns a new tensor (``x`` is not modified). Contrast, brightness and colour shift form one
+    affine map per sample and channel, applied in a single pass (this matters on the CPU).
+    """
     dev = x.device
+    n = x.shape[0]
+    owned = False  # whether x is already our own copy (then later steps may work in place)
     if cfg.blur_p > 0 and bool(params.blur.any()):
         idx = params.blur.nonzero()[:, 0]
-        x = x.clone()
+        x, owned = x.clone(), True
         x[idx.to(dev)] = _gaussian_blur(x[idx.to(dev)], params.blur_sigma[idx])
-    if cfg.contrast > 0:
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        c = params.contrast.to(dev, torch.float32)[:, None, None, None]
-        x = (x - mean) * c + mean
+    gain = torch.ones(n, 1, dtype=torch.float64)
+    bias = torch.zeros(n, 3, dtype=torch.float64)
+    if cfg.contrast > 0:  # (x - mean) * c + mean, mean over the whole image
+        mean = x.mean(dim=(1, 2, 3)).double().cpu()[:, None]
+        gain = params.contrast[:, None]
+        bias = bias + (1.0 - gain) * mean
     if cfg.brightness > 0:
-        x = x + params.brightness.to(dev, torch.float32)[:, None, None, None]
+        bias = bias + params.brightness[:, None]
     if cfg.color_shift > 0:
-        x = x + params.color_shift.to(dev, torch.float32)[:, :, None, None]
+        bias = bias + params.color_shift
+    if cfg.contrast > 0 or cfg.brightness > 0 or cfg.color_shift > 0:
+        x = torch.addcmul(bias.float().to(dev)[:, :, None, None], x, gain.float().to(dev)[:, :, None, None])
+        owned = True
     if cfg.noise_p > 0 and cfg.noise_std > 0 and bool(params.noise.any()):
         idx = params.noise.nonzero()[:, 0].to(dev)
         dev_gen = torch.Generator(device=dev).manual_seed(params.noise_seed)
         noise = torch.randn((len(idx),) + tuple(x.shape[1:]), generator=dev_gen, device=dev) * cfg.noise_std
-        x = x.index_add(0, idx, noise)
-    return x.clamp_(0.0, 1.0)
+        x = x.index_add_(0, idx, noise) if owned else x.index_add(0, idx, noise)
+        owned = True
+    return x.clamp_(0.0, 1.0) if owned else x.clamp(0.0, 1.0)
 
 
 # ------------------------------------------------------------------------------ entry points
 
 def normalize(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """ImageNet mean/std normalisation of float NCHW in [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype)[None, :, None, None]
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype)[None, :, None, None]
-    x = (x - mean) / std
+    # (x - mean) / std as one multiply-add written straight into the wanted memory layout.
+    scale = torch.tensor([1.0 / s for s in IMAGENET_STD], device=x.device, dtype=x.dtype)[None, :, None, None]
+    shift = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], device=x.device,
+                         dtype=x.dtype)[None, :, None, None]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return x.contiguous(memory_format=memory_format)
+    out = torch.empty_like(x, memory_format=memory_format)
+    return torch.addcmul(shift, x, scale, out=out)
 
 
 def train_transform(images: torch.Tensor, gen: torch.Generator, size: int, cfg: AugmentConfig) -> torch.Tensor:
