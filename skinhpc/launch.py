@@ -270,7 +270,12 @@ class TrainTask(submitit.helpers.Checkpointable):
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         from skinhpc.train import train_fold
 
-        return train_fold(self.cfg)
+        result = train_fold(self.cfg)
+        if result.get("status") != "done" and os.environ.get("RANK", "0") == "0":
+            # Stopped without finishing (a signal and no submitit handler to requeue): a failed job,
+            # so that the ensemble's afterok does not start on missing folds; a relaunch resumes it.
+            raise RuntimeError(f"{self.key} stopped before finishing ({result}); relaunch to resume it")
+        return result
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on USR2 (preemption, time limit): only the resubmission.
