@@ -1,0 +1,356 @@
+"""Conversion: raw JPEG folders + metadata CSV → ham10000.beton, index.csv, manifest.json (real FFCV)."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import skinhpc
+from skinhpc import CLASSES
+from skinhpc.config import DataConfig
+from skinhpc.convert import (BETON_NAME, INDEX_NAME, MANIFEST_NAME, InputError, convert, ensure_converted,
+                             is_up_to_date, prepare_image, read_index, read_manifest, stored_size_for)
+
+PER_CLASS = 6  # 6 images of each of the 7 classes: 42, every label present, fast
+
+
+def _sample_rows() -> tuple[list[str], list[list[str]]]:
+    with open(skinhpc.SAMPLE_METADATA, newline="") as f:
+        rows = list(csv.reader(f))
+    header, body = rows[0], rows[1:]
+    dx = header.index("dx")
+    picked = []
+    for name in CLASSES:
+        picked += [r for r in body if r[dx] == name][:PER_CLASS]
+    picked.sort(key=lambda r: r[header.index("image_id")])  # CSV order is not class order
+    return header, picked
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def make_raw(tmp_path: Path, two_folders: bool = False) -> tuple[list[Path], Path, list[str]]:
+    """A copy of ~40 sample images (in one folder, or split like the official download) + their CSV."""
+    header, rows = _sample_rows()
+    dirs = [tmp_path / "HAM10000_images_part_1"] + ([tmp_path / "HAM10000_images_part_2"] if two_folders else [])
+    for d in dirs:
+        d.mkdir(parents=True)
+    ids = [r[header.index("image_id")] for r in rows]
+    for i, image_id in enumerate(ids):
+        shutil.copy(skinhpc.SAMPLE_IMAGES / f"{image_id}.jpg", dirs[i % len(dirs)] / f"{image_id}.jpg")
+    return dirs, _write_csv(tmp_path / "HAM10000_metadata.csv", header, rows), ids
+
+
+def _edit_csv(csv_path: Path, edit) -> None:
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    rows = edit(rows)
+    _write_csv(csv_path, rows[0], rows[1:])
+
+
+def _find(dirs: list[Path], image_id: str) -> Path:
+    return next(d / f"{image_id}.jpg" for d in dirs if (d / f"{image_id}.jpg").exists())
+
+
+def _decode_beton(beton: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every sample in file order through FFCV's deterministic decoder: images (N,H,W,3), labels, rows."""
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+
+    loader = Loader(str(beton), batch_size=16, num_workers=2, order=OrderOption.SEQUENTIAL, drop_last=False,
+                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()], "row": [IntDecoder()]})
+    images, labels, rows = [], [], []
+    for image, label, row in loader:
+        images.append(np.array(image))
+        labels.append(np.array(label).reshape(-1))
+        rows.append(np.array(row).reshape(-1))
+    return np.concatenate(images), np.concatenate(labels), np.concatenate(rows)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.timeout(240)
+def test_round_trip_labels_and_pixels_match_the_prepared_sources(tmp_path: Path) -> None:
+    dirs, csv_path, ids = make_raw(tmp_path, two_folders=True)
+    # Three sources of another size: stored at the common size anyway, and counted.
+    for image_id in ids[:3]:
+        path = _find(dirs, image_id)
+        Image.open(path).resize((300, 240)).save(path, quality=95)
+    out = tmp_path / "data"
+
+    result = convert(dirs, csv_path, out, max_resolution=128, workers=2)
+
+    assert result.status == "converted" and result.n_images == len(ids)
+    assert result.stored_size == [96, 128]  # the common 200x150, long side scaled to 128
+    assert result.n_resized == 3 and result.images_per_s > 0
+    assert result.counts == {name: PER_CLASS for name in CLASSES}
+    index = read_index(out)
+    assert list(index.columns) == ["row", "image_id", "lesion_id", "dx", "label", "dx_type", "age", "sex",
+                                   "localization"]
+    assert index["image_id"].tolist() == ids and index["row"].tolist() == list(range(len(ids)))
+    assert [CLASSES[label] for label in index["label"]] == index["dx"].tolist()
+
+    images, labels, rows = _decode_beton(out / BETON_NAME)
+    assert rows.tolist() == list(range(len(ids)))
+    assert labels.tolist() == index["label"].tolist()
+    expected = np.stack([prepare_image(_find(dirs, image_id), result.stored_size) for image_id in ids])
+    assert images.shape == expected.shape == (len(ids), 96, 128, 3)
+    for row, image_id in enumerate(ids):
+        error = np.abs(images[row].astype(int) - expected.astype(int)).mean(axis=(1, 2, 3))
+        # JPEG q90 of small detailed images: a few levels off on average; any other image: tens.
+        assert error[row] < 6.0, f"row {row} ({image_id}): JPEG round trip off by {error[row]:.2f} on average"
+        assert error[row] < 0.5 * np.delete(error, row).min(), f"row {row} looks more like another image"
+
+
+@pytest.mark.timeout(240)
+def test_raw_mode_stores_exactly_the_prepared_pixels(tmp_path: Path) -> None:
+    dirs, csv_path, ids = make_raw(tmp_path)
+    odd = _find(dirs, ids[5])
+    Image.open(odd).resize((180, 180)).save(odd, quality=95)  # another size and shape: resized exactly
+
+    result = convert(dirs, csv_path, tmp_path / "data", write_mode="raw", workers=2)
+
+    assert result.stored_size == [150, 200] and result.n_resized == 1  # 200x150 sources are never upscaled
+    images, _, _ = _decode_beton(tmp_path / "data" / BETON_NAME)
+    for row, image_id in enumerate(ids):
+        assert np.array_equal(images[row], prepare_image(_find(dirs, image_id), [150, 200])), image_id
+
+
+def test_stored_size_is_the_most_common_source_size_scaled_down_never_up() -> None:
+    from collections import Counter
+
+    assert stored_size_for(Counter({(600, 450): 5, (300, 200): 7}), 256) == [171, 256]
+    assert stored_size_for(Counter({(600, 450): 9, (300, 200): 7}), 256) == [192, 256]
+    assert stored_size_for(Counter({(200, 150): 1}), 256) == [150, 200]
+
+
+def test_prepare_image_gives_rgb_uint8_of_the_stored_size_from_any_mode(tmp_path: Path) -> None:
+    for mode in ("L", "RGBA", "P"):
+        image = Image.new(mode, (40, 30))
+        array = prepare_image(image, [15, 20])
+        assert array.shape == (15, 20, 3) and array.dtype == np.uint8
+    path = tmp_path / "x.png"
+    Image.new("RGB", (20, 15), (10, 200, 30)).save(path)
+    assert prepare_image(path, [15, 20])[7, 9].tolist() == [10, 200, 30]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _drop_column(name):
+    def edit(rows):
+        i = rows[0].index(name)
+        return [r[:i] + r[i + 1:] for r in rows]
+    return edit
+
+
+def _set_cell(line: int, column: str, value: str):
+    def edit(rows):
+        rows[line - 1][rows[0].index(column)] = value
+        return rows
+    return edit
+
+
+def _copy_id(line: int, from_line: int):
+    def edit(rows):
+        i = rows[0].index("image_id")
+        rows[line - 1][i] = rows[from_line - 1][i]
+        return rows
+    return edit
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("edit, expected", [
+    (_drop_column("sex"), [":1:", "missing column(s) sex"]),
+    (_set_cell(4, "dx", "melanoma"), [":4:", "unknown dx 'melanoma'", "akiec"]),
+    (_copy_id(6, 2), [":6:", "duplicates line 2"]),
+    (_set_cell(9, "lesion_id", ""), [":9:", "empty lesion_id"]),
+], ids=["missing-column", "unknown-dx", "duplicate-image-id", "empty-lesion-id"])
+def test_bad_csv_is_reported_with_file_and_line_and_nothing_is_written(tmp_path: Path, edit, expected) -> None:
+    dirs, csv_path, _ = make_raw(tmp_path)
+    _edit_csv(csv_path, edit)
+    out = tmp_path / "data"
+    with pytest.raises(InputError) as info:
+        convert(dirs, csv_path, out, workers=2)
+    message = str(info.value)
+    assert str(csv_path) in message
+    for part in expected:
+        assert part in message
+    assert not out.exists()
+
+
+@pytest.mark.timeout(60)
+def test_missing_image_names_the_file_the_csv_line_and_the_folders(tmp_path: Path) -> None:
+    dirs, csv_path, ids = make_raw(tmp_path, two_folders=True)
+    _find(dirs, ids[10]).unlink()
+    out = tmp_path / "data"
+    with pytest.raises(InputError) as info:
+        convert(dirs, csv_path, out, workers=2)
+    message = str(info.value)
+    assert f"{csv_path}:12:" in message and f"{ids[10]}.jpg not found" in message
+    assert all(str(d) in message for d in dirs)
+    assert not out.exists()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_jpeg_is_found_by_decoding_and_reported_with_its_row(tmp_path: Path, damage: str) -> None:
+    dirs, csv_path, ids = make_raw(tmp_path)
+    bad = _find(dirs, ids[7])
+    data = bad.read_bytes()
+    bad.write_bytes({"truncated": data[: len(data) // 2],
+                     "garbage": np.random.default_rng(0).bytes(len(data)),
+                     "empty": b""}[damage])
+    out = tmp_path / "data"
+    with pytest.raises(InputError) as info:
+        convert(dirs, csv_path, out, workers=2)
+    message = str(info.value)
+    assert str(bad) in message and f"{csv_path}:9" in message and "corrupt" in message
+    assert not out.exists()
+
+
+@pytest.mark.timeout(60)
+def test_many_problems_list_the_first_20_and_count_the_rest(tmp_path: Path) -> None:
+    dirs, csv_path, _ = make_raw(tmp_path)
+
+    def edit(rows):
+        for row in rows[1:26]:
+            row[rows[0].index("dx")] = "??"
+        return rows
+    _edit_csv(csv_path, edit)
+    with pytest.raises(InputError) as info:
+        convert(dirs, csv_path, tmp_path / "data", workers=2)
+    message = str(info.value)
+    assert message.startswith("25 input problems:")
+    assert f"{csv_path}:21:" in message and f"{csv_path}:22:" not in message
+    assert message.endswith("... and 5 more")
+
+
+@pytest.mark.timeout(60)
+def test_missing_metadata_file_and_image_folder_are_reported(tmp_path: Path) -> None:
+    dirs, csv_path, _ = make_raw(tmp_path)
+    with pytest.raises(InputError, match="metadata CSV not found"):
+        convert(dirs, tmp_path / "nope.csv", tmp_path / "data")
+    with pytest.raises(InputError, match="nowhere: image folder not found"):
+        convert([tmp_path / "nowhere"], csv_path, tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+
+# --------------------------------------------------------------------------- re-runs and atomicity
+
+
+@pytest.mark.timeout(240)
+def test_rerun_is_a_no_op_and_a_failed_rerun_keeps_the_good_output(tmp_path: Path, capsys) -> None:
+    dirs, csv_path, ids = make_raw(tmp_path)
+    out = tmp_path / "data"
+    convert(dirs, csv_path, out, workers=2)
+    good = _files(out)
+    manifest = read_manifest(out)
+    assert set(good) == {BETON_NAME, INDEX_NAME, MANIFEST_NAME}
+    assert manifest["n_images"] == len(ids) and manifest["stored_size"] == [150, 200]
+    assert manifest["ffcv"]["write_mode"] == "jpg" and manifest["ffcv"]["page_size"] == 2 << 20
+    capsys.readouterr()
+
+    again = convert(dirs, csv_path, out, workers=2)
+    assert again.status == "up-to-date"
+    assert "up to date" in capsys.readouterr().out
+    assert _files(out) == good
+    assert is_up_to_date(dirs, csv_path, out)
+    assert not is_up_to_date(dirs, csv_path, out, jpeg_quality=80)  # other settings: not this conversion
+
+    bad = _find(dirs, ids[3])
+    bad.write_bytes(bad.read_bytes()[:500])
+    with pytest.raises(InputError, match="corrupt"):
+        convert(dirs, csv_path, out, workers=2)
+    assert _files(out) == good  # no temp file left, the earlier conversion untouched
+
+
+@pytest.mark.timeout(240)
+def test_image_failing_inside_the_ffcv_writer_stops_it_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    """A file that breaks between the check and the write must not hang FFCV's writer."""
+    import skinhpc.convert as conversion
+
+    dirs, csv_path, ids = make_raw(tmp_path)
+    victim = _find(dirs, ids[20])
+    checked = conversion._check_images
+
+    def check_then_break_one(plan, workers):
+        sizes = checked(plan, workers)
+        victim.write_bytes(b"not a jpeg any more")
+        return sizes
+
+    monkeypatch.setattr(conversion, "_check_images", check_then_break_one)
+    out = tmp_path / "data"
+    with pytest.raises(InputError) as info:
+        convert(dirs, csv_path, out, workers=2)
+    assert str(victim) in str(info.value)
+    assert not out.exists()
+
+
+@pytest.mark.timeout(240)
+def test_cli_converts_the_two_folder_layout_and_warns_about_unlisted_images(tmp_path: Path, repo_dir: Path) -> None:
+    dirs, csv_path, ids = make_raw(tmp_path, two_folders=True)
+    shutil.copy(_find(dirs, ids[0]), dirs[1] / "ISIC_9999999.jpg")  # in a folder, not in the CSV
+    out = tmp_path / "data"
+    cmd = [sys.executable, str(repo_dir / "jobs" / "convert.py"), "--images", *map(str, dirs),
+           "--metadata", str(csv_path), "--out", str(out), "--workers", "2", "--max-resolution", "100"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: 1 image(s)" in proc.stderr and "ISIC_9999999.jpg" in proc.stderr
+    assert f"converted {len(ids)} images to 75x100" in proc.stdout
+    assert read_index(out)["image_id"].tolist() == ids
+    assert read_manifest(out)["stored_size"] == [75, 100]
+
+
+@pytest.mark.timeout(60)
+def test_cli_bad_input_exits_non_zero_with_a_clean_message(tmp_path: Path, repo_dir: Path) -> None:
+    dirs, csv_path, _ = make_raw(tmp_path)
+    _edit_csv(csv_path, _set_cell(3, "dx", "nevus"))
+    cmd = [sys.executable, str(repo_dir / "jobs" / "convert.py"), "--images", *map(str, dirs),
+           "--metadata", str(csv_path), "--out", str(tmp_path / "data")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"error: {csv_path}:3: image_id")
+    assert "unknown dx 'nevus'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "data").exists()
+
+
+# --------------------------------------------------------------------------- the session's converted sample
+
+
+@pytest.mark.timeout(120)
+def test_sample_conversion_has_every_row_and_is_what_ensure_converted_expects(sample_data_dir: Path,
+                                                                              capsys) -> None:
+    index = read_index(sample_data_dir)
+    manifest = read_manifest(sample_data_dir)
+    assert len(index) == manifest["n_images"] == 426
+    assert index["row"].tolist() == list(range(426))
+    assert manifest["stored_size"] == [150, 200]
+    assert manifest["counts"] == {name: int((index["dx"] == name).sum()) for name in CLASSES}
+
+    assert ensure_converted(DataConfig(), sample_data_dir) == sample_data_dir
+    out = capsys.readouterr().out
+    assert "bundled HAM10000 sample" in out and "up to date" in out
+
+
+@pytest.mark.timeout(30)
+def test_ensure_converted_refuses_a_data_dir_without_a_conversion(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no converted data"):
+        ensure_converted(DataConfig(dir=str(tmp_path)), tmp_path)
