@@ -60,8 +60,11 @@ if [ ! -x "$PY" ]; then
 fi
 STAMP=.venv/.skinhpc-setup
 WANT="$(sha256sum pyproject.toml | cut -d' ' -f1) torch==$TORCH_PIN torchvision==$VISION_PIN $REPO"
-have_torch() { "$PY" -c "import torch, torchvision, sys; sys.exit(not (torch.__version__.split('+')[0] == '$TORCH_PIN' and torchvision.__version__.split('+')[0] == '$VISION_PIN'))" 2>/dev/null; }
-if [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ] && have_torch && "$PY" -c "import skinhpc, ffcv, submitit" 2>/dev/null; then
+have_torch() {  # installed versions from the metadata: no slow torch import
+  "$PY" -c "import sys; from importlib.metadata import version as v; sys.exit(not (v('torch').split('+')[0] == '$TORCH_PIN' and v('torchvision').split('+')[0] == '$VISION_PIN'))" 2>/dev/null
+}
+if [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ] && have_torch \
+   && "$PY" -c "import sys, importlib.util as u; sys.exit(not all(u.find_spec(m) for m in ('skinhpc', 'ffcv', 'submitit', 'pytest')))" 2>/dev/null; then
   log "environment up to date ($PY)"
   exit 0
 fi
