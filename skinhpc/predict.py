@@ -19,7 +19,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -158,7 +158,8 @@ def ensemble_probs(models: Sequence[FoldModel], images_by_size: dict[tuple[int, 
 
 
 def predict_images(models: Sequence[FoldModel], paths: Sequence[str | Path], *, tta: bool = False,
-                   batch_size: int = 32, workers: int = 0, on_error=None) -> PredictResult:
+                   batch_size: int = 32, workers: int = 0,
+                   on_error: Callable[[str], None] | None = None) -> PredictResult:
     """Ensemble probabilities of every readable image; unreadable ones are reported and skipped.
 
     Images are decoded in ``workers`` threads (0: every core) and run ``batch_size`` at a time;
@@ -176,12 +177,11 @@ def predict_images(models: Sequence[FoldModel], paths: Sequence[str | Path], *, 
         for chunk in _chunks([Path(p) for p in paths], batch_size):
             decoded = {s: list(pool.map(lambda p, s=s: _read(p, s), chunk)) for s in sizes}
             ok = [i for i in range(len(chunk)) if all(not isinstance(decoded[s][i], str) for s in sizes)]
-            for i in range(len(chunk)):
-                if i not in ok:
-                    message = next(decoded[s][i] for s in sizes if isinstance(decoded[s][i], str))
-                    result.errors.append(message)
-                    if on_error is not None:
-                        on_error(message)
+            for i in sorted(set(range(len(chunk))) - set(ok)):
+                message = next(decoded[s][i] for s in sizes if isinstance(decoded[s][i], str))
+                result.errors.append(message)
+                if on_error is not None:
+                    on_error(message)
             if not ok:
                 continue
             images = {s: torch.from_numpy(np.stack([decoded[s][i] for i in ok])).to(device) for s in sizes}

@@ -113,6 +113,13 @@ def test_metrics_of_perfect_always_nv_uniform_and_hand_computed_predictions():
     assert uniform["auroc_macro"] == pytest.approx(0.5)
     assert uniform["loss"] == pytest.approx(math.log(K))
 
+    rng = np.random.default_rng(0)  # uniformly random guesses: chance level
+    many = rng.integers(0, K, size=20000)
+    random = metrics_of(rng.dirichlet(np.ones(K), size=len(many)), many)
+    assert random["balanced_accuracy"] == pytest.approx(1 / K, abs=0.01)
+    assert random["top2"] == pytest.approx(2 / K, abs=0.01)
+    assert random["auroc_macro"] == pytest.approx(0.5, abs=0.01)
+
     # Hand case: one akiec called bcc and one mel called nv, the true class second each time.
     pred = labels.copy()
     pred[0], pred[8] = 1, NV
