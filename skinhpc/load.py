@@ -85,6 +85,10 @@ class _SkipOrder:
         self.base, self.skip, self.keep = base, skip, keep
 
     def sample_order(self, epoch: int) -> Sequence[int]:
+        if hasattr(self.base, "prepare_data_structures"):
+            # QUASI_RANDOM shuffles its page table in place, so its order would depend on the
+            # epochs drawn before; rebuilt from the reader's pages it depends on (seed, epoch) only.
+            self.base.prepare_data_structures()
         return self.base.sample_order(epoch)[: self.keep][self.skip:]
 
 

@@ -207,3 +207,43 @@ def test_two_ranks_get_disjoint_shards_that_together_cover_the_fold(data_dir: Pa
     assert r0["train_len"][0] == r1["train_len"][0] == (-(-n // 2)) // BATCH
     assert set(t0) <= rows and set(t1) <= rows
     assert len(set(t0) & set(t1)) <= len(e0) * 2 - n
+
+
+@pytest.mark.timeout(180)
+def test_quasi_random_order_depends_only_on_seed_and_epoch(data_dir: Path) -> None:
+    loader = build_loader(data_dir, _fold_rows(), train=True, batch_size=BATCH, image_size=SIZE,
+                          data_cfg=DataConfig(num_workers=2, quasi_random=True, os_cache=False),
+                          aug_cfg=AugmentConfig(), seed=7, device="cpu", distributed=False, channels_last=False)
+    try:
+        first = _rows(list(loader.epoch(1)))
+        _rows(list(loader.epoch(2)))  # FFCV's quasi-random order mutates state between epochs
+        assert _rows(list(loader.epoch(1))).tolist() == first.tolist()
+        assert _rows(list(loader.epoch(1, start_step=2))).tolist() == first[2 * BATCH:].tolist()
+        assert set(first.tolist()) <= set(_fold_rows().tolist())
+    finally:
+        loader.close()
+
+
+_WITHOUT_FFCV = """
+import sys, numpy as np
+sys.modules["ffcv"] = None  # as if FFCV were not installed: `import ffcv` raises ImportError
+from skinhpc.config import AugmentConfig, DataConfig
+from skinhpc.load import build_loader
+loader = build_loader(sys.argv[1], np.arange(20), train=False, batch_size=8, image_size=16,
+                      data_cfg=DataConfig(num_workers=1), aug_cfg=AugmentConfig(), seed=0, device="cpu",
+                      distributed=False, channels_last=False)
+rows = [r for b in loader.epoch(0) for r in b.rows.tolist()]
+print(loader.kind, rows == list(range(20)))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_without_ffcv_the_pil_loader_is_used_after_one_warning_line(data_dir: Path) -> None:
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_FFCV, str(data_dir)], capture_output=True, text=True,
+                          timeout=110)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["pil", "True"]
+    warnings = [line for line in done.stderr.splitlines() if "warning" in line.lower()]
+    assert len(warnings) == 1 and "FFCV cannot be imported" in warnings[0] and "PIL" in warnings[0]
