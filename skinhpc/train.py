@@ -339,7 +339,9 @@ class FoldTrainer:
         _seed_everything(tc.seed)  # the same initial weights on every rank
         model = create_model(cfg.model)
         model.to(env.device)
-        if tc.channels_last:
+        if tc.channels_last and tc.strategy != "deepspeed":
+            # DeepSpeed broadcasts parameters as bytes and needs them contiguous; there the
+            # channels-last inputs alone select the channels-last convolution kernels.
             model.to(memory_format=torch.channels_last)
         self.raw = model
         pretrained = cfg.model.pretrained.lower() not in ("false", "0", "no", "")

@@ -1,0 +1,145 @@
+"""Checkpoints: exact round trip (model, optimizer, RNG), atomicity, fallback from a damaged newest
+checkpoint, pruning, and refusing a resume whose settings changed."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from skinhpc import checkpoint
+from skinhpc.checkpoint import ResumeMismatch, list_checkpoints, load_latest, save_checkpoint
+from skinhpc.distributed import DistEnv
+
+ENV = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+KEYS = {"train.batch_size": 32, "train.seed": 0, "world_size": 1}
+
+
+def make_objects(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+    return model, torch.optim.AdamW(model.parameters(), lr=0.01)
+
+
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, n: int) -> None:
+    for _ in range(n):
+        loss = model(torch.randn(5, 4)).square().mean()  # draws from the global RNG (data + dropout)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def save(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int, keep_last: int = 5,
+         keys: dict | None = None) -> Path:
+    return save_checkpoint(ckpt, epoch, step, env=ENV, train_state={"global_step": epoch * 10 + step, "best": 0.5},
+                           resume_keys=keys or KEYS, model=model, optimizer=opt, keep_last=keep_last)
+
+
+def random_draws() -> tuple:
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+
+@pytest.mark.timeout(60)
+def test_resumed_objects_continue_exactly_like_the_uninterrupted_ones(tmp_path: Path) -> None:
+    model, opt = make_objects()
+    train_steps(model, opt, 3)
+    save(tmp_path, model, opt, 0, 3)
+    train_steps(model, opt, 2)
+    expected_draws = random_draws()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model2, opt2 = make_objects(seed=123)  # different weights and RNG: all must come from the file
+    info, state = load_latest(tmp_path, env=ENV, resume_keys=KEYS, model=model2, optimizer=opt2)
+    assert (info.epoch, info.step, state["global_step"]) == (0, 3, 3)
+    train_steps(model2, opt2, 2)
+    assert random_draws() == expected_draws
+    for k, v in model2.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+
+
+@pytest.mark.timeout(60)
+def test_folders_without_valid_meta_are_not_checkpoints(tmp_path: Path) -> None:
+    model, opt = make_objects()
+    good = save(tmp_path, model, opt, 1, 0)
+    assert json.loads((good / "meta.json").read_text())["files"]["state.pt"] > 0
+    (tmp_path / "e002-s000000").mkdir()  # killed before meta.json: never renamed in practice, but ignored
+    (tmp_path / ".tmp-e003-s000000").mkdir()  # a save in progress
+    assert [c.path.name for c in list_checkpoints(tmp_path)] == ["e001-s000000"]
+
+
+@pytest.mark.timeout(60)
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_with_a_warning(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model, opt = make_objects()
+    save(tmp_path, model, opt, 0, 2)
+    older = {k: v.clone() for k, v in model.state_dict().items()}
+    train_steps(model, opt, 1)
+    newest = save(tmp_path, model, opt, 0, 3)
+    state_file = newest / "state.pt"
+    state_file.write_bytes(state_file.read_bytes()[:100])  # a partial copy / full disk
+
+    model2, opt2 = make_objects(seed=5)
+    info, _ = load_latest(tmp_path, env=ENV, resume_keys=KEYS, model=model2, optimizer=opt2)
+    assert info.path.name == "e000-s000002"
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "e000-s000003 is incomplete or truncated" in err
+    for k, v in model2.state_dict().items():
+        assert torch.equal(v, older[k]), k
+
+
+@pytest.mark.timeout(60)
+def test_corrupt_newest_checkpoint_of_the_right_size_falls_back_with_a_warning(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model, opt = make_objects()
+    save(tmp_path, model, opt, 0, 2)
+    newest = save(tmp_path, model, opt, 0, 3)
+    rng_file = newest / "rng_rank0.pt"
+    rng_file.write_bytes(b"\0" * rng_file.stat().st_size)  # same size, unreadable content
+
+    info, _ = load_latest(tmp_path, env=ENV, resume_keys=KEYS, model=model, optimizer=opt)
+    assert info.path.name == "e000-s000002"
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "e000-s000003 is unreadable; falling back" in err
+
+
+@pytest.mark.timeout(60)
+def test_only_the_newest_checkpoints_and_best_are_kept(tmp_path: Path) -> None:
+    model, opt = make_objects()
+    checkpoint.save_best(tmp_path, model.state_dict(), {"epoch": 0, "val_balanced_accuracy": 0.4})
+    for step in range(1, 5):
+        save(tmp_path, model, opt, 0, step, keep_last=2)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["best", "e000-s000003", "e000-s000004"]
+    state, meta = checkpoint.load_best(tmp_path)
+    assert meta["epoch"] == 0 and state.keys() == model.state_dict().keys()
+
+
+@pytest.mark.timeout(60)
+def test_resume_with_a_changed_batch_size_is_refused_naming_the_key(tmp_path: Path) -> None:
+    model, opt = make_objects()
+    save(tmp_path, model, opt, 0, 2)
+    with pytest.raises(ResumeMismatch, match=r"train\.batch_size: 32 \(checkpoint\) vs 64 \(now\)"):
+        load_latest(tmp_path, env=ENV, resume_keys={**KEYS, "train.batch_size": 64}, model=model, optimizer=opt)
+
+
+@pytest.mark.timeout(60)
+def test_no_checkpoint_means_a_fresh_start(tmp_path: Path) -> None:
+    model, opt = make_objects()
+    assert load_latest(tmp_path / "none", env=ENV, resume_keys=KEYS, model=model, optimizer=opt) is None
+
+
+@pytest.mark.timeout(60)
+def test_saving_the_same_position_twice_replaces_the_folder(tmp_path: Path) -> None:
+    model, opt = make_objects()
+    save(tmp_path, model, opt, 1, 0)
+    train_steps(model, opt, 1)
+    save(tmp_path, model, opt, 1, 0)
+    model2, opt2 = make_objects()
+    info, _ = load_latest(tmp_path, env=ENV, resume_keys=KEYS, model=model2, optimizer=opt2)
+    assert info.path.name == "e001-s000000"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e001-s000000"]
