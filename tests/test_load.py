@@ -21,16 +21,9 @@ BATCH = 16
 
 
 @pytest.fixture(scope="module")
-def data_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shared converted sample (tests/conftest.py) when there is one, else a conversion of our own."""
-    try:
-        return Path(request.getfixturevalue("sample_data_dir"))
-    except pytest.FixtureLookupError:
-        import skinhpc
-        from skinhpc.convert import convert
-        out = tmp_path_factory.mktemp("load-data")
-        convert([skinhpc.SAMPLE_IMAGES], skinhpc.SAMPLE_METADATA, out, workers=2)
-        return out
+def data_dir(sample_data_dir: Path) -> Path:
+    """The bundled sample converted once per session (tests/conftest.py): 426 images, 150x200."""
+    return sample_data_dir
 
 
 def _fold_rows() -> np.ndarray:
@@ -191,6 +184,7 @@ def _rank_main(rank: int, world: int, port: int, data_dir: str, out: str) -> Non
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes, each compiling FFCV's pipeline: 15-50 s
 @pytest.mark.timeout(300)
 def test_two_ranks_get_disjoint_shards_that_together_cover_the_fold(data_dir: Path, tmp_path: Path) -> None:
     torch.multiprocessing.spawn(_rank_main, args=(2, _free_port(), str(data_dir), str(tmp_path)), nprocs=2)
