@@ -24,7 +24,8 @@ from skinhpc.checkpoint import ResumeMismatch, list_checkpoints
 from skinhpc.config import SplitConfig, load_config
 from skinhpc.convert import read_index
 from skinhpc.split import SPLIT_NAME
-from skinhpc.train import KILL_ENV, PREEMPT_ENV, fold_dir, train_fold
+from skinhpc.models import backbone_and_head_params, create_model
+from skinhpc.train import KILL_ENV, PREEMPT_ENV, class_weights, fold_dir, lr_at, train_fold
 
 PYTHON = sys.executable
 TIMING_KEYS = {"images_per_s", "data_wait_frac", "peak_mem_gb", "time_s"}
@@ -93,8 +94,12 @@ def best_weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def last_checkpoint_model(out: Path) -> dict[str, torch.Tensor]:
-    newest = list_checkpoints(out / "checkpoints")[-1]
-    return torch.load(newest.path / "state.pt", weights_only=True)["model"]
+    """The model weights in the newest checkpoint (DDP's state.pt or DeepSpeed's module file)."""
+    newest = list_checkpoints(out / "checkpoints")[-1].path
+    if (newest / "state.pt").is_file():
+        return torch.load(newest / "state.pt", weights_only=True)["model"]
+    # DeepSpeed's own file pickles config objects: not loadable with weights_only.
+    return torch.load(newest / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -220,3 +225,35 @@ def test_train_job_reports_a_config_error_without_traceback(tmp_path: Path) -> N
     assert res.returncode == 2
     assert "error: train.precision=fp16 is not supported" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.timeout(30)
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_min_lr() -> None:
+    tc = load_config(["train.lr=0.1", "train.min_lr=0.001", "train.warmup_epochs=1", "train.epochs=5"]).train
+    lrs = [lr_at(step, tc, steps_per_epoch=10) for step in range(50)]
+    assert lrs[:3] == pytest.approx([0.01, 0.02, 0.03]) and lrs[9] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(0.001, abs=2e-4)
+
+
+@pytest.mark.timeout(30)
+def test_class_weights_are_inverse_training_frequency() -> None:
+    w = class_weights(np.array([5, 5, 5, 0, 1, 1]))  # nv x3, akiec x1, bcc x2
+    assert w[5] * 3 == pytest.approx(w[0]) and w[1] * 2 == pytest.approx(w[0])
+    assert w[2] == 0 and w[6] == 0  # classes absent from the fold
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_frozen_backbone_epochs_train_only_the_head(tmp_path: Path, data_dir: Path) -> None:
+    write_tiny_split(tmp_path, data_dir, per_class=(2, 1, 1))
+    cfg = load_config(overrides(tmp_path, data_dir, "train.epochs=1", "model.freeze_epochs=1",
+                                "train.max_steps_per_epoch=2"))
+    assert train_fold(cfg)["status"] == "done"
+    torch.manual_seed(cfg.train.seed)
+    initial = create_model(cfg.model)
+    backbone, head = backbone_and_head_params(initial)
+    name_of = {id(p): n for n, p in initial.named_parameters()}
+    trained = best_weights(fold_dir(cfg))
+    assert all(torch.equal(trained[name_of[id(p)]], p.detach()) for p in backbone)
+    assert not any(torch.equal(trained[name_of[id(p)]], p.detach()) for p in head)
