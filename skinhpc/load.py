@@ -125,7 +125,7 @@ class _FFCVSource:
             raise LoaderError("data.quasi_random is not supported by FFCV with several processes;"
                               " set data.quasi_random=false")
         image_ops: list[Any] = [SimpleRGBImageDecoder(), ToTensor()]
-        if device.type == "cuda":  # FFCV's pinned, stream-ordered copy overlaps with compute
+        if device.type == "cuda":  # copied on FFCV's own CUDA stream, overlapping with compute
             image_ops.append(ToDevice(device, non_blocking=True))
         self.loader = Loader(
             str(beton), batch_size=batch_size, num_workers=data_cfg.num_workers or available_cores(),
@@ -157,7 +157,8 @@ class _FFCVSource:
             for images, labels, rows in it:
                 yield images, labels.reshape(-1), rows.reshape(-1)
         finally:
-            self.close()
+            if self._live is it:  # else a newer epoch already stopped this one
+                self.close()
 
     def close(self) -> None:
         if self._live is not None:
@@ -235,7 +236,7 @@ def _image_paths(data_dir: Path, manifest: dict[str, Any], data_cfg: DataConfig,
 
 class _PILSource:
     def __init__(self, data_dir: Path, rows: np.ndarray, *, train: bool, batch_size: int, data_cfg: DataConfig,
-                 seed: int, distributed: bool, manifest: dict[str, Any], index: Any) -> None:
+                 seed: int, distributed: bool, device: torch.device, manifest: dict[str, Any], index: Any) -> None:
         rank, world = _rank_world(distributed)
         labels = {int(r): int(index.at[int(r), "label"]) for r in rows}
         dataset = _PILDataset(_image_paths(data_dir, manifest, data_cfg, index, rows), labels,
@@ -251,7 +252,8 @@ class _PILSource:
         workers = data_cfg.num_workers or available_cores()
         # forkserver: forking this process after FFCV/numba started threads is unsafe (numba warns).
         self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers,
-                                                  persistent_workers=True, multiprocessing_context="forkserver")
+                                                  persistent_workers=True, multiprocessing_context="forkserver",
+                                                  pin_memory=device.type == "cuda")
         self.n_batches = n_batches
 
     def __len__(self) -> int:
@@ -385,7 +387,7 @@ def build_loader(data_dir: str | Path, rows: Sequence[int] | np.ndarray, *, trai
         source: _Source = _FFCVSource(data_dir / BETON_NAME, rows, device=device, **common)
         kind = "ffcv"
     else:
-        source = _PILSource(data_dir, rows, manifest=manifest, index=read_index(data_dir), **common)
+        source = _PILSource(data_dir, rows, device=device, manifest=manifest, index=read_index(data_dir), **common)
         kind = "pil"
     return FoldLoader(source, train=train, image_size=image_size, aug_cfg=aug_cfg, seed=seed, rank=rank,
                       device=device, channels_last=channels_last, kind=kind)

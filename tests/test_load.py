@@ -116,9 +116,14 @@ def test_an_epoch_left_mid_way_leaves_no_loader_thread_running(train_loader: Fol
     next(it)
     it.close()  # what a `break` out of the for loop does
     assert threading.active_count() <= before
-    it = train_loader.epoch(6)
-    next(it)
-    assert len(list(train_loader.epoch(6))) == len(train_loader)  # a new epoch stops the old one
+    full = list(train_loader.epoch(6))
+    old = train_loader.epoch(6)
+    next(old)
+    new = train_loader.epoch(6)  # a new epoch stops the old one ...
+    got = [next(new)]
+    old.close()  # ... and the old one, closed late, leaves the new one running
+    got += list(new)
+    assert _same(full, got)
     assert threading.active_count() <= before
 
 
