@@ -14,6 +14,7 @@ resized (antialiased) to the network's input size. ``normalize`` applies the Ima
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -344,7 +345,7 @@ def crop_resize_uint8(images: np.ndarray, boxes: np.ndarray, size: int, hflip: n
     n = images.shape[0]
     out = np.empty((n, size, size, images.shape[3]), dtype=np.uint8)
 
-    def work(indices: range) -> None:
+    def work(indices: Iterable[int]) -> None:
         for i in indices:
             top, left, h, w = (int(v) for v in boxes[i])
             crop = images[i, top:top + h, left:left + w]
@@ -358,7 +359,7 @@ def crop_resize_uint8(images: np.ndarray, boxes: np.ndarray, size: int, hflip: n
 
     if pool is None or n < 2:
         work(range(n))
-    else:
-        chunks = np.array_split(np.arange(n), pool._max_workers)
-        list(pool.map(lambda c: work(range(int(c[0]), int(c[-1]) + 1)) if len(c) else None, chunks))
+    else:  # one contiguous chunk per thread: fewer hand-offs than one task per image
+        threads = max(1, min(n, getattr(pool, "_max_workers", 2)))
+        list(pool.map(work, (range(k * n // threads, (k + 1) * n // threads) for k in range(threads))))
     return out

@@ -156,6 +156,11 @@ def test_uint8_crops_match_the_float_path_with_the_same_parameters() -> None:
     assert fast.shape == (N, SIZE, SIZE, 3) and fast.dtype == np.uint8
     diff = np.abs(fast.astype(np.float32) / 255 - exact.permute(0, 2, 3, 1).numpy())
     assert diff.mean() < 0.01  # same crops and flips; interpolation details differ slightly
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(3) as pool:
+        threaded = crop_resize_uint8(images.numpy(), params.boxes.numpy(), SIZE, params.hflip.numpy(),
+                                     params.vflip.numpy(), pool=pool)
+    assert np.array_equal(fast, threaded)
 
 
 @pytest.mark.timeout(30)
