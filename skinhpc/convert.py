@@ -624,26 +624,41 @@ def convert(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str
     if manifest is not None:
         return _up_to_date_result(manifest, out_dir, start, plan.warnings)
 
-    image_sizes = _check_images(plan, workers)
-    sizes = Counter(image_sizes)
-    stored_size = stored_size_for(sizes, max_resolution)
-    n_resized = sum(c for size, c in sizes.items() if size != _most_common_size(sizes))
+    sizes = Counter(_check_images(plan, workers))
+    with _termination_as_exception():
+        manifest = _write_outputs(plan, fingerprint, sizes, out_dir, workers, start)
+    seconds = time.monotonic() - start
+    if manifest is None:  # another job converted the same inputs while we checked them
+        return _up_to_date_result(read_manifest(out_dir), out_dir, start, plan.warnings)
+    result = _result_from(manifest, "converted", out_dir, seconds, plan.warnings)
+    h, w = result.stored_size
+    _say(f"{out_dir}: converted {result.n_images} images to {h}x{w} {write_mode} in {seconds:.1f} s"
+         f" ({result.images_per_s:.0f} img/s, {workers} workers; {result.n_resized} resized from other sizes)")
+    return result
 
+
+def _write_outputs(plan: _Plan, fingerprint: dict[str, Any], sizes: Counter[tuple[int, int]], out_dir: Path,
+                   workers: int, start: float) -> dict[str, Any] | None:
+    """Write the three files under temporary names, then rename them in, manifest last.
+
+    Returns the new manifest, or None when out_dir turned out up to date once locked.
+    """
+    settings = fingerprint["settings"]
+    stored_size = stored_size_for(sizes, settings["max_resolution"])
+    n_resized = sum(c for size, c in sizes.items() if size != _most_common_size(sizes))
     created_dir = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     with _dir_lock(out_dir) as locked:
-        manifest = _matches(out_dir, fingerprint)  # another job may have converted while we checked
-        if manifest is not None:
-            return _up_to_date_result(manifest, out_dir, start, plan.warnings)
+        if _matches(out_dir, fingerprint) is not None:
+            return None
         if locked:
             _remove_stale_temps(out_dir)
         beton_tmp, index_tmp = _temp(out_dir, BETON_NAME), _temp(out_dir, INDEX_NAME)
         try:
             _write_beton(plan, stored_size, beton_tmp, settings, workers)
             _index_frame(plan).to_csv(index_tmp, index=False)
-            seconds = time.monotonic() - start
             manifest = _manifest(plan, fingerprint, stored_size, sizes, n_resized, beton_tmp, index_tmp,
-                                 seconds, workers)
+                                 time.monotonic() - start, workers)
             # Manifest gone first: between the renames the folder reads as "not converted", never
             # as a new .beton described by an old manifest.
             (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
@@ -655,12 +670,35 @@ def convert(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str
             index_tmp.unlink(missing_ok=True)
             if created_dir and not (out_dir / MANIFEST_NAME).exists():
                 _remove_empty_dir(out_dir)
-    seconds = time.monotonic() - start
-    result = _result_from(manifest, "converted", out_dir, seconds, plan.warnings)
-    h, w = stored_size
-    _say(f"{out_dir}: converted {result.n_images} images to {h}x{w} {write_mode} in {seconds:.1f} s"
-         f" ({result.images_per_s:.0f} img/s, {workers} workers; {n_resized} resized from other sizes)")
-    return result
+    return manifest
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived while writing (BaseException: no ``except Exception`` may swallow it)."""
+
+
+@contextmanager
+def _termination_as_exception() -> Iterator[None]:
+    """Turn SIGTERM (scancel, a SLURM time limit, kill) into an exception while writing, so the
+    writer process is stopped and the temp files removed; then deliver it to the previous handler
+    (by default: exit as killed by SIGTERM)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield  # handlers can only be set from the main thread; an ignored SIGTERM stays ignored
+        return
+
+    def raise_terminated(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, previous)
+        os.kill(os.getpid(), signal.SIGTERM)  # the default action ends the process right here
+        raise ConversionError("stopped by SIGTERM; nothing was written") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _remove_empty_dir(path: Path) -> None:

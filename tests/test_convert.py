@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -354,3 +356,37 @@ def test_sample_conversion_has_every_row_and_is_what_ensure_converted_expects(sa
 def test_ensure_converted_refuses_a_data_dir_without_a_conversion(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no converted data"):
         ensure_converted(DataConfig(dir=str(tmp_path)), tmp_path)
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_conversion_stopped_while_writing_leaves_no_files(tmp_path: Path, repo_dir: Path, sig: int) -> None:
+    """What scancel, a SLURM time limit or Ctrl-C do mid-write: the temp .beton must go too."""
+    header, _ = _sample_rows()
+    with open(skinhpc.SAMPLE_METADATA, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    many = []
+    for copy in range(4):  # ~1,700 images: writing lasts seconds, time enough to stop it
+        for row in rows:
+            image_id = f"{row[1]}_{copy}"
+            (folder / f"{image_id}.jpg").symlink_to(skinhpc.SAMPLE_IMAGES / f"{row[1]}.jpg")
+            many.append([row[0], image_id, *row[2:]])
+    csv_path = _write_csv(tmp_path / "meta.csv", header, many)
+    out = tmp_path / "data"
+    cmd = [sys.executable, str(repo_dir / "jobs" / "convert.py"), "--images", str(folder), "--metadata",
+           str(csv_path), "--out", str(out), "--workers", "2"]
+    # Non-interactive shells start jobs with SIGINT ignored; a terminal's Ctrl-C is not ignored.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 150
+    while not list(out.glob(".ham10000.beton.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=40)
+    assert proc.returncode == (-signal.SIGTERM if sig == signal.SIGTERM else 130), output
+    assert "Traceback" not in output
+    time.sleep(1.5)  # the writer's group is killed at once; give the kernel a moment to reap it
+    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
