@@ -571,6 +571,7 @@ class Plan:
     done: list[Task] = field(default_factory=list)
     ensemble: str = "submit"         # "submit" | "skip" (done) | "wait:<job id>"
     cancel_ensemble: str = ""        # stale ensemble job to cancel before submitting a new one
+    stale: list[str] = field(default_factory=list)  # pending jobs that can never start: cancelled
     tasks: list[Task] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -596,14 +597,24 @@ def make_plan(cfg: ExperimentConfig, kind: str, jobs: dict[str, Any], infos: dic
     run_dir = Path(cfg.run_dir)
     tasks = experiment_tasks(cfg)
     plan = Plan(kind=kind, run_dir=run_dir, convert="skip", tasks=tasks)
+
+    def alive(job: str) -> bool:
+        """Pending or running, and able to start (a job whose afterok failed never will)."""
+        if kind != "slurm" or not job or job_state(infos.get(job)) not in ACTIVE:
+            return False
+        if dependency_never_satisfied(infos.get(job)):
+            plan.stale.append(job)
+            return False
+        return True
+
     if not data_up_to_date(cfg):
         conv = jobs.get("convert", {}).get("job_id", "")
-        plan.convert = f"wait:{conv}" if kind == "slurm" and job_state(infos.get(conv)) in ACTIVE else "submit"
+        plan.convert = f"wait:{conv}" if alive(conv) else "submit"
     for t in tasks:
         job = jobs["tasks"].get(t.key, {}).get("job_id", "")
         if task_done(run_dir, t):
             plan.done.append(t)
-        elif kind == "slurm" and job and job_state(infos.get(job)) in ACTIVE:
+        elif alive(job):
             plan.active[t.key] = job
         else:
             plan.submit.append(t)
@@ -635,13 +646,13 @@ def launch(cfg: ExperimentConfig, *, dry_run: bool = False, echo: Callable[[str]
     """Launch (or relaunch) the experiment ``cfg``; see the module docstring. Returns the plan."""
     kind = resolve_kind(cfg.cluster.kind) if not dry_run else ("slurm" if cfg.cluster.kind == "auto" else cfg.cluster.kind)
     run_dir = Path(cfg.run_dir)
-    check_compatible(run_dir, cfg)
     if dry_run:
+        check_compatible(run_dir, cfg)
         return _dry_run(cfg, kind, echo)
-    if kind == "slurm":
-        with launch_lock(run_dir):
-            return _launch_slurm(cfg, echo)
     with launch_lock(run_dir):
+        check_compatible(run_dir, cfg)  # under the lock: a concurrent launch may just have saved its config
+        if kind == "slurm":
+            return _launch_slurm(cfg, echo)
         return _launch_inline(cfg, kind, echo)
 
 
@@ -662,6 +673,12 @@ def _launch_slurm(cfg: ExperimentConfig, echo: Callable[[str], None]) -> Plan:
         echo(line)
     jobs.update(kind="slurm", run_dir=str(run_dir))
     convert_job = plan.convert[5:] if plan.convert.startswith("wait:") else ""
+    if plan.stale:
+        _run(["scancel", *plan.stale])
+        echo(f"cancelled job(s) that could never start (a job they wait for failed): {' '.join(plan.stale)}")
+    if plan.cancel_ensemble and plan.cancel_ensemble not in plan.stale:
+        _run(["scancel", plan.cancel_ensemble])
+        echo(f"cancelled stale ensemble job {plan.cancel_ensemble}")
     if plan.convert == "submit":
         job = slurm_executor(cfg, convert_parameters(cfg)).submit(ConvertTask(cfg))
         convert_job = job.job_id
@@ -680,9 +697,6 @@ def _launch_slurm(cfg: ExperimentConfig, echo: Callable[[str], None]) -> Plan:
         write_jobs(run_dir, jobs)
         echo(f"submitted training array {submitted[0].job_id.split('_')[0]}: "
              + ", ".join(f"{t.key}={j.job_id}" for t, j in zip(plan.submit, submitted)))
-    if plan.cancel_ensemble:
-        _run(["scancel", plan.cancel_ensemble])
-        echo(f"cancelled stale ensemble job {plan.cancel_ensemble}")
     if plan.ensemble == "submit":
         deps = sorted(set(plan.active.values()) | ({convert_job} if convert_job and not plan.active else set()))
         dep = "afterok:" + ":".join(deps) if deps else ""
@@ -784,6 +798,7 @@ def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict
     else:
         state = job_state(infos.get(job))
         state = "failed" if state == "completed" else state  # ended without metrics.json
+        state = "blocked" if dependency_never_satisfied(infos.get(job)) else state  # its conversion failed
     epoch = f"{max(int(r.get('epoch', 0)) for r in rows) + 1}/{cfg.train.epochs}" if rows else f"0/{cfg.train.epochs}"
     accs = [r["val_balanced_accuracy"] for r in rows if isinstance(r.get("val_balanced_accuracy"), (int, float))]
     if metrics and isinstance(metrics.get("val"), dict) and "balanced_accuracy" in metrics["val"]:
@@ -820,6 +835,12 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     else:
         ens_state = "not submitted"
     failed = [r for r in rows if r.state in ("failed", "cancelled")]
+    conv = jobs.get("convert", {})
+    if conv.get("job_id"):
+        conv_state = job_state(infos.get(conv["job_id"]))
+        conv_state = "done" if conv_state == "completed" else conv_state
+        lines.append(f"conversion: job {conv['job_id']} {conv_state}"
+                     + (f", log {conv.get('log', '')}" if conv_state in ("failed", "cancelled") else ""))
     lines.append(f"ensemble: job {ens_job or '-'} {ens_state}")
     if dependency_never_satisfied(ens_info) or (failed and ens_state in ACTIVE):
         lines.append("  the ensemble job can never start (DependencyNeverSatisfied): a training task it waits "
