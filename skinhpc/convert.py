@@ -96,7 +96,9 @@ class ConvertResult:
     seconds: float
     """Wall time of this call."""
     images_per_s: float
-    """Images converted per second over the whole call (validation included); 0 when up to date."""
+    """Images converted per second over the whole call (checks and start-up included); 0 when up to date."""
+    write_images_per_s: float = 0.0
+    """Images per second of the FFCV writer once started (excludes the checks and its ~4 s start-up)."""
     warnings: list[str] = field(default_factory=list)
 
 
@@ -473,8 +475,11 @@ def _stop(proc: mp.process.BaseProcess) -> None:
 
 
 def _write_beton(plan: _Plan, stored_size: list[int], dest: Path, settings: dict[str, Any], workers: int,
-                 stall_timeout_s: float = STALL_TIMEOUT_S) -> None:
-    """Write the .beton to ``dest`` in a spawned process; raise (leaving ``dest`` to the caller) on failure."""
+                 stall_timeout_s: float = STALL_TIMEOUT_S) -> float:
+    """Write the .beton to ``dest`` in a spawned process; raise (leaving ``dest`` to the caller) on failure.
+
+    Returns the writing speed in images/s, counted from the first finished sample (after start-up).
+    """
     ctx = mp.get_context("spawn")
     counter = ctx.Value("Q", 0)
     errors = ctx.SimpleQueue()
@@ -485,10 +490,13 @@ def _write_beton(plan: _Plan, stored_size: list[int], dest: Path, settings: dict
     proc.start()
     try:
         last_done, last_change = -1, time.monotonic()
+        first: tuple[int, float] | None = None
         while proc.exitcode is None:
             proc.join(0.2)
             done = counter.value
             progress.update(done)
+            if first is None and done > 0:
+                first = (done, time.monotonic())
             if not errors.empty():
                 break
             if done != last_done:
@@ -503,6 +511,9 @@ def _write_beton(plan: _Plan, stored_size: list[int], dest: Path, settings: dict
             raise InputError(problems, what="image failed while writing")
         if proc.exitcode != 0:
             raise ConversionError(f"the FFCV writer process failed (exit code {proc.exitcode})")
+        if first is None or first[0] >= len(plan.paths):
+            return 0.0  # too small or too fast to measure
+        return (len(plan.paths) - first[0]) / max(time.monotonic() - first[1], 1e-9)
     finally:
         if proc.exitcode is None:
             _stop(proc)
@@ -560,7 +571,8 @@ def _counts(plan: _Plan) -> dict[str, int]:
 
 
 def _manifest(plan: _Plan, fingerprint: dict[str, Any], stored_size: list[int], sizes: Counter[tuple[int, int]],
-              n_resized: int, beton: Path, index: Path, seconds: float, workers: int) -> dict[str, Any]:
+              n_resized: int, beton: Path, index: Path, seconds: float, write_rate: float,
+              workers: int) -> dict[str, Any]:
     n = len(plan.records)
     return {
         "n_images": n,
@@ -579,6 +591,7 @@ def _manifest(plan: _Plan, fingerprint: dict[str, Any], stored_size: list[int], 
         "skinhpc_version": skinhpc.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "conversion": {"seconds": round(seconds, 2), "images_per_s": round(n / max(seconds, 1e-9), 1),
+                       "write_images_per_s": round(write_rate, 1),
                        "workers": workers},
     }
 
@@ -589,7 +602,9 @@ def _result_from(manifest: dict[str, Any], status: str, out_dir: Path, seconds: 
     rate = n / max(seconds, 1e-9) if status == "converted" else 0.0
     return ConvertResult(status=status, out_dir=out_dir, n_images=n, counts=dict(manifest["counts"]),
                          stored_size=list(manifest["stored_size"]), n_resized=int(manifest["n_resized"]),
-                         seconds=seconds, images_per_s=rate, warnings=warnings)
+                         seconds=seconds, images_per_s=rate, warnings=warnings,
+                         write_images_per_s=float(manifest.get("conversion", {}).get("write_images_per_s", 0.0))
+                         if status == "converted" else 0.0)
 
 
 def _up_to_date_result(manifest: dict[str, Any], out_dir: Path, start: float, warnings: list[str]) -> ConvertResult:
@@ -633,7 +648,8 @@ def convert(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str
     result = _result_from(manifest, "converted", out_dir, seconds, plan.warnings)
     h, w = result.stored_size
     _say(f"{out_dir}: converted {result.n_images} images to {h}x{w} {write_mode} in {seconds:.1f} s"
-         f" ({result.images_per_s:.0f} img/s, {workers} workers; {result.n_resized} resized from other sizes)")
+         f" ({result.images_per_s:.0f} img/s overall, writing {result.write_images_per_s:.0f} img/s;"
+         f" {workers} workers; {result.n_resized} resized from other sizes)")
     return result
 
 
@@ -655,10 +671,10 @@ def _write_outputs(plan: _Plan, fingerprint: dict[str, Any], sizes: Counter[tupl
             _remove_stale_temps(out_dir)
         beton_tmp, index_tmp = _temp(out_dir, BETON_NAME), _temp(out_dir, INDEX_NAME)
         try:
-            _write_beton(plan, stored_size, beton_tmp, settings, workers)
+            write_rate = _write_beton(plan, stored_size, beton_tmp, settings, workers)
             _index_frame(plan).to_csv(index_tmp, index=False)
             manifest = _manifest(plan, fingerprint, stored_size, sizes, n_resized, beton_tmp, index_tmp,
-                                 time.monotonic() - start, workers)
+                                 time.monotonic() - start, write_rate, workers)
             # Manifest gone first: between the renames the folder reads as "not converted", never
             # as a new .beton described by an old manifest.
             (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
