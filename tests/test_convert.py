@@ -368,7 +368,7 @@ def test_conversion_stopped_while_writing_leaves_no_files(tmp_path: Path, repo_d
     folder = tmp_path / "images"
     folder.mkdir()
     many = []
-    for copy in range(4):  # ~1,700 images: writing lasts seconds, time enough to stop it
+    for copy in range(8):  # ~3,400 images: writing lasts seconds even on a fast machine
         for row in rows:
             image_id = f"{row[1]}_{copy}"
             (folder / f"{image_id}.jpg").symlink_to(skinhpc.SAMPLE_IMAGES / f"{row[1]}.jpg")
@@ -383,7 +383,8 @@ def test_conversion_stopped_while_writing_leaves_no_files(tmp_path: Path, repo_d
     deadline = time.monotonic() + 150
     while not list(out.glob(".ham10000.beton.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(0.5)
+    time.sleep(0.2)  # the workers are running now
+    assert proc.poll() is None, "finished before it could be stopped"
     proc.send_signal(sig)
     output, _ = proc.communicate(timeout=40)
     assert proc.returncode == (-signal.SIGTERM if sig == signal.SIGTERM else 130), output
