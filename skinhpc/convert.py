@@ -69,12 +69,16 @@ class InputError(ValueError):
     """The raw data is unusable; ``problems`` lists each one with its file (and CSV line)."""
 
     def __init__(self, problems: Sequence[str], what: str = "input problem") -> None:
-        self.problems = list(problems)
+        self.problems, self.what = list(problems), what
         n = len(self.problems)
         if n == 1:
             super().__init__(self.problems[0])
         else:
             super().__init__("\n".join([f"{n} {what}s:"] + _listed(self.problems)))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from its problems when pickled (submitit returns a job's exception that way).
+        return (type(self), (self.problems, self.what))
 
 
 class ConversionError(RuntimeError):

@@ -391,3 +391,11 @@ def test_conversion_stopped_while_writing_leaves_no_files(tmp_path: Path, repo_d
     assert "Traceback" not in output
     time.sleep(1.5)  # the writer's group is killed at once; give the kernel a moment to reap it
     assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+
+
+def test_input_error_survives_pickling_as_a_job_result_does() -> None:
+    import pickle
+
+    error = InputError([f"a.csv:{line}: bad" for line in range(2, 30)])
+    copy = pickle.loads(pickle.dumps(error))
+    assert str(copy) == str(error) and copy.problems == error.problems
