@@ -246,8 +246,7 @@ def _plan(image_dirs: Sequence[str | Path], metadata: str | Path) -> _Plan:
     if dir_problems or not records:
         raise InputError(problems)
     paths: list[Path] = []
-    warnings: list[str] = []
-    listed = set()
+    listed, duplicated = set(), []
     folders = ", ".join(str(d) for d in dirs)
     for rec, line in zip(records, lines):
         file_name = f"{rec['image_id']}.jpg"
@@ -257,14 +256,17 @@ def _plan(image_dirs: Sequence[str | Path], metadata: str | Path) -> _Plan:
             problems.append(f"{metadata}:{line}: image {file_name} not found in {folders}")
             continue
         if len(where) > 1:
-            warnings.append(f"{file_name} is in {len(where)} folders; using {where[0]}")
+            duplicated.append(f"{file_name}: using {where[0]}")
         paths.append(where[0])
     if problems:
         raise InputError(problems)
+    warnings = []
+    if duplicated:
+        warnings.append("\n".join([f"{len(duplicated)} image(s) are in more than one folder:"] + _listed(duplicated)))
     extra = sorted(str(p[0]) for n, p in found.items() if n not in listed)
     if extra:
-        warnings.append(f"{len(extra)} image(s) in the folders are not in {metadata} and are skipped:")
-        warnings += _listed(extra)
+        warnings.append("\n".join([f"{len(extra)} image(s) in the folders are not in {metadata} and are skipped:"]
+                                  + _listed(extra)))
     return _Plan(metadata, records, lines, paths, dirs, warnings)
 
 
