@@ -155,3 +155,58 @@ def test_local_kind_runs_whole_experiment_then_relaunch_does_nothing(tmp_path: P
     again = run_launch(args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "0 to submit" in again.stdout and "ensemble done, nothing to do" in again.stdout
+
+
+# --------------------------------------------------------------------------- relaunch decisions
+
+def _plan_for(tmp_path: Path, infos: dict, jobs: dict, converted: bool, done: tuple[int, ...] = ()):
+    from skinhpc.launch import make_plan
+
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    if converted:
+        (data / "manifest.json").write_text("{}")
+    cfg, _ = load_launch_config([f"run_dir={tmp_path / 'exp'}", f"data.dir={data}", "backbones=[resnet18]"], None, 2)
+    for k in done:
+        d = tmp_path / "exp" / "resnet18" / f"fold{k}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "metrics.json").write_text(json.dumps({"status": "done"}))
+    return make_plan(cfg, "slurm", {"tasks": {}, **jobs}, infos)
+
+
+@pytest.mark.timeout(60)
+def test_relaunch_keeps_running_task_and_waiting_ensemble_and_skips_done_one(tmp_path: Path) -> None:
+    from skinhpc.launch import JobInfo
+
+    infos = {"6_1": JobInfo("RUNNING", "None", live=True), "7": JobInfo("PENDING", "Dependency", live=True)}
+    jobs = {"tasks": {"resnet18/fold0": {"job_id": "6_0"}, "resnet18/fold1": {"job_id": "6_1"}},
+            "ensemble": {"job_id": "7"}}
+    plan = _plan_for(tmp_path, infos, jobs, converted=True, done=(0,))
+    assert plan.convert == "skip" and not plan.submit and plan.active == {"resnet18/fold1": "6_1"}
+    assert [t.key for t in plan.done] == ["resnet18/fold0"] and plan.ensemble == "wait:7"
+
+
+@pytest.mark.timeout(60)
+def test_relaunch_resubmits_failed_task_and_replaces_ensemble_that_can_never_start(tmp_path: Path) -> None:
+    from skinhpc.launch import JobInfo
+
+    infos = {"6_1": JobInfo("FAILED"), "7": JobInfo("PENDING", "DependencyNeverSatisfied", live=True)}
+    jobs = {"tasks": {"resnet18/fold0": {"job_id": "6_0"}, "resnet18/fold1": {"job_id": "6_1"}},
+            "ensemble": {"job_id": "7"}}
+    plan = _plan_for(tmp_path, infos, jobs, converted=True, done=(0,))
+    assert [t.key for t in plan.submit] == ["resnet18/fold1"]
+    assert plan.ensemble == "submit" and plan.cancel_ensemble == "7"
+
+
+@pytest.mark.timeout(60)
+def test_relaunch_after_failed_conversion_cancels_blocked_tasks_and_resubmits_everything(tmp_path: Path) -> None:
+    from skinhpc.launch import JobInfo
+
+    blocked = JobInfo("PENDING", "DependencyNeverSatisfied", live=True)
+    infos = {"5": JobInfo("FAILED"), "6_0": blocked, "6_1": blocked, "7": blocked}
+    jobs = {"convert": {"job_id": "5"}, "tasks": {"resnet18/fold0": {"job_id": "6_0"}, "resnet18/fold1": {"job_id": "6_1"}},
+            "ensemble": {"job_id": "7"}}
+    plan = _plan_for(tmp_path, infos, jobs, converted=False)
+    # data.dir without a manifest and no raw data: the conversion is resubmitted (and would say why it fails)
+    assert plan.convert == "submit" and len(plan.submit) == 2 and sorted(plan.stale) == ["6_0", "6_1"]
+    assert plan.ensemble == "submit" and plan.cancel_ensemble == "7"
