@@ -23,13 +23,18 @@ def main(argv: list[str] | None = None) -> int:
     from skinhpc.checkpoint import ResumeMismatch
     from skinhpc.config import ConfigError, load_config
     from skinhpc.convert import InputError
+    from skinhpc.distributed import DistributedError
+    from skinhpc.load import LoaderError
+    from skinhpc.models import ModelFileError, PretrainedWeightsError
     from skinhpc.split import SplitError
     from skinhpc.train import train_fold
 
+    user_errors = (ConfigError, InputError, SplitError, ResumeMismatch, LoaderError, DistributedError,
+                   PretrainedWeightsError, ModelFileError)
     try:
         cfg = load_config(args.overrides, args.config)
         result = train_fold(cfg)
-    except (ConfigError, InputError, SplitError, ResumeMismatch) as e:
+    except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result.get("status") == "preempted":

@@ -3,9 +3,11 @@
 Layout under ``<fold>/checkpoints/``::
 
     e{epoch:03d}-s{step:06d}/     training resumes at micro-batch ``step`` of ``epoch``
-        state.pt                 DDP: model (unwrapped), optimizer, grad scaler, schedule, train state
+        state.pt                 DDP: model (unwrapped), optimizer, grad scaler, train state (global
+                                 step = the LR schedule's input, best metric, early-stop counter, ...)
         deepspeed/...            DeepSpeed: engine.save_checkpoint on every rank (train state inside)
-        rng_rank{r}.pt           per-rank RNG states: python, numpy, torch CPU, CUDA
+        rank{r}.pt               per rank: RNG states (python, numpy, torch CPU, CUDA) and the rank's
+                                 own loop state (e.g. its running loss sum)
         meta.json                written last: tag, position, resume keys, size of every file
     best/                        weights of the best epoch (model.pt + meta.json)
 
@@ -97,6 +99,10 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 # --------------------------------------------------------------------------- files
 
+def _rank_file(rank: int) -> str:
+    return f"rank{rank}.pt"
+
+
 def _torch_save(obj: Any, path: Path) -> None:
     with open(path, "wb") as f:
         torch.save(obj, f)
@@ -161,13 +167,14 @@ def list_checkpoints(ckpt_dir: str | Path, env: DistEnv | None = None, warn: boo
 # --------------------------------------------------------------------------- save
 
 def save_checkpoint(ckpt_dir: str | Path, epoch: int, step: int, *, env: DistEnv, train_state: dict,
-                    resume_keys: dict, model: torch.nn.Module | None = None,
+                    resume_keys: dict, rank_state: dict | None = None, model: torch.nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None, scaler: Any = None,
                     engine: Any = None, keep_last: int = 2) -> Path:
     """Save a resumable checkpoint; every rank must call this (DeepSpeed saves collectively).
 
     ``train_state`` (ints, floats, lists, dicts) carries the loop's own state: global step, best
-    metric, early-stop counter, running loss sums. ``resume_keys`` are the settings a resume must
+    metric, early-stop counter; it is taken from rank 0. ``rank_state`` is this rank's own part
+    (e.g. its running loss sum), saved per rank. ``resume_keys`` are the settings a resume must
     match (see ``check_resume_keys``). With ``engine`` (DeepSpeed) model and optimizer come from it;
     otherwise rank 0 writes the unwrapped ``model``, ``optimizer`` and ``scaler``.
     """
@@ -186,7 +193,7 @@ def save_checkpoint(ckpt_dir: str | Path, epoch: int, step: int, *, env: DistEnv
         _torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler is not None else None,
                      "train_state": train_state}, tmp / STATE)
-    _torch_save(rng_state(env.device), tmp / f"rng_rank{env.rank}.pt")
+    _torch_save({"rng": rng_state(env.device), "local": rank_state or {}}, tmp / _rank_file(env.rank))
     distributed.barrier(env)
     if env.is_main:
         meta = {"tag": tag, "epoch": epoch, "step": step, "global_step": train_state.get("global_step"),
@@ -245,7 +252,7 @@ def check_resume_keys(saved: dict, current: dict, where: Path) -> None:
 def _preload(info: CheckpointInfo, env: DistEnv, deepspeed: bool) -> dict | None:
     """Read this rank's files of a checkpoint into memory; None when any is unreadable."""
     try:
-        loaded = {"rng": _torch_load(info.path / f"rng_rank{env.rank}.pt")}
+        loaded = {"rank": _torch_load(info.path / _rank_file(env.rank))}
         if not deepspeed:
             loaded["state"] = _torch_load(info.path / STATE)
         return loaded
@@ -258,6 +265,8 @@ def load_latest(ckpt_dir: str | Path, *, env: DistEnv, resume_keys: dict, model:
                 optimizer: torch.optim.Optimizer | None = None, scaler: Any = None,
                 engine: Any = None) -> tuple[CheckpointInfo, dict] | None:
     """Restore the newest readable checkpoint into the given objects; (info, train_state) or None.
+
+    The returned train state is rank 0's, updated with this rank's own ``rank_state``.
 
     All ranks agree on the checkpoint: one that any rank cannot read is skipped, with a warning,
     for the previous one. RNG states are restored last, so the caller should call this right
@@ -285,8 +294,8 @@ def load_latest(ckpt_dir: str | Path, *, env: DistEnv, resume_keys: dict, model:
             if scaler is not None and state.get("scaler") is not None:
                 scaler.load_state_dict(state["scaler"])
             train_state = state["train_state"]
-        set_rng_state(loaded["rng"], env.device)
-        return info, train_state
+        set_rng_state(loaded["rank"]["rng"], env.device)
+        return info, {**train_state, **loaded["rank"]["local"]}
     if candidates:
         _warn(env, f"no readable checkpoint in {ckpt_dir}: starting from scratch")
     return None

@@ -2,8 +2,9 @@
 
 Rank, world size and local rank come from the environment, in this order:
 ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (torchrun, or submitit's
-``TorchDistributedEnvironment().export()``), then ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``
-(an ``srun`` task); nothing set means one process. The rendezvous uses ``MASTER_ADDR``/``MASTER_PORT``;
+``TorchDistributedEnvironment().export()``), then ``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS`` (or
+``SLURM_NTASKS``)/``SLURM_LOCALID`` inside an ``srun`` job step (``SLURM_STEP_ID`` set; a batch script
+has ``SLURM_PROCID=0`` and the job's task count too, but is one process); else one process. The rendezvous uses ``MASTER_ADDR``/``MASTER_PORT``;
 under plain SLURM without them the first host of the allocation and a port derived from the job id
 are used, so every task finds the same address without talking to the others.
 
@@ -57,14 +58,17 @@ def _int_env(*names: str) -> int | None:
 
 
 def read_ranks() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun/submitit variables, else SLURM's, else (0, 1, 0)."""
+    """(rank, world_size, local_rank) from torchrun/submitit variables, else from SLURM's inside an
+    srun job step, else (0, 1, 0)."""
     if os.environ.get("WORLD_SIZE") not in (None, ""):
         world = _int_env("WORLD_SIZE")
         rank = _int_env("RANK") or 0
         local = _int_env("LOCAL_RANK")
         local = rank if local is None else local
-    elif os.environ.get("SLURM_NTASKS") not in (None, "") and os.environ.get("SLURM_PROCID") not in (None, ""):
-        world = _int_env("SLURM_NTASKS")
+    elif os.environ.get("SLURM_STEP_ID") not in (None, "") and os.environ.get("SLURM_PROCID") not in (None, ""):
+        # Only inside a job step (srun): a batch script also has SLURM_PROCID=0 and the job's
+        # SLURM_NTASKS, and a lone process there must not wait for partners that never come.
+        world = _int_env("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
         rank = _int_env("SLURM_PROCID") or 0
         local = _int_env("SLURM_LOCALID") or 0
     else:

@@ -25,6 +25,12 @@ Preemption: SIGUSR2 and SIGTERM only raise a flag. At the next optimizer-step bo
 - SIGTERM: when a callable handler was installed before (submitit's, which ignores SIGTERM because
   USR2 follows), it is called and training goes on; otherwise the task returns "preempted" as above.
 
+DeepSpeed specifics: precision stays skinhpc's (torch.autocast around the forward, fp32 master weights,
+DeepSpeed's fp16/bf16 modes off; ``train.precision=fp16`` is refused); weights stay contiguous (inputs
+are channels-last); ``train.deepspeed.config`` may not set what the train section owns (optimizer,
+scheduler, batch sizes, precision); BatchNorm buffers are broadcast from rank 0 before every forward,
+as DDP does, so every rank evaluates with the same statistics and a resume is exact.
+
 For tests, ``SKINHPC_TEST_PREEMPT_AT_STEP=N`` makes rank 0 send itself SIGUSR2 after optimizer step N
 and ``SKINHPC_TEST_KILL_AT_STEP=N`` makes every rank SIGKILL itself there (a hard kill).
 """
@@ -207,6 +213,11 @@ def deepspeed_config(train_cfg: TrainConfig, world_size: int) -> dict[str, Any]:
             raise ConfigError(f"train.deepspeed.config: cannot read {path}: {e}") from None
         if not isinstance(user, dict):
             raise ConfigError(f"train.deepspeed.config: {path} must hold a mapping")
+        owned = sorted(set(user) & {"optimizer", "scheduler", "fp16", "bf16", "train_batch_size",
+                                    "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"})
+        if owned:
+            raise ConfigError(f"train.deepspeed.config: {path} sets {', '.join(owned)}, which come from the train "
+                              "section (optimizer, lr, precision, batch_size, accum_steps); remove them from the file")
     zero = {**user.get("zero_optimization", {}), "stage": train_cfg.deepspeed.stage}
     ours = {
         "train_micro_batch_size_per_gpu": train_cfg.batch_size,
@@ -297,14 +308,11 @@ class FoldTrainer:
         from skinhpc.load import build_loader
         from skinhpc.split import ensure_split, fold_rows
         cfg, env = self.cfg, self.env
-        if env.is_main:  # one converter and one split writer; the others read their results
-            ensure_converted(cfg.data, cfg.data_dir)
-        distributed.barrier(env)
+        # One converter and one split writer; the other ranks read their results.
+        _main_rank_first(env, lambda: ensure_converted(cfg.data, cfg.data_dir))
         self.index = read_index(cfg.data_dir)
         self.manifest = read_manifest(cfg.data_dir)
-        if env.is_main:
-            ensure_split(cfg.run_dir, self.index, cfg.split)
-        distributed.barrier(env)
+        _main_rank_first(env, lambda: ensure_split(cfg.run_dir, self.index, cfg.split))
         self.rows = fold_rows(ensure_split(cfg.run_dir, self.index, cfg.split), self.index, cfg.fold)
         label_of = dict(zip(self.index["row"].to_numpy(), self.index["label"].to_numpy()))
         self.train_labels = np.array([label_of[r] for r in self.rows.train], dtype=np.int64)
@@ -499,7 +507,7 @@ class FoldTrainer:
         want_trainable = epoch >= self.cfg.model.freeze_epochs
         if want_trainable != self.backbone_trainable:
             self._set_backbone_trainable(want_trainable)
-        (self.engine or self.raw).train()
+        (self.engine if self.engine is not None else self.raw).train()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         loss_sum = torch.tensor(st["loss_sum"], dtype=torch.float64, device=self.device)
@@ -569,6 +577,10 @@ class FoldTrainer:
     def _loop_state(self, loss_sum: torch.Tensor, correct: torch.Tensor) -> dict:
         return {**self.state, "loss_sum": float(loss_sum.item()), "correct": int(correct.item())}
 
+    # This rank's own running sums: each rank saves and restores its own (summed over ranks only at
+    # the epoch's end, in the same order as an uninterrupted run).
+    RANK_KEYS = ("loss_sum", "correct", "seen")
+
     def _maybe_checkpoint(self, loss_sum: torch.Tensor, correct: torch.Tensor) -> bool:
         """Save on a preemption signal or every train.checkpoint.every_steps; True = stop now."""
         st = self.state
@@ -589,8 +601,9 @@ class FoldTrainer:
         return True
 
     def _save(self, epoch: int, step: int, state: dict) -> None:
+        rank_state = {k: state[k] for k in self.RANK_KEYS}
         checkpoint.save_checkpoint(self.ckpt_dir, epoch, step, env=self.env, train_state=state,
-                                   resume_keys=self.resume_keys, model=self.raw, optimizer=self.optimizer,
+                                   resume_keys=self.resume_keys, rank_state=rank_state, model=self.raw, optimizer=self.optimizer,
                                    scaler=self.scaler, engine=self.engine, keep_last=self.tcfg.checkpoint.keep_last)
 
     # ---------------------------------------------------------------- epoch end
@@ -695,6 +708,21 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return _jsonable(value.tolist())
     return value
+
+
+def _main_rank_first(env: DistEnv, work: Any) -> None:
+    """Run ``work`` on rank 0 while the others wait; its error stops every rank (none waits forever)."""
+    error: BaseException | None = None
+    if env.is_main:
+        try:
+            work()
+        except Exception as e:
+            error = e
+    failed = distributed.any_rank(env, error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError("rank 0 failed while preparing the data or the split (its error is in its log)")
 
 
 def _seed_everything(seed: int) -> None:

@@ -98,7 +98,7 @@ def test_corrupt_newest_checkpoint_of_the_right_size_falls_back_with_a_warning(
     model, opt = make_objects()
     save(tmp_path, model, opt, 0, 2)
     newest = save(tmp_path, model, opt, 0, 3)
-    rng_file = newest / "rng_rank0.pt"
+    rng_file = newest / "rank0.pt"
     rng_file.write_bytes(b"\0" * rng_file.stat().st_size)  # same size, unreadable content
 
     info, _ = load_latest(tmp_path, env=ENV, resume_keys=KEYS, model=model, optimizer=opt)

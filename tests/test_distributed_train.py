@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from skinhpc.distributed import read_ranks
 from test_train import EXACT, NO_AUG, PREEMPT_ENV, assert_same_run, overrides, run_job, write_tiny_split
-
-pytestmark = pytest.mark.slow
 
 # 21 training images, 5 per process per step: 2 steps per epoch on each of the 2 processes;
 # 16 steps lift the training accuracy from chance to most of the (unaugmented) images.
@@ -26,6 +25,27 @@ def data_dir(sample_data_dir: Path) -> Path:
     return Path(sample_data_dir)
 
 
+@pytest.mark.timeout(30)
+def test_ranks_come_from_torchrun_variables_else_from_a_slurm_job_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
+                "SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(key, raising=False)
+    assert read_ranks() == (0, 1, 0)
+    # A batch script (no job step) is one process although it sees the job's task count.
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert read_ranks() == (0, 1, 0)
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert read_ranks() == (3, 4, 1)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert read_ranks() == (2, 8, 0)
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_two_process_run_learns_a_tiny_fold(strategy: str, tmp_path: Path, data_dir: Path) -> None:
@@ -45,6 +65,7 @@ def test_two_process_run_learns_a_tiny_fold(strategy: str, tmp_path: Path, data_
     assert res.stdout.count("epoch 8/8 val bal_acc") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("strategy", ["ddp", "zero2"])
 def test_two_process_preempted_run_resumes_bit_identical(strategy: str, tmp_path: Path, data_dir: Path) -> None:
@@ -59,7 +80,7 @@ def test_two_process_preempted_run_resumes_bit_identical(strategy: str, tmp_path
     assert res.returncode == 0, res.stderr[-4000:]
     assert "preempted at epoch 1 step 1" in res.stderr
     ckpt = run / "resnet18" / "fold0" / "checkpoints" / "e001-s000001"
-    assert (ckpt / "rng_rank0.pt").is_file() and (ckpt / "rng_rank1.pt").is_file()
+    assert (ckpt / "rank0.pt").is_file() and (ckpt / "rank1.pt").is_file()
     res = run_job(overrides(run, data_dir, *exact), nproc=2, timeout=200)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "resuming from epoch 1 step 1" in res.stdout
