@@ -71,8 +71,18 @@ class AugmentParams:
     """Seed of the device generator that draws the noise pixels (too many to ship from the CPU)."""
 
 
-def _uniform(gen: torch.Generator, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
-    return torch.rand(shape, generator=gen, dtype=torch.float64) * (high - low) + low
+def _rand(gen: torch.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Uniform [0, 1) float64 numbers from the batch's torch generator, as numpy.
+
+    The arithmetic on them is done in numpy on purpose: small torch CPU ops (exp, sqrt, cos)
+    stall for milliseconds each while FFCV's decoding threads keep the cores busy (measured: 10 ms
+    per op, which halved the loader's throughput); numpy's are single-threaded and take microseconds.
+    """
+    return torch.rand(shape, generator=gen, dtype=torch.float64).numpy()
+
+
+def _uniform(gen: torch.Generator, shape: tuple[int, ...], low: float, high: float) -> np.ndarray:
+    return _rand(gen, shape) * (high - low) + low
 
 
 def sample_crop_boxes(gen: torch.Generator, n: int, height: int, width: int,
@@ -84,14 +94,14 @@ def sample_crop_boxes(gen: torch.Generator, n: int, height: int, width: int,
     """
     area = height * width
     target = area * _uniform(gen, (n, _CROP_ATTEMPTS), scale[0], scale[1])
-    aspect = torch.exp(_uniform(gen, (n, _CROP_ATTEMPTS), math.log(ratio[0]), math.log(ratio[1])))
-    w = torch.round(torch.sqrt(target * aspect))
-    h = torch.round(torch.sqrt(target / aspect))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = torch.argmax(fits.to(torch.int8), dim=1, keepdim=True)  # first True (0 when none)
-    w = w.gather(1, first)[:, 0]
-    h = h.gather(1, first)[:, 0]
-    any_fit = fits.any(dim=1)
+    aspect = np.exp(_uniform(gen, (n, _CROP_ATTEMPTS), math.log(ratio[0]), math.log(ratio[1])))
+    w_all = np.round(np.sqrt(target * aspect))
+    h_all = np.round(np.sqrt(target / aspect))
+    fits = (w_all > 0) & (w_all <= width) & (h_all > 0) & (h_all <= height)
+    first = np.argmax(fits, axis=1)  # the first attempt that fits (0 when none does)
+    w = w_all[np.arange(n), first]
+    h = h_all[np.arange(n), first]
+    any_fit = fits.any(axis=1)
     # Fallback as torchvision: the whole image, clamped to the allowed aspect ratios.
     in_ratio = width / height
     if in_ratio < ratio[0]:
@@ -100,14 +110,12 @@ def sample_crop_boxes(gen: torch.Generator, n: int, height: int, width: int,
         fw, fh = round(height * ratio[1]), height
     else:
         fw, fh = width, height
-    w = torch.where(any_fit, w, torch.full_like(w, fw))
-    h = torch.where(any_fit, h, torch.full_like(h, fh))
-    u = torch.rand((n, 2), generator=gen, dtype=torch.float64)
-    top = torch.floor(u[:, 0] * (height - h + 1))
-    left = torch.floor(u[:, 1] * (width - w + 1))
-    top = torch.where(any_fit, top, torch.full_like(top, 0) + (height - h) // 2)
-    left = torch.where(any_fit, left, torch.full_like(left, 0) + (width - w) // 2)
-    return torch.stack([top, left, h, w], dim=1).to(torch.int64)
+    w = np.where(any_fit, w, fw)
+    h = np.where(any_fit, h, fh)
+    u = _rand(gen, (n, 2))
+    top = np.where(any_fit, np.floor(u[:, 0] * (height - h + 1)), (height - h) // 2)
+    left = np.where(any_fit, np.floor(u[:, 1] * (width - w + 1)), (width - w) // 2)
+    return torch.from_numpy(np.stack([top, left, h, w], axis=1).astype(np.int64))
 
 
 def elastic_grid_size(cfg: AugmentConfig) -> int:
@@ -122,27 +130,27 @@ def draw_params(gen: torch.Generator, n: int, height: int, width: int, cfg: Augm
     augmentation off leaves the others' parameters unchanged.
     """
     boxes = sample_crop_boxes(gen, n, height, width, tuple(cfg.crop_scale), tuple(cfg.crop_ratio))
-    coins = torch.rand((n, 6), generator=gen, dtype=torch.float64)
+    coins = _rand(gen, (n, 6))
     g = elastic_grid_size(cfg)
-    params = AugmentParams(
+    t = torch.from_numpy
+    return AugmentParams(
         boxes=boxes,
-        hflip=coins[:, 0] < cfg.hflip,
-        vflip=coins[:, 1] < cfg.vflip,
-        affine=coins[:, 2] < cfg.affine_p,
-        angle=_uniform(gen, (n,), -1.0, 1.0) * math.radians(cfg.rotation),
-        shift=_uniform(gen, (n, 2), -1.0, 1.0) * cfg.translate,
-        zoom=_uniform(gen, (n,), cfg.scale[0], cfg.scale[1]),
-        elastic=coins[:, 3] < cfg.elastic_p,
-        elastic_field=_uniform(gen, (n, 2, g, g), -1.0, 1.0).float(),
-        brightness=_uniform(gen, (n,), -1.0, 1.0) * cfg.brightness,
-        contrast=1.0 + _uniform(gen, (n,), -1.0, 1.0) * cfg.contrast,
-        color_shift=_uniform(gen, (n, 3), -1.0, 1.0) * cfg.color_shift,
-        blur=coins[:, 4] < cfg.blur_p,
-        blur_sigma=_uniform(gen, (n,), cfg.blur_sigma[0], cfg.blur_sigma[1]),
-        noise=coins[:, 5] < cfg.noise_p,
+        hflip=t(coins[:, 0] < cfg.hflip),
+        vflip=t(coins[:, 1] < cfg.vflip),
+        affine=t(coins[:, 2] < cfg.affine_p),
+        angle=t(_uniform(gen, (n,), -1.0, 1.0) * math.radians(cfg.rotation)),
+        shift=t(_uniform(gen, (n, 2), -1.0, 1.0) * cfg.translate),
+        zoom=t(_uniform(gen, (n,), cfg.scale[0], cfg.scale[1])),
+        elastic=t(coins[:, 3] < cfg.elastic_p),
+        elastic_field=t(_uniform(gen, (n, 2, g, g), -1.0, 1.0).astype(np.float32)),
+        brightness=t(_uniform(gen, (n,), -1.0, 1.0) * cfg.brightness),
+        contrast=t(1.0 + _uniform(gen, (n,), -1.0, 1.0) * cfg.contrast),
+        color_shift=t(_uniform(gen, (n, 3), -1.0, 1.0) * cfg.color_shift),
+        blur=t(coins[:, 4] < cfg.blur_p),
+        blur_sigma=t(_uniform(gen, (n,), cfg.blur_sigma[0], cfg.blur_sigma[1])),
+        noise=t(coins[:, 5] < cfg.noise_p),
         noise_seed=int(torch.randint(0, 2**62, (1,), generator=gen).item()),
     )
-    return params
 
 
 # ------------------------------------------------------------------------------ geometry
@@ -182,27 +190,27 @@ def _prescaled_float(images: torch.Tensor, out_size: int) -> torch.Tensor:
 
 
 def _thetas(params: AugmentParams, height: int, width: int, use_affine: bool) -> torch.Tensor:
-    """(N, 2, 3) maps from output to input normalised coordinates: affine, then flip, then crop."""
-    n = params.boxes.shape[0]
-    boxes = params.boxes.to(torch.float64)
-    top, left, h, w = boxes.unbind(1)
-    linear = torch.eye(2, dtype=torch.float64).repeat(n, 1, 1)
-    offset = torch.zeros(n, 2, dtype=torch.float64)
+    """(N, 2, 3) maps from output to input normalised coordinates: affine, then flip, then crop.
+
+    Computed in numpy (see ``_rand``: small torch CPU ops stall next to FFCV's threads)."""
+    top, left, h, w = params.boxes.numpy().astype(np.float64).T
+    n = len(top)
+    linear = np.tile(np.eye(2), (n, 1, 1))
+    offset = np.zeros((n, 2))
     if use_affine:
-        on = params.affine
-        cos, sin = torch.cos(params.angle), torch.sin(params.angle)
-        rot = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
-        rot = rot / params.zoom[:, None, None]  # zoom > 1 shows a smaller region: magnifies
-        linear = torch.where(on[:, None, None], rot, linear)
-        offset = torch.where(on[:, None], -2.0 * params.shift, offset)
-    flip = torch.stack([torch.where(params.hflip, -1.0, 1.0), torch.where(params.vflip, -1.0, 1.0)], 1)
-    flip = flip.to(torch.float64)
+        on = params.affine.numpy()
+        angle, zoom = params.angle.numpy(), params.zoom.numpy()
+        cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom  # zoom > 1 shows a smaller region: magnifies
+        rot = np.stack([np.stack([cos, -sin], 1), np.stack([sin, cos], 1)], 1)
+        linear = np.where(on[:, None, None], rot, linear)
+        offset = np.where(on[:, None], -2.0 * params.shift.numpy(), offset)
+    flip = np.stack([np.where(params.hflip.numpy(), -1.0, 1.0), np.where(params.vflip.numpy(), -1.0, 1.0)], 1)
     linear = linear * flip[:, :, None]
     offset = offset * flip
-    crop_scale = torch.stack([w / width, h / height], 1)
-    crop_centre = torch.stack([(2 * left + w) / width - 1, (2 * top + h) / height - 1], 1)
-    theta = torch.cat([linear * crop_scale[:, :, None], (offset * crop_scale + crop_centre)[:, :, None]], 2)
-    return theta.float()
+    crop_scale = np.stack([w / width, h / height], 1)
+    crop_centre = np.stack([(2 * left + w) / width - 1, (2 * top + h) / height - 1], 1)
+    theta = np.concatenate([linear * crop_scale[:, :, None], (offset * crop_scale + crop_centre)[:, :, None]], 2)
+    return torch.from_numpy(theta.astype(np.float32))
 
 
 def _affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
@@ -348,14 +356,13 @@ def crop_resize_uint8(images: np.ndarray, boxes: np.ndarray, size: int, hflip: n
     def work(indices: Iterable[int]) -> None:
         for i in indices:
             top, left, h, w = (int(v) for v in boxes[i])
-            crop = images[i, top:top + h, left:left + w]
+            dst = out[i]  # written in place: copying results over costs as much as the resize
             interp = cv2.INTER_AREA if min(h, w) > size else cv2.INTER_LINEAR
-            img = cv2.resize(crop, (size, size), interpolation=interp)
-            if hflip is not None and hflip[i]:
-                img = img[:, ::-1]
-            if vflip is not None and vflip[i]:
-                img = img[::-1]
-            out[i] = img
+            cv2.resize(images[i, top:top + h, left:left + w], (size, size), dst=dst, interpolation=interp)
+            h_flip = hflip is not None and bool(hflip[i])
+            v_flip = vflip is not None and bool(vflip[i])
+            if h_flip or v_flip:
+                cv2.flip(dst, -1 if (h_flip and v_flip) else (1 if h_flip else 0), dst=dst)
 
     if pool is None or n < 2:
         work(range(n))
