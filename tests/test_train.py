@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from skinhpc.config import SplitConfig, load_config
 from skinhpc.convert import read_index
 from skinhpc.split import SPLIT_NAME
 from skinhpc.models import backbone_and_head_params, create_model
-from skinhpc.train import KILL_ENV, PREEMPT_ENV, class_weights, fold_dir, lr_at, train_fold
+from skinhpc.train import KILL_ENV, PREEMPT_ENV, PreemptionFlag, class_weights, fold_dir, lr_at, train_fold
 
 PYTHON = sys.executable
 TIMING_KEYS = {"images_per_s", "data_wait_frac", "peak_mem_gb", "time_s"}
@@ -137,6 +138,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> P
     return fold_dir(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_single_process_fold_learns_and_writes_the_fold_layout(tmp_path: Path, data_dir: Path) -> None:
     write_tiny_split(tmp_path, data_dir, per_class=(2, 1, 1))
@@ -241,6 +243,26 @@ def test_class_weights_are_inverse_training_frequency() -> None:
     w = class_weights(np.array([5, 5, 5, 0, 1, 1]))  # nv x3, akiec x1, bcc x2
     assert w[5] * 3 == pytest.approx(w[0]) and w[1] * 2 == pytest.approx(w[0])
     assert w[2] == 0 and w[6] == 0  # classes absent from the fold
+
+
+@pytest.mark.timeout(30)
+def test_preemption_handlers_only_record_the_signal_and_hand_it_to_the_previous_handler() -> None:
+    calls: list[int] = []
+    submitit_like = lambda signum, frame: calls.append(signum)  # noqa: E731
+    saved = signal.signal(signal.SIGUSR2, submitit_like), signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        flag = PreemptionFlag()
+        flag.install()
+        os.kill(os.getpid(), signal.SIGTERM)  # would end the process with the default handler
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert flag.code == 2 and calls == []  # recorded only; USR2 outranks TERM
+        assert flag.call_previous(signal.SIGUSR2) and calls == [signal.SIGUSR2]
+        assert not flag.call_previous(signal.SIGTERM)  # SIG_DFL: nothing to call, the task stops itself
+        flag.uninstall()
+        assert signal.getsignal(signal.SIGUSR2) is submitit_like
+    finally:
+        signal.signal(signal.SIGUSR2, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
 
 
 @pytest.mark.slow
