@@ -624,7 +624,8 @@ class FoldTrainer:
         loss_sum, correct, seen = distributed.all_sum(env, [st["loss_sum"], float(st["correct"]), float(st["seen"])])
         train_loss = loss_sum / max(1.0, self.steps_per_epoch * env.world_size)
         metrics = self._metrics(self._predict(self.val_loader))
-        bal = float(metrics["balanced_accuracy"])
+        bal = metrics.get("balanced_accuracy")
+        bal = float("nan") if bal is None else float(bal)  # NaN never counts as an improvement
         improved = bal > st["best_metric"]
         if improved:
             st["best_metric"], st["best_epoch"], st["bad_epochs"] = bal, epoch, 0
