@@ -4,10 +4,15 @@ and a preempted 2-process run resumes bit-identical to an uninterrupted one."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from skinhpc import REPO_DIR
 from skinhpc.distributed import read_ranks
 from test_train import EXACT, NO_AUG, PREEMPT_ENV, assert_same_run, overrides, run_job, write_tiny_split
 
@@ -85,3 +90,34 @@ def test_two_process_preempted_run_resumes_bit_identical(strategy: str, tmp_path
     assert res.returncode == 0, res.stderr[-4000:]
     assert "resuming from epoch 1 step 1" in res.stdout
     assert_same_run(ref / "resnet18" / "fold0", run / "resnet18" / "fold0")
+
+
+def _no_slurm() -> str:
+    if not shutil.which("srun"):
+        return "srun is not on PATH"
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0 or not any(s.rstrip("*") in ("idle", "mixed") for s in out.stdout.split()):
+        return f"no idle SLURM node ({out.stdout.strip() or out.stderr.strip()})"
+    return ""
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_srun_tasks_train_together_from_the_slurm_environment_alone(tmp_path: Path, data_dir: Path) -> None:
+    """The SLURM payload path: ranks from SLURM_PROCID/SLURM_STEP_NUM_TASKS, rendezvous on the first
+    host of the allocation, no torchrun and no MASTER_ADDR."""
+    problem = _no_slurm()
+    if problem:
+        if os.environ.get("SKINHPC_REQUIRE_SLURM") == "1":
+            pytest.fail(f"SKINHPC_REQUIRE_SLURM=1 but {problem}")
+        pytest.skip(f"{problem}; start the local cluster with: bash slurm/local/start.sh")
+    write_tiny_split(tmp_path, data_dir)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
+    cmd = ["srun", "--ntasks=2", "--cpus-per-task=1", "--time=10", sys.executable, str(REPO_DIR / "jobs" / "train.py"),
+           *overrides(tmp_path, data_dir, "train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=5")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=380, cwd=REPO_DIR)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    metrics = json.loads((tmp_path / "resnet18" / "fold0" / "metrics.json").read_text())
+    assert metrics["status"] == "done" and metrics["world_size"] == 2
