@@ -221,6 +221,24 @@ def test_hard_killed_run_resumes_from_last_checkpoint_bit_identical(tmp_path: Pa
     assert_same_run(uninterrupted, out)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_preempted_run_with_gradient_accumulation_resumes_bit_identical(tmp_path: Path, data_dir: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # 4 micro-batches of 4 = 2 optimizer steps per epoch; stop after step 3 (epoch 1, micro-batch 2).
+    extra = [*EXACT, "train.accum_steps=2", "train.max_steps_per_epoch=4", "train.batch_size=4"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    for d in (ref, run):
+        write_tiny_split(d, data_dir)
+    assert train_fold(load_config(overrides(ref, data_dir, *extra)))["status"] == "done"
+    monkeypatch.setenv(PREEMPT_ENV, "3")
+    result = train_fold(load_config(overrides(run, data_dir, *extra)))
+    assert (result["status"], result["epoch"], result["step"]) == ("preempted", 1, 2)
+    monkeypatch.delenv(PREEMPT_ENV)
+    assert train_fold(load_config(overrides(run, data_dir, *extra)))["status"] == "done"
+    assert_same_run(ref / "resnet18" / "fold0", run / "resnet18" / "fold0")
+
+
 @pytest.mark.timeout(120)
 def test_train_job_reports_a_config_error_without_traceback(tmp_path: Path) -> None:
     res = run_job([f"run_dir={tmp_path}", "train.strategy=deepspeed", "train.precision=fp16"], timeout=100)
