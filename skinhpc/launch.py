@@ -192,10 +192,25 @@ def check_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
                           + "; ".join(changed) + ". Use a new run_dir, or the saved values to continue.")
 
 
+def slurm_answers(timeout_s: float = 10.0) -> bool:
+    """sbatch is on PATH and the controller answers (SLURM packages without a running cluster do not count)."""
+    if not shutil.which("sbatch") or not shutil.which("sinfo"):
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, timeout=timeout_s).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 def resolve_kind(kind: str) -> str:
-    """cluster.kind auto → slurm when sbatch is on PATH, else local."""
+    """cluster.kind auto → slurm when a SLURM controller answers, else submitit's local executor."""
     if kind == "auto":
-        return "slurm" if shutil.which("sbatch") else "local"
+        if slurm_answers():
+            return "slurm"
+        if shutil.which("sbatch"):
+            print("note: sbatch is installed but no SLURM controller answers; running locally "
+                  "(cluster.kind=local). Start one or set cluster.kind=slurm to insist.", flush=True)
+        return "local"
     if kind == "slurm" and not shutil.which("sbatch"):
         raise LaunchError("cluster.kind=slurm but sbatch is not on PATH (no SLURM here); "
                           "use cluster.kind=local or start one with slurm/local/start.sh")
