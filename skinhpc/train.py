@@ -514,26 +514,28 @@ class FoldTrainer:
         correct = torch.tensor(st["correct"], dtype=torch.int64, device=self.device)
         t_start, waited, images, lr = time.perf_counter(), 0.0, 0, 0.0
         bar = self._progress_bar(epoch, st["step"])
-        for step, batch, wait in self._batches(epoch, st["step"]):
-            waited += wait
-            boundary = (step + 1) % tc.accum_steps == 0
-            loss, right = self._micro_step(batch, boundary)
-            loss_sum += loss.double()
-            correct += right
-            st["seen"] += len(batch.labels)
-            images += len(batch.labels)
-            if self.engine is not None and not boundary:
-                self.engine.step()  # DeepSpeed counts micro-steps itself; it only updates at the boundary
-            if not boundary:
-                continue
-            lr = self._optimizer_step()
-            st["step"] = step + 1
-            self._report_step(bar, step, loss, lr)
-            self._test_hooks()
-            if self._maybe_checkpoint(loss_sum, correct):
-                return False
-        if bar is not None:
-            bar.close()
+        try:
+            for step, batch, wait in self._batches(epoch, st["step"]):
+                waited += wait
+                boundary = (step + 1) % tc.accum_steps == 0
+                loss, right = self._micro_step(batch, boundary)
+                loss_sum += loss.double()
+                correct += right
+                st["seen"] += len(batch.labels)
+                images += len(batch.labels)
+                if self.engine is not None and not boundary:
+                    self.engine.step()  # DeepSpeed counts micro-steps itself; it only updates at the boundary
+                if not boundary:
+                    continue
+                lr = self._optimizer_step()
+                st["step"] = step + 1
+                self._report_step(bar, step, loss, lr)
+                self._test_hooks()
+                if self._maybe_checkpoint(loss_sum, correct):
+                    return False
+        finally:
+            if bar is not None:
+                bar.close()
         st["loss_sum"], st["correct"] = float(loss_sum.item()), int(correct.item())
         seconds = time.perf_counter() - t_start
         self._epoch_stats = {"lr": lr or self.optimizer.param_groups[-1]["lr"],
@@ -557,7 +559,7 @@ class FoldTrainer:
         if bar is not None:
             bar.update(self.tcfg.accum_steps)
         every = max(1, self.tcfg.log_every)
-        if g % every == 0 or bar is not None and g % 10 == 0:
+        if g % every == 0 or (bar is not None and g % 10 == 0):
             value = float(loss.item())
             self.writer.add_scalar("train/loss", value, g)
             self.writer.add_scalar("train/lr", lr, g)
