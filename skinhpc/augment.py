@@ -276,18 +276,18 @@ def photometric(x: torch.Tensor, params: AugmentParams, cfg: AugmentConfig) -> t
         idx = params.blur.nonzero()[:, 0]
         x, owned = x.clone(), True
         x[idx.to(dev)] = _gaussian_blur(x[idx.to(dev)], params.blur_sigma[idx])
-    gain = torch.ones(n, 1, dtype=torch.float64)
-    bias = torch.zeros(n, 3, dtype=torch.float64)
-    if cfg.contrast > 0:  # (x - mean) * c + mean, mean over the whole image
-        mean = x.mean(dim=(1, 2, 3)).double().cpu()[:, None]
-        gain = params.contrast[:, None]
-        bias = bias + (1.0 - gain) * mean
-    if cfg.brightness > 0:
-        bias = bias + params.brightness[:, None]
-    if cfg.color_shift > 0:
-        bias = bias + params.color_shift
     if cfg.contrast > 0 or cfg.brightness > 0 or cfg.color_shift > 0:
-        x = torch.addcmul(bias.float().to(dev)[:, :, None, None], x, gain.float().to(dev)[:, :, None, None])
+        bias = torch.zeros(n, 3, dtype=torch.float64)
+        if cfg.brightness > 0:
+            bias += params.brightness[:, None]
+        if cfg.color_shift > 0:
+            bias += params.color_shift
+        bias = bias.float().to(dev)[:, :, None, None]
+        gain = torch.ones(n, 1, 1, 1, device=dev)
+        if cfg.contrast > 0:  # (x - mean) * c + mean; the mean stays on the device (no sync)
+            gain = params.contrast.float().to(dev)[:, None, None, None]
+            bias = bias + (1.0 - gain) * x.mean(dim=(1, 2, 3), keepdim=True)
+        x = torch.addcmul(bias, x, gain)
         owned = True
     if cfg.noise_p > 0 and cfg.noise_std > 0 and bool(params.noise.any()):
         idx = params.noise.nonzero()[:, 0].to(dev)
