@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     images = args.images or [str(skinhpc.SAMPLE_IMAGES)]
     metadata = args.metadata or str(skinhpc.SAMPLE_METADATA)
     print(f"machine: {available_cores()} cores ({os.cpu_count()} CPUs), torch {torch.__version__};"
-          f" batch {args.batch_size}, {args.size}x{args.size} crops, {workers} workers", flush=True)
+          f" batch {args.batch_size}, {args.size}x{args.size} crops, {workers} workers;"
+          f" load average {os.getloadavg()[0]:.1f} (other processes distort timings)", flush=True)
     with tempfile.TemporaryDirectory(prefix="skinhpc-bench-") as tmp_name:
         tmp = Path(tmp_name)
         folder, csv_path, links = _repeated_inputs(images, metadata, args.min_images, tmp)
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         for loader in loaders.values():
             loader.close()
 
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[1]:.1f} (5 min)")
     print("summary (images/s):", ", ".join(f"({k}) {v:,.0f}" for k, v in results.items()))
     print(f"ratio ffcv raw/baseline: {results['b'] / results['c']:.1f}")
     print(f"ratio ffcv/pre-resized-baseline: {results['a'] / results['d']:.2f}")
