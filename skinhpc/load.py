@@ -250,9 +250,11 @@ class _PILSource:
 
         self.sampler = _EpochBatches(order_for, batch_size, n_batches)
         workers = data_cfg.num_workers or available_cores()
-        # forkserver: forking this process after FFCV/numba started threads is unsafe (numba warns).
+        # Forking a process in which FFCV's numba thread pool runs is unsafe (numba warns): then the
+        # workers come from a fresh forkserver (which, like spawn, needs the usual __main__ guard).
+        context = "forkserver" if "numba" in sys.modules else None
         self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers,
-                                                  persistent_workers=True, multiprocessing_context="forkserver",
+                                                  persistent_workers=True, multiprocessing_context=context,
                                                   pin_memory=device.type == "cuda")
         self.n_batches = n_batches
 
@@ -267,7 +269,11 @@ class _PILSource:
             yield images, labels, rows
 
     def close(self) -> None:
-        pass
+        # The persistent worker processes otherwise live as long as the DataLoader object.
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+            self.loader._iterator = None
 
 
 # ------------------------------------------------------------------------------ the loader

@@ -153,6 +153,10 @@ def test_pil_loader_serves_the_same_rows_labels_and_pixels_as_ffcv(eval_loader: 
             assert float(diff.mean()) < 2.0  # the .beton stores JPEG (quality 90) of the same pixels
     # Resume works the same way on the PIL path.
     assert _same(list(pil_train.epoch(1))[2:], list(pil_train.epoch(1, start_step=2)))
+    import multiprocessing
+    pil_eval.close()
+    pil_train.close()
+    assert not [p for p in multiprocessing.active_children() if p.is_alive()]  # workers stopped
 
 
 @pytest.mark.timeout(60)
