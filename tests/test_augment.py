@@ -172,3 +172,15 @@ def test_generator_parameters_do_not_depend_on_the_device_of_the_images() -> Non
     for field in dataclasses.fields(a):
         va, vb = getattr(a, field.name), getattr(b, field.name)
         assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_gpu_draws_the_same_parameters_and_makes_the_same_images_as_the_cpu() -> None:
+    images = _images()
+    cfg = dataclasses.replace(AugmentConfig(), noise_p=0.0, affine_p=1.0, elastic_p=1.0, blur_p=1.0)
+    cpu = train_transform(images, batch_generator(1, 2, 3), SIZE, cfg)
+    gpu = train_transform(images.cuda(), batch_generator(1, 2, 3), SIZE, cfg).cpu()
+    torch.testing.assert_close(gpu, cpu, atol=5e-3, rtol=0)  # kernels (TF32 blur) differ, parameters do not
+    torch.testing.assert_close(eval_transform(images.cuda(), SIZE).cpu(), eval_transform(images, SIZE),
+                               atol=1 / 255 + 1e-4, rtol=0)  # the CPU kernel resizes in uint8
