@@ -32,7 +32,9 @@ scheduler, batch sizes, precision); BatchNorm buffers are broadcast from rank 0 
 as DDP does, so every rank evaluates with the same statistics and a resume is exact.
 
 For tests, ``SKINHPC_TEST_PREEMPT_AT_STEP=N`` makes rank 0 send itself SIGUSR2 after optimizer step N
-and ``SKINHPC_TEST_KILL_AT_STEP=N`` makes every rank SIGKILL itself there (a hard kill).
+and ``SKINHPC_TEST_KILL_AT_STEP=N`` makes every rank SIGKILL itself there (a hard kill);
+``SKINHPC_TEST_STEP_SLEEP=S`` sleeps S seconds after every optimizer step, so that a test's task
+cannot finish inside SLURM's kill window after an ``scontrol requeue``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ METRICS_NAME = "metrics.json"
 LOG_NAME = "log.jsonl"
 PREEMPT_ENV = "SKINHPC_TEST_PREEMPT_AT_STEP"
 KILL_ENV = "SKINHPC_TEST_KILL_AT_STEP"
+STEP_SLEEP_ENV = "SKINHPC_TEST_STEP_SLEEP"
 # Settings whose change makes a checkpoint unusable or the resumed trajectory different.
 RESUME_KEYS = ("model.backbone", "model.image_size", "train.batch_size", "train.accum_steps", "train.strategy",
                "train.seed")
@@ -575,6 +578,8 @@ class FoldTrainer:
             os.kill(os.getpid(), signal.SIGUSR2)
         if os.environ.get(KILL_ENV) == str(g):
             os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get(STEP_SLEEP_ENV):
+            time.sleep(float(os.environ[STEP_SLEEP_ENV]))
 
     def _loop_state(self, loss_sum: torch.Tensor, correct: torch.Tensor) -> dict:
         return {**self.state, "loss_sum": float(loss_sum.item()), "correct": int(correct.item())}

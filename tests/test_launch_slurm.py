@@ -177,8 +177,10 @@ def test_scontrol_requeue_and_usr2_preemption_resume_to_the_same_metrics(e2e_run
     ref_dir, _ = e2e_run
     run_dir = tmp_path / "requeue"
     # Same experiment as e2e (the sample preset's values, the converted sample), printing every step.
+    # Each step sleeps 1.5 s: otherwise a fast machine finishes the last epochs inside SLURM's kill
+    # window (KillWait=5 s) after the requeue's SIGTERM, and there is nothing left to resume.
     launch(["--folds", "2", "--config", SAMPLE_CONFIG, f"run_dir={run_dir}", f"data.dir={ref_dir / 'data'}",
-            PROFILE, "train.log_every=1"], cwd=tmp_path)
+            PROFILE, "train.log_every=1"], cwd=tmp_path, env={"SKINHPC_TEST_STEP_SLEEP": "1.5"})
     jobs = jobs_of(run_dir)
     job0, job1 = (jobs["tasks"][f"resnet18/fold{k}"]["job_id"] for k in range(2))
 
