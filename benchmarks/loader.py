@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from skinhpc.config import AugmentConfig, DataConfig
     from skinhpc.convert import convert
-    from skinhpc.load import available_cores, build_loader
+    from skinhpc.config import available_cores
+    from skinhpc.load import build_loader
 
     workers = args.workers or available_cores()
     images = args.images or [str(skinhpc.SAMPLE_IMAGES)]

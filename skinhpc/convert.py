@@ -41,7 +41,7 @@ from PIL import Image, ImageFile
 
 import skinhpc
 from skinhpc import CLASS_TO_LABEL, CLASSES
-from skinhpc.config import DataConfig, atomic_write_text
+from skinhpc.config import DataConfig, atomic_write_text, available_cores
 
 BETON_NAME = "ham10000.beton"
 INDEX_NAME = "index.csv"
@@ -529,12 +529,7 @@ def _write_beton(plan: _Plan, stored_size: list[int], dest: Path, settings: dict
 # --------------------------------------------------------------------------- convert
 
 def _workers(workers: int) -> int:
-    if workers > 0:
-        return workers
-    try:
-        return len(os.sched_getaffinity(0))  # the cores SLURM gave this job, not the whole node's
-    except AttributeError:
-        return os.cpu_count() or 1
+    return workers if workers > 0 else available_cores()
 
 
 @contextmanager

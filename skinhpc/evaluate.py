@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from torchmetrics.functional.classification import (
 )
 
 from skinhpc import CLASSES
+from skinhpc.config import atomic_write
 
 NUM = len(CLASSES)
 
@@ -218,16 +218,11 @@ def save_predictions(path: str | Path, preds: Predictions, index_df: pd.DataFram
     if len(unknown):
         raise ValueError(f"{path}: rows {unknown[:10].tolist()} are not in the index ({len(index)} rows)")
     meta = index.loc[preds.rows]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-        np.savez(f, probs=preds.probs.astype(np.float32), logits=preds.logits.astype(np.float32),
-                 labels=preds.labels.astype(np.int64), rows=preds.rows.astype(np.int64),
-                 image_ids=meta["image_id"].to_numpy().astype(str),
-                 lesion_ids=meta["lesion_id"].to_numpy().astype(str))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    arrays = dict(probs=preds.probs.astype(np.float32), logits=preds.logits.astype(np.float32),
+                  labels=preds.labels.astype(np.int64), rows=preds.rows.astype(np.int64),
+                  image_ids=meta["image_id"].to_numpy().astype(str),
+                  lesion_ids=meta["lesion_id"].to_numpy().astype(str))
+    atomic_write(path, lambda f: np.savez(f, **arrays))  # a file object: np.savez would append ".npz" to a name
 
 
 def load_predictions(path: str | Path) -> dict[str, np.ndarray]:

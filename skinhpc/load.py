@@ -17,7 +17,6 @@ compression) and reproduces FFCV's orders exactly, so both paths serve the same 
 from __future__ import annotations
 
 import math
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,7 @@ import torch
 import skinhpc
 from skinhpc.augment import (apply_params, batch_generator, centre_square, crop_resize_uint8, draw_params,
                              eval_transform, normalize)
-from skinhpc.config import AugmentConfig, DataConfig
+from skinhpc.config import AugmentConfig, DataConfig, available_cores
 
 
 class Batch(NamedTuple):
@@ -45,13 +44,6 @@ class Batch(NamedTuple):
 class LoaderError(ValueError):
     """The loader cannot be built as asked (bad rows, batch larger than the fold, no FFCV ...)."""
 
-
-def available_cores() -> int:
-    """Cores this process may use (SLURM's allocation, not the node's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _rank_world(distributed: bool) -> tuple[int, int]:

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from skinhpc import CLASSES
-from skinhpc.config import ModelConfig
+from skinhpc.config import ModelConfig, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,6 @@ class VGG16GAP(nn.Module):
 
 def create_model(model_cfg: ModelConfig, num_classes: int = len(CLASSES)) -> nn.Module:
     """Build ``model_cfg.backbone`` with a fresh ``num_classes``-way head and the configured weights."""
-    name = model_cfg.backbone
     pretrained = model_cfg.pretrained.strip()
     if pretrained.lower() == "true":
         return _create_from_hub(model_cfg, num_classes)
@@ -428,18 +427,11 @@ def _plain_value(value: Any) -> Any:
 def save_model_file(path: str | Path, model: nn.Module, model_cfg: ModelConfig,
                     stored_size: list[int] | tuple[int, int], **extra: Any) -> None:
     """Write ``{"state_dict", "model", "stored_size", "classes", **extra}`` atomically (temp + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     blob = {"state_dict": state, "model": dataclasses.asdict(model_cfg),
             "stored_size": [int(s) for s in stored_size], "classes": list(CLASSES),
             **{k: _plain_value(v) for k, v in extra.items()}}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(blob, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(blob, f))
 
 
 def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from skinhpc import CLASSES
-from skinhpc.config import atomic_write_text
+from skinhpc.config import atomic_write_text, available_cores
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -173,7 +172,7 @@ def predict_images(models: Sequence[FoldModel], paths: Sequence[str | Path], *, 
     sizes = sorted({fm.stored_size for fm in models})
     result = PredictResult()
     batches: list[np.ndarray] = []
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=workers or available_cores()) as pool:
         for chunk in _chunks([Path(p) for p in paths], batch_size):
             decoded = {s: list(pool.map(lambda p, s=s: _read(p, s), chunk)) for s in sizes}
             ok = [i for i in range(len(chunk)) if all(not isinstance(decoded[s][i], str) for s in sizes)]

@@ -8,13 +8,13 @@ Figures are PNGs drawn with matplotlib's Agg backend (no display needed) and wri
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from skinhpc import CLASSES
+from skinhpc.config import atomic_write
 
 if TYPE_CHECKING:
     from skinhpc.ensemble import RunScan
@@ -181,10 +181,10 @@ def _figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6.0, 5.
 def save_figure(fig: Any, path: Path) -> None:
     """Save as PNG via a temporary file and rename (readers never see half an image)."""
     import matplotlib.pyplot as plt
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def plot_confusion(cm: np.ndarray, title: str, path: Path) -> None:
