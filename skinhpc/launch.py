@@ -61,6 +61,7 @@ from omegaconf import OmegaConf
 from submitit.slurm.slurm import _make_sbatch_string
 
 from skinhpc import REPO_DIR, SAMPLE_METADATA
+from skinhpc.rundir import LOG_NAME, finished_metrics, read_json, read_log
 from skinhpc.config import (
     ClusterConfig,
     ConfigError,
@@ -362,32 +363,8 @@ def launch_lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def task_done(run_dir: Path, task: Task) -> bool:
-    metrics = read_json(task.dir(run_dir) / "metrics.json")
-    return bool(metrics) and metrics.get("status") == "done"
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """The epoch lines of a task's log.jsonl (a half-written last line is ignored)."""
-    rows = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return rows
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
+    return finished_metrics(task.dir(run_dir)) is not None
 
 
 def data_up_to_date(cfg: ExperimentConfig) -> bool:
@@ -804,9 +781,9 @@ class TaskStatus:
 def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict[str, JobInfo]) -> TaskStatus:
     run_dir = Path(cfg.run_dir)
     job = entry.get("job_id", "")
-    rows = read_log(t.dir(run_dir) / "log.jsonl")
-    metrics = read_json(t.dir(run_dir) / "metrics.json")
-    if task_done(run_dir, t):
+    rows = read_log(t.dir(run_dir) / LOG_NAME)
+    metrics = finished_metrics(t.dir(run_dir))
+    if metrics is not None:
         state = "done"
     elif not job:
         state = "started" if rows else "not submitted"
@@ -820,7 +797,7 @@ def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict
         accs.append(metrics["val"]["balanced_accuracy"])
     best = f"{max(accs):.4f}" if accs else "-"
     log = entry.get("err", "") if state in ("failed", "cancelled") else entry.get("log", "")
-    return TaskStatus(t, job or "-", state, epoch, best, log or str(t.dir(run_dir) / "log.jsonl"))
+    return TaskStatus(t, job or "-", state, epoch, best, log or str(t.dir(run_dir) / LOG_NAME))
 
 
 def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:

@@ -7,7 +7,6 @@ Figures are PNGs drawn with matplotlib's Agg backend (no display needed) and wri
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from skinhpc import CLASSES
 from skinhpc.config import atomic_write
+from skinhpc.rundir import LOG_NAME, read_log
 
 if TYPE_CHECKING:
     from skinhpc.ensemble import RunScan
@@ -248,19 +248,6 @@ def plot_reliability(calibration: dict[str, Any], title: str, path: Path) -> Non
     save_figure(fig, path)
 
 
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """The epoch lines of a fold's log.jsonl (unparseable lines, e.g. one cut by a crash, skipped)."""
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and "epoch" in entry:
-            out.append(entry)
-    return out
-
-
 def plot_curves(backbone: str, logs: dict[str, list[dict[str, Any]]], path: Path) -> None:
     """Loss (train solid, val dashed) and balanced accuracy against epoch, one colour per fold."""
     fig, axes = _figure(2, 1, (6.0, 4.5))
@@ -287,12 +274,10 @@ def plot_curves(backbone: str, logs: dict[str, list[dict[str, Any]]], path: Path
 def _fold_logs(scan: "RunScan", backbone: str) -> dict[str, list[dict[str, Any]]]:
     logs = {}
     for fold in range(scan.num_folds):
-        path = scan.run_dir / backbone / f"fold{fold}" / "log.jsonl"
-        if path.is_file():
-            entries = read_log(path)
-            if entries:
-                done = any(f.backbone == backbone and f.fold == fold for f in scan.finished)
-                logs[f"fold{fold}" + ("" if done else " (unfinished)")] = entries
+        entries = read_log(scan.run_dir / backbone / f"fold{fold}" / LOG_NAME)
+        if entries:
+            done = any(f.backbone == backbone and f.fold == fold for f in scan.finished)
+            logs[f"fold{fold}" + ("" if done else " (unfinished)")] = entries
     return logs
 
 

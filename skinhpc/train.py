@@ -58,9 +58,8 @@ from torch import nn
 from skinhpc import CLASSES, checkpoint, distributed
 from skinhpc.config import ConfigError, ExperimentConfig, TrainConfig, atomic_write_text, save_config
 from skinhpc.distributed import DistEnv
+from skinhpc.rundir import LOG_NAME, METRICS_NAME, finished_metrics
 
-METRICS_NAME = "metrics.json"
-LOG_NAME = "log.jsonl"
 PREEMPT_ENV = "SKINHPC_TEST_PREEMPT_AT_STEP"
 KILL_ENV = "SKINHPC_TEST_KILL_AT_STEP"
 STEP_SLEEP_ENV = "SKINHPC_TEST_STEP_SLEEP"
@@ -74,14 +73,6 @@ def fold_dir(cfg: ExperimentConfig) -> Path:
     """``RUN/<backbone>/fold<k>``."""
     return Path(cfg.run_dir) / cfg.model.backbone / f"fold{cfg.fold}"
 
-
-def finished_metrics(out: Path) -> dict | None:
-    """The fold's metrics.json when training finished (status done), else None."""
-    try:
-        metrics = json.loads((out / METRICS_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return metrics if isinstance(metrics, dict) and metrics.get("status") == "done" else None
 
 
 def train_fold(cfg: ExperimentConfig) -> dict:

@@ -15,7 +15,8 @@ import pytest  # noqa: E402
 
 from skinhpc import CLASSES  # noqa: E402
 from skinhpc.ensemble import run_ensemble  # noqa: E402
-from skinhpc.report import plot_confusion, plot_curves, read_log  # noqa: E402
+from skinhpc.report import plot_confusion, plot_curves  # noqa: E402
+from skinhpc.rundir import read_log  # noqa: E402
 
 from test_ensemble import FakeRun  # noqa: E402
 
