@@ -3,7 +3,7 @@ synthetic input already on the device, side by side in one run.
 
     .venv/bin/python benchmarks/train_throughput.py --data DATA_DIR \
         [--backbones resnet152 seresnext101_32x4d vgg16] [--image-size 224] [--batch-size 256] \
-        [--steps 40] [--warmup 15] [--compile] [--device cuda]
+        [--steps 40] [--warmup 15] [--modes eager compiled] [--device cuda]
 
 DATA_DIR is converted data (jobs/convert.py). For every backbone both contenders run the same
 optimizer step (AdamW, bf16 autocast on CUDA / fp32 on CPU, channels-last, cudnn.benchmark, TF32):
@@ -41,7 +41,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=40, help="timed steps per contender")
     p.add_argument("--warmup", type=int, default=15, help="untimed steps first (cudnn autotune, compile)")
-    p.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
+    p.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager"],
+                   help="eager models and/or torch.compile'd ones (compiling takes a minute or more per backbone)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=0, help="FFCV decoding threads (0: every core)")
     return p.parse_args(argv)
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.randint(0, 7, (args.batch_size,), generator=gen).to(device))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {name}, {len(rows)} images, {args.image_size}px, batch {args.batch_size}, loader {loader.kind}")
-    for backbone, compiled in itertools.product(args.backbones, [False, True] if args.compile else [False]):
+    for backbone, mode in itertools.product(args.backbones, args.modes):
+        compiled = mode == "compiled"
         label = backbone + (" (compiled)" if compiled else "")
         model, opt = _model(backbone, args.image_size, device, compiled)
         synthetic = _time_steps(model, opt, itertools.repeat(fake), args.steps, args.warmup, device)

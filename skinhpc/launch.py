@@ -262,6 +262,19 @@ class ConvertTask:
         return str(getattr(result, "status", result))
 
 
+KEEP_DEVICES = "<keep>"
+
+
+def _restore_visible_devices(value: str | None) -> None:
+    """Set CUDA_VISIBLE_DEVICES to ``value`` (None: unset it) before anything initialises CUDA."""
+    if value == KEEP_DEVICES:
+        return
+    if value is None:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = value
+
+
 class TrainTask(submitit.helpers.Checkpointable):
     """Job callable: train one (backbone, fold), resuming from its newest checkpoint.
 
@@ -269,14 +282,19 @@ class TrainTask(submitit.helpers.Checkpointable):
     from the SLURM environment before the training code is imported.
     """
 
-    def __init__(self, cfg: ExperimentConfig) -> None:
+    def __init__(self, cfg: ExperimentConfig, visible_devices: str | None = KEEP_DEVICES) -> None:
         self.cfg = cfg
+        self.visible_devices = visible_devices
+        """For local runs: the launching shell's CUDA_VISIBLE_DEVICES (None: unset), restored in
+        the task, since submitit's LocalExecutor sets it to "" unless GPUs are requested, which
+        hid every GPU. KEEP_DEVICES (SLURM): leave the variable as the job has it."""
 
     @property
     def key(self) -> str:
         return Task(self.cfg.model.backbone, self.cfg.fold).key
 
     def __call__(self) -> dict:
+        _restore_visible_devices(getattr(self, "visible_devices", KEEP_DEVICES))
         failing = [k.strip() for k in os.environ.get(FAIL_ENV, "").split(",") if k.strip()]
         if self.key in failing:
             raise RuntimeError(f"injected failure for {self.key} ({FAIL_ENV}={os.environ[FAIL_ENV]}; test hook)")
@@ -731,7 +749,8 @@ def _launch_inline(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]
     if plan.convert == "submit":
         echo(f"conversion: {run('conversion', ConvertTask(cfg))}")
     for t in plan.submit:
-        run(f"train {t.key}", TrainTask(task_config(cfg, t)), tasks_per_node=cfg.cluster.gpus_per_node)
+        task = TrainTask(task_config(cfg, t), visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+        run(f"train {t.key}", task, tasks_per_node=cfg.cluster.gpus_per_node)
     if plan.ensemble == "submit":
         run("ensemble", EnsembleTask(str(run_dir)))
     echo(f"report: {run_dir / 'ensemble' / 'report.md'}")

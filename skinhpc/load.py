@@ -119,8 +119,12 @@ class _FFCVSource:
         image_ops: list[Any] = [SimpleRGBImageDecoder(), ToTensor()]
         if device.type == "cuda":  # copied on FFCV's own CUDA stream, overlapping with compute
             image_ops.append(ToDevice(device, non_blocking=True))
+        # numba (FFCV's threads) refuses more threads than it has; a config written for a bigger
+        # node then still runs here.
+        import numba
+        workers = min(data_cfg.num_workers or available_cores(), numba.config.NUMBA_NUM_THREADS)
         self.loader = Loader(
-            str(beton), batch_size=batch_size, num_workers=data_cfg.num_workers or available_cores(),
+            str(beton), batch_size=batch_size, num_workers=workers,
             os_cache=data_cfg.os_cache, order=order, distributed=distributed, seed=seed,
             indices=rows, drop_last=train,
             pipelines={"image": image_ops, "label": [IntDecoder(), ToTensor()], "row": [IntDecoder(), ToTensor()]},

@@ -14,7 +14,9 @@ import pytest
 from skinhpc import REPO_DIR
 from skinhpc.config import ConfigError, load_config, save_config
 from skinhpc.launch import (
+    FAIL_ENV,
     LaunchError,
+    TrainTask,
     absolute_paths,
     check_compatible,
     launch_lock,
@@ -155,6 +157,20 @@ def test_local_kind_runs_whole_experiment_then_relaunch_does_nothing(tmp_path: P
     again = run_launch(args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "0 to submit" in again.stdout and "ensemble done, nothing to do" in again.stdout
+
+
+@pytest.mark.parametrize("launching_shell", ["1,0", None])
+def test_local_task_sees_the_launching_shells_gpus_not_submitits_empty_list(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, launching_shell: str | None) -> None:
+    import pickle
+
+    cfg, _ = load_launch_config([f"run_dir={tmp_path / 'exp'}"], None, 2)
+    task = pickle.loads(pickle.dumps(TrainTask(cfg, visible_devices=launching_shell)))  # as submitit ships it
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # what LocalExecutor sets when no GPUs are requested
+    monkeypatch.setenv(FAIL_ENV, task.key)  # stop right after the environment is set up
+    with pytest.raises(RuntimeError, match="injected failure"):
+        task()
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == launching_shell
 
 
 # --------------------------------------------------------------------------- relaunch decisions

@@ -250,3 +250,14 @@ def test_without_ffcv_the_pil_loader_is_used_after_one_warning_line(data_dir: Pa
     assert done.stdout.split() == ["pil", "True"]
     warnings = [line for line in done.stderr.splitlines() if "warning" in line.lower()]
     assert len(warnings) == 1 and "FFCV cannot be imported" in warnings[0] and "PIL" in warnings[0]
+
+
+def test_more_decoding_threads_than_this_machine_has_still_loads(data_dir: Path) -> None:
+    # A config written for a 64-core node; numba alone would refuse it with "between 1 and N".
+    loader = build_loader(data_dir, np.arange(32), train=False, batch_size=BATCH, image_size=SIZE,
+                          data_cfg=DataConfig(num_workers=512), aug_cfg=AugmentConfig(), seed=0, device="cpu",
+                          distributed=False, channels_last=False)
+    try:
+        assert _rows(list(loader.epoch(0))).tolist() == list(range(32))
+    finally:
+        loader.close()
