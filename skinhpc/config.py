@@ -184,9 +184,13 @@ class CheckpointConfig:
     """Also save every N optimizer steps inside an epoch (0: only at epoch ends and on preemption)."""
     keep_last: int = 2
     """Number of newest checkpoints kept, besides the best one."""
+    every_epochs: int = 1
+    """Save at the end of every N-th epoch (and of the last). For epochs of seconds, where the
+    save would cost as much as the epoch; a preemption signal saves at once whatever N is."""
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 0, "train.checkpoint.every_steps must be >= 0")
+        _check(self.every_epochs >= 1, "train.checkpoint.every_epochs must be >= 1")
         _check(self.keep_last >= 1, "train.checkpoint.keep_last must be >= 1")
 
 
@@ -232,7 +236,9 @@ class TrainConfig:
     focal_gamma: float = 2.0
     """Focal loss gamma."""
     early_stop_patience: int = 0
-    """Stop after this many epochs without a better val balanced accuracy (0: never)."""
+    """Stop after this many validations without a better val balanced accuracy (0: never)."""
+    eval_every: int = 1
+    """Validate (and so pick the best epoch) every N epochs and after the last one."""
     max_steps_per_epoch: int = 0
     """Cap the steps of each epoch (0: the whole fold); for smoke tests."""
     seed: int = 0
@@ -255,6 +261,7 @@ class TrainConfig:
         _check(self.loss in ("ce", "focal"), f"train.loss must be ce or focal, not {self.loss!r}")
         _check(self.lr > 0, "train.lr must be > 0")
         _check(self.accum_steps >= 1, "train.accum_steps must be >= 1")
+        _check(self.eval_every >= 1, "train.eval_every must be >= 1")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
         _check(self.device in ("auto", "cuda", "cpu"), f"train.device must be auto, cuda or cpu, not {self.device!r}")
 

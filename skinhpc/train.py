@@ -621,32 +621,43 @@ class FoldTrainer:
         epoch = st["epoch"]
         loss_sum, correct, seen = distributed.all_sum(env, [st["loss_sum"], float(st["correct"]), float(st["seen"])])
         train_loss = loss_sum / max(1.0, self.steps_per_epoch * env.world_size)
-        metrics = self._metrics(self._predict(self.val_loader))
+        last = epoch + 1 == self.tcfg.epochs
+        metrics, improved = None, False
+        if last or (epoch + 1) % self.tcfg.eval_every == 0:
+            metrics = self._metrics(self._predict(self.val_loader))
+            improved = self._track_best(epoch, metrics)
+        record = {"epoch": epoch, "lr": self._epoch_stats["lr"], "train_loss": train_loss,
+                  "train_acc": correct / max(1.0, seen),
+                  **{f"val_{k}": (metrics or {}).get(k) for k in ("loss", "balanced_accuracy", "top1", "top2",
+                                                                   "auroc_macro")},
+                  **{k: v for k, v in self._epoch_stats.items() if k != "lr"}}
+        if env.is_main:
+            self._log_epoch(record, metrics, improved)
+        st.update(epoch=epoch + 1, step=0, loss_sum=0.0, correct=0, seen=0)
+        if last or st["stopped"] or st["epoch"] % self.tcfg.checkpoint.every_epochs == 0:
+            self._save(st["epoch"], 0, dict(st))
+        if st["stopped"]:
+            _say(f"early stop: no better val balanced accuracy in {self.tcfg.early_stop_patience} validations "
+                 f"(best {st['best_metric']:.4f} at epoch {st['best_epoch']})", env)
+
+    def _track_best(self, epoch: int, metrics: dict) -> bool:
+        """Keep the best weights by val balanced accuracy and count validations without progress."""
+        st = self.state
         bal = metrics.get("balanced_accuracy")
         bal = float("nan") if bal is None else float(bal)  # NaN never counts as an improvement
         improved = bal > st["best_metric"]
         if improved:
             st["best_metric"], st["best_epoch"], st["bad_epochs"] = bal, epoch, 0
-            if env.is_main:
+            if self.env.is_main:
                 checkpoint.save_best(self.ckpt_dir, {k: v.detach().cpu() for k, v in self.raw.state_dict().items()},
                                      {"epoch": epoch, "val_balanced_accuracy": bal})
         else:
             st["bad_epochs"] += 1
         patience = self.tcfg.early_stop_patience
         st["stopped"] = bool(patience and st["bad_epochs"] >= patience)
-        record = {"epoch": epoch, "lr": self._epoch_stats["lr"], "train_loss": train_loss,
-                  "train_acc": correct / max(1.0, seen), "val_loss": metrics["loss"],
-                  "val_balanced_accuracy": bal, "val_top1": metrics["top1"], "val_top2": metrics["top2"],
-                  "val_auroc_macro": metrics["auroc_macro"], **{k: v for k, v in self._epoch_stats.items() if k != "lr"}}
-        if env.is_main:
-            self._log_epoch(record, metrics, improved)
-        st.update(epoch=epoch + 1, step=0, loss_sum=0.0, correct=0, seen=0)
-        self._save(st["epoch"], 0, dict(st))
-        if st["stopped"]:
-            _say(f"early stop: no better val balanced accuracy for {patience} epochs (best {st['best_metric']:.4f} "
-                 f"at epoch {st['best_epoch']})", env)
+        return improved
 
-    def _log_epoch(self, record: dict, metrics: dict, improved: bool) -> None:
+    def _log_epoch(self, record: dict, metrics: dict | None, improved: bool) -> None:
         from skinhpc.evaluate import format_metrics
         with open(self.out / LOG_NAME, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -656,7 +667,8 @@ class FoldTrainer:
                 self.writer.add_scalar(f"epoch/{key}", value, g)
         self.writer.flush()
         mark = " *best*" if improved else ""
-        print(f"epoch {record['epoch'] + 1}/{self.tcfg.epochs} val {format_metrics(metrics)} | train loss "
+        val = f"val {format_metrics(metrics)}" if metrics is not None else "(no validation)"
+        print(f"epoch {record['epoch'] + 1}/{self.tcfg.epochs} {val} | train loss "
               f"{record['train_loss']:.4f} acc {record['train_acc']:.3f} | {record['images_per_s']:.0f} img/s, "
               f"data wait {100 * record['data_wait_frac']:.0f}%{mark}", flush=True)
 

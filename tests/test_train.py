@@ -223,6 +223,26 @@ def test_hard_killed_run_resumes_from_last_checkpoint_bit_identical(tmp_path: Pa
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
+def test_sparse_validation_and_checkpoints_skip_epochs_and_a_killed_run_resumes_from_the_last_saved(
+        tmp_path: Path, data_dir: Path, uninterrupted: Path) -> None:
+    write_tiny_split(tmp_path, data_dir)
+    args = overrides(tmp_path, data_dir, *EXACT, "train.eval_every=2", "train.checkpoint.every_epochs=2")
+    # SIGKILL at optimizer step 8 (epoch 2 of 3): the only epoch-end checkpoint so far is after epoch 2.
+    killed = run_job(args, {KILL_ENV: "8"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    out = tmp_path / "resnet18" / "fold0"
+    assert [c.path.name for c in list_checkpoints(out / "checkpoints")] == ["e002-s000000"]
+    resumed = run_job(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from epoch 2 step 0" in resumed.stdout
+    log, reference = epoch_log(out), epoch_log(uninterrupted)
+    assert [r["val_balanced_accuracy"] is None for r in log] == [True, False, False]  # epoch 2 and the last
+    assert [r["train_loss"] for r in log] == [r["train_loss"] for r in reference]  # validation changes no training
+    assert_same_weights(last_checkpoint_model(out), last_checkpoint_model(uninterrupted))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_preempted_run_with_gradient_accumulation_resumes_bit_identical(tmp_path: Path, data_dir: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     # 4 micro-batches of 4 = 2 optimizer steps per epoch; stop after step 3 (epoch 1, micro-batch 2).

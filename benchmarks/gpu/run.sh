@@ -20,18 +20,23 @@ LOG=$OUT/log.txt
 D=.device-data/ham10000-200x150
 DATA=/tmp/ham-ffcv
 RUN=/tmp/cv
+STAGES=${STAGES:-test convert throughput cv compiled}   # a later call can redo some
 WORKERS=14   # FFCV decoding threads: leave cores to the training process's own thread and the launcher
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 say() { echo "[$(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, prefix lines with elapsed time, log
   local name=$1 limit=$2 t0 rc; shift 2
   [ "$limit" -gt "$(( $(left) - 5 ))" ] && limit=$(( $(left) - 5 ))
   if [ "$limit" -lt 20 ]; then say "$name: skipped (${limit}s left)"; return 99; fi
   say "$name: start (limit ${limit}s)"; t0=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | grep --line-buffered -v "Warning\|warnings.warn" \
-    | while IFS= read -r line; do echo "[$(($(date +%s) - START))s] $line"; done | tee -a "$LOG"
-  rc=${PIPESTATUS[0]}
+  # Output through a process substitution, not a pipe: a job the command left behind (submitit's
+  # local workers run in their own session) keeps the pipe open, and a pipeline would wait for it.
+  timeout --kill-after=10 "$limit" "$@" > >(grep --line-buffered -v "Warning\|warnings.warn" \
+    | while IFS= read -r line; do echo "[$(($(date +%s) - START))s] $line"; done | tee -a "$LOG") 2>&1
+  rc=$?
+  pkill -KILL -f submitit 2>/dev/null; sleep 1  # its workers bypass SIGTERM
   say "$name: end rc=$rc wall=$(($(date +%s) - t0))s"
   return "$rc"
 }
@@ -43,23 +48,23 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 $PY -c "import torch, timm, ffcv, numba; print('torch', torch.__version__, 'timm', timm.__version__, 'numba', numba.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$LOG"
 
-stage "cuda-test" 60 $PY -m pytest -q -p no:cacheprovider tests/test_augment.py -k "gpu or cuda"
-stage "convert" 90 $PY jobs/convert.py --images $D/images --metadata $D/HAM10000_metadata.csv --out $DATA --workers 16
+want test && stage "cuda-test" 60 $PY -m pytest -q -p no:cacheprovider tests/test_augment.py -k "gpu or cuda"
+want convert && stage "convert" 90 $PY jobs/convert.py --images $D/images --metadata $D/HAM10000_metadata.csv --out $DATA --workers 16
 
-stage "throughput-eager" 150 $PY benchmarks/train_throughput.py --data $DATA --steps 30 --warmup 10 --workers $WORKERS
-stage "throughput-resnet18-192" 60 $PY benchmarks/train_throughput.py --data $DATA --backbones resnet18 \
+want throughput && stage "throughput-eager" 150 $PY benchmarks/train_throughput.py --data $DATA --steps 30 --warmup 10 --workers $WORKERS
+want throughput && stage "throughput-resnet18-192" 60 $PY benchmarks/train_throughput.py --data $DATA --backbones resnet18 \
   --image-size 192 --steps 30 --warmup 10 --workers $WORKERS
+if want cv; then
 RATE=$(grep -o "real data *[0-9]*" "$LOG" | tail -1 | grep -o "[0-9]*$")
-# Epochs that fit: 5 folds sequentially, ~25 s of start-up per fold (imports, numba, cudnn autotune),
-# 5,790 training images per fold, the loop at ~75% of the benchmark's rate (eval, logging, checkpoints);
-# 130 s kept for the compiled benchmark and the ensemble.
-CV_LIMIT=$(( $(left) - 130 ))
-EPOCHS=$($PY -c "r=int('${RATE:-0}' or 0); b=$CV_LIMIT; print(max(12, min(60, int((b/5 - 25) * 0.75 * r / 5790))) if r else 20)")
+# Epochs that fit: 5 folds one after the other, ~10 s of start-up per fold (imports, numba, cudnn
+# autotune), 5,790 training images per fold, the loop at ~75% of the benchmark's rate (validation
+# every 4th epoch, logging, checkpoints); 130 s kept for the compiled benchmark and the ensemble.
+RESERVE=$(want compiled && echo 130 || echo 20)
+CV_LIMIT=$(( $(left) - RESERVE ))
+EPOCHS=${EPOCHS:-$($PY -c "r=int('${RATE:-0}' or 0); b=$CV_LIMIT; print(max(12, min(60, int((b/5 - 10) * 0.75 * r / 5790))) if r else 32)")}
 say "cv: resnet18 real-data rate ${RATE:-?} img/s -> $EPOCHS epochs in ${CV_LIMIT}s"
-stage "cv" "$CV_LIMIT" $PY jobs/launch.py --folds 5 cluster.kind=local run_dir=$RUN data.dir=$DATA \
-  "data.images=[$D/images]" data.metadata=$D/HAM10000_metadata.csv "backbones=[resnet18]" \
-  model.image_size=192 train.batch_size=256 train.epochs=$EPOCHS train.lr=0.003 train.warmup_epochs=2 \
-  data.num_workers=$WORKERS train.log_every=1000
+stage "cv" "$CV_LIMIT" $PY jobs/launch.py --folds 5 --config configs/scratch-gpu.yaml cluster.kind=local \
+  run_dir=$RUN data.dir=$DATA train.epochs=$EPOCHS data.num_workers=$WORKERS
 $PY - "$RUN" <<'PYEOF' 2>&1 | tee -a "$LOG"
 import json, pathlib, statistics, sys
 for fold in sorted(pathlib.Path(sys.argv[1]).glob("*/fold*")):
@@ -74,11 +79,11 @@ for fold in sorted(pathlib.Path(sys.argv[1]).glob("*/fold*")):
     except Exception as e:
         print(f"{fold}: {type(e).__name__}: {e}")
 PYEOF
-pkill -f submitit.core._submit 2>/dev/null  # a fold a timed-out launcher left running
 cp $RUN/ensemble/report.md "$OUT/report.md" 2>/dev/null
 cp $RUN/ensemble/metrics.json "$OUT/ensemble-metrics.json" 2>/dev/null
 tar czf "$OUT/folds.tar.gz" -C $RUN --exclude=checkpoints --exclude='*.pkl' --exclude='*.pt' . 2>/dev/null
+fi
 
-stage "throughput-compiled" $(( $(left) - 10 )) $PY benchmarks/train_throughput.py --data $DATA --steps 30 \
+want compiled && stage "throughput-compiled" $(( $(left) - 10 )) $PY benchmarks/train_throughput.py --data $DATA --steps 30 \
   --warmup 10 --workers $WORKERS --modes compiled --backbones vgg16 resnet152 seresnext101_32x4d
 say "done"
