@@ -305,10 +305,15 @@ class ClusterConfig:
     """CPU cores of the ensemble job."""
     ensemble_time_min: int = 60
     """Wall-clock limit of the ensemble job in minutes."""
+    local_parallel: int = 1
+    """cluster.kind=local: training tasks run at once. Each gets its own gpus_per_node GPUs while
+    the machine has enough (CUDA_VISIBLE_DEVICES, else every GPU nvidia-smi lists); past that they
+    share them, which pays for small backbones whose folds leave a GPU mostly idle."""
 
     def __post_init__(self) -> None:
         _check(self.kind in ("auto", "slurm", "local", "debug"),
                f"cluster.kind must be auto, slurm, local or debug, not {self.kind!r}")
+        _check(self.local_parallel >= 1, "cluster.local_parallel must be >= 1")
         _check(self.nodes >= 1 and self.gpus_per_node >= 1, "cluster.nodes and cluster.gpus_per_node must be >= 1")
         _check(self.time_min >= 1, "cluster.time_min must be >= 1")
 

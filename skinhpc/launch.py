@@ -84,7 +84,8 @@ ACTIVE = ("pending", "running", "requeued")
 NEUTRAL_KEYS = {
     "run_dir", "fold", "backbones", "preset", "model.backbone",
     "data.dir", "data.convert_workers", "data.loader", "data.num_workers", "data.quasi_random", "data.os_cache",
-    "train.log_every", "train.checkpoint.every_steps", "train.checkpoint.keep_last", "train.device",
+    "train.log_every", "train.checkpoint.every_steps", "train.checkpoint.every_epochs", "train.checkpoint.keep_last",
+    "train.device",
     "train.compile", "train.cudnn_benchmark",
 }
 # SLURM states (squeue/sacct) → the launcher's words.
@@ -721,8 +722,31 @@ def _launch_slurm(cfg: ExperimentConfig, echo: Callable[[str], None]) -> Plan:
     return plan
 
 
+def local_gpus() -> list[str]:
+    """The GPUs local tasks may use: CUDA_VISIBLE_DEVICES's entries when set, else nvidia-smi's list."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    try:
+        proc = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    n = sum(line.startswith("GPU ") for line in proc.stdout.splitlines()) if proc.returncode == 0 else 0
+    return [str(i) for i in range(n)]
+
+
+def slot_devices(slot: int, per_task: int, gpus: list[str]) -> str | None:
+    """CUDA_VISIBLE_DEVICES of the local task in parallel slot ``slot``: its own ``per_task`` GPUs
+    while there are enough, else shared round-robin; None (unset) on a machine without GPUs."""
+    if not gpus:
+        return os.environ.get("CUDA_VISIBLE_DEVICES")
+    if per_task >= len(gpus):
+        return ",".join(gpus)
+    return ",".join(gpus[(slot * per_task + j) % len(gpus)] for j in range(per_task))
+
+
 def _launch_inline(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]) -> Plan:
-    """local / debug: conversion, then every task, then the ensemble, one after the other."""
+    """local / debug: conversion, then the tasks (cluster.local_parallel at once), then the ensemble."""
     run_dir = Path(cfg.run_dir)
     plan = make_plan(cfg, kind, {"tasks": {}}, {})
     if cfg.cluster.nodes > 1 and kind == "local":
@@ -732,29 +756,78 @@ def _launch_inline(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]
         echo(line)
     folder = submitit_folder(run_dir)
 
-    def run(name: str, fn: Callable[[], Any], tasks_per_node: int = 1) -> Any:
-        if kind == "debug":
-            return fn()
+    def submit(name: str, fn: Callable[[], Any], tasks_per_node: int = 1) -> Any:
         ex = submitit.LocalExecutor(folder=folder, max_num_timeout=cfg.cluster.max_requeues)
         ex.update_parameters(timeout_min=cfg.cluster.time_min, tasks_per_node=tasks_per_node, nodes=1)
         job = ex.submit(fn)
         echo(f"{name}: local job {job.job_id}, log {job.paths.stdout}")
+        return job
+
+    def result(name: str, job: Any) -> Any:
         try:
-            results = job.results()
+            return job.results()[0]
         except Exception as e:  # the task's traceback is in its log
-            raise LaunchError(f"{name} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e} "
-                              f"(log {job.paths.stderr})") from None
-        return results[0]
+            raise LaunchError(f"{name} failed: {_failure_reason(e)} (log {job.paths.stderr})") from None
+
+    def run(name: str, fn: Callable[[], Any]) -> Any:
+        return fn() if kind == "debug" else result(name, submit(name, fn))
 
     if plan.convert == "submit":
         echo(f"conversion: {run('conversion', ConvertTask(cfg))}")
-    for t in plan.submit:
-        task = TrainTask(task_config(cfg, t), visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
-        run(f"train {t.key}", task, tasks_per_node=cfg.cluster.gpus_per_node)
+    if kind == "debug":
+        for t in plan.submit:
+            TrainTask(task_config(cfg, t))()
+    else:
+        _run_local_tasks(cfg, plan.submit, submit, result, echo)
     if plan.ensemble == "submit":
         run("ensemble", EnsembleTask(str(run_dir)))
     echo(f"report: {run_dir / 'ensemble' / 'report.md'}")
     return plan
+
+
+def _failure_reason(error: Exception) -> str:
+    """The exception line of a failed submitit job: its message holds the task's traceback between
+    two dashed lines, then the log paths."""
+    lines = [line.strip() for line in str(error).strip().splitlines()]
+    dashes = [i for i, line in enumerate(lines) if line.startswith("-----")]
+    if len(dashes) >= 2:
+        inside = [line for line in lines[dashes[0] + 1:dashes[1]] if line]
+        if inside:
+            return inside[-1]
+    return lines[-1] if lines and lines[-1] else repr(error)
+
+
+def _run_local_tasks(cfg: ExperimentConfig, tasks: list[Task], submit: Callable[..., Any],
+                     result: Callable[[str, Any], Any], echo: Callable[[str], None]) -> None:
+    """Training tasks as local jobs, cluster.local_parallel at a time, each slot with its GPUs.
+
+    After a failure no new task starts; the running ones finish (their checkpoints stay useful to
+    a relaunch), then the first failure is raised."""
+    per_task, parallel = cfg.cluster.gpus_per_node, cfg.cluster.local_parallel
+    gpus = local_gpus() if parallel > 1 else []
+    pending, running, failures = list(tasks), {}, []
+    while pending or running:
+        while pending and not failures and len(running) < parallel:
+            slot = min(set(range(parallel)) - running.keys())
+            t = pending.pop(0)
+            # One task at a time keeps the shell's GPUs as they are (cuda:LOCAL_RANK picks them).
+            devices = slot_devices(slot, per_task, gpus) if parallel > 1 else os.environ.get("CUDA_VISIBLE_DEVICES")
+            running[slot] = (t, submit(f"train {t.key}", TrainTask(task_config(cfg, t), visible_devices=devices),
+                                       per_task))
+        finished = [slot for slot, (_, job) in running.items() if job.done()]
+        if not finished:
+            time.sleep(0.5 if parallel > 1 else 0.1)
+            continue
+        for slot in finished:
+            t, job = running.pop(slot)
+            try:
+                result(f"train {t.key}", job)
+                if parallel > 1:
+                    echo(f"train {t.key}: done")
+            except LaunchError as e:
+                failures.append(e)
+    if failures:
+        raise failures[0]
 
 
 def _dry_run(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]) -> Plan:

@@ -24,6 +24,7 @@ from skinhpc.launch import (
     read_jobs,
     result_keys,
     sbatch_extra,
+    slot_devices,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -157,6 +158,29 @@ def test_local_kind_runs_whole_experiment_then_relaunch_does_nothing(tmp_path: P
     again = run_launch(args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "0 to submit" in again.stdout and "ensemble done, nothing to do" in again.stdout
+
+
+@pytest.mark.timeout(120)
+def test_local_parallel_runs_folds_side_by_side_and_a_failure_spares_the_others(tmp_path: Path) -> None:
+    run_dir = tmp_path / "exp"
+    args = ["--folds", "2", f"run_dir={run_dir}", "cluster.kind=local", "cluster.local_parallel=2",
+            "train.epochs=1", "train.max_steps_per_epoch=2"]
+    proc = run_launch(args, cwd=tmp_path, env={FAIL_ENV: "resnet18/fold0"})
+    assert proc.returncode != 0
+    assert "train resnet18/fold0 failed: RuntimeError: injected failure" in proc.stderr + proc.stdout
+    lines = proc.stdout.splitlines()
+    started = [i for i, line in enumerate(lines) if line.startswith("train ") and ": local job " in line]
+    assert len(started) == 2 and "train resnet18/fold1: done" in lines[started[1] + 1:]  # both started first
+    assert json.loads((run_dir / "resnet18" / "fold1" / "metrics.json").read_text())["status"] == "done"
+    again = run_launch(args, cwd=tmp_path)  # the relaunch runs only what is missing, then the ensemble
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 to submit" in again.stdout and (run_dir / "ensemble" / "report.md").is_file()
+
+
+def test_parallel_local_tasks_get_their_own_gpus_while_there_are_enough_then_share() -> None:
+    assert [slot_devices(s, 2, ["0", "1", "2", "3"]) for s in range(3)] == ["0,1", "2,3", "0,1"]
+    assert [slot_devices(s, 1, ["GPU-a", "GPU-b"]) for s in range(3)] == ["GPU-a", "GPU-b", "GPU-a"]
+    assert [slot_devices(s, 2, ["0"]) for s in range(2)] == ["0", "0"]  # one GPU: all share it
 
 
 @pytest.mark.parametrize("launching_shell", ["1,0", None])
