@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--status", action="store_true", help="show the state of every task and of the ensemble")
     mode.add_argument("--dry-run", action="store_true", help="print the plan and sbatch scripts, submit nothing")
     mode.add_argument("--cancel", action="store_true", help="cancel the experiment's pending and running jobs")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # --config may come after key=value overrides
     try:
         cfg, notes = load_launch_config(args.overrides, args.config, args.folds)
         if args.status:

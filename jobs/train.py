@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help="YAML config file (below the key=value overrides)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # --config may come after key=value overrides
 
     from skinhpc.checkpoint import ResumeMismatch
     from skinhpc.config import ConfigError, load_config

@@ -239,6 +239,8 @@ class TrainConfig:
     """Stop after this many validations without a better val balanced accuracy (0: never)."""
     eval_every: int = 1
     """Validate (and so pick the best epoch) every N epochs and after the last one."""
+    tta: bool = False
+    """Validation and test predictions average the image and its two flips (three forward passes)."""
     max_steps_per_epoch: int = 0
     """Cap the steps of each epoch (0: the whole fold); for smoke tests."""
     seed: int = 0

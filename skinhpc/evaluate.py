@@ -174,13 +174,15 @@ def _dedupe_sorted(logits: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> 
 @torch.no_grad()
 def predict(model: nn.Module, batches: Iterable[Any], device: torch.device | str | None = None,
             autocast: contextlib.AbstractContextManager | None = None,
-            distributed: bool = False) -> Predictions:
+            distributed: bool = False, tta: bool = False) -> Predictions:
     """Run ``model`` in eval mode over ``batches`` (objects with ``.images``, ``.labels``, ``.rows``).
 
     ``autocast`` (e.g. ``torch.autocast("cuda", torch.bfloat16)``) is entered around the forward
     passes; logits are kept in float32. With ``distributed`` (and torch.distributed initialised)
     every rank must call this: the results of all ranks are gathered (every rank gets them all),
     deduplicated by row and sorted by row. The model's train/eval mode is restored afterwards.
+    With ``tta`` the probabilities are the mean over the image and its horizontal and vertical
+    flips (as ``jobs/predict.py --tta``), and the logits kept are their log, whose softmax they are.
     """
     was_training = model.training
     model.eval()
@@ -191,8 +193,12 @@ def predict(model: nn.Module, batches: Iterable[Any], device: torch.device | str
     try:
         with autocast if autocast is not None else contextlib.nullcontext():
             for batch in batches:
-                out = model(batch.images.to(device, non_blocking=True))
-                logits.append(out.float().cpu().numpy())
+                x = batch.images.to(device, non_blocking=True)
+                out = model(x).float()
+                if tta:
+                    mean = sum(model(v).float().softmax(1) for v in (x.flip(3), x.flip(2))) + out.softmax(1)
+                    out = (mean / 3).clamp_min(1e-12).log()
+                logits.append(out.cpu().numpy())
                 labels.append(batch.labels.cpu().numpy())
                 rows.append(batch.rows.cpu().numpy())
     finally:

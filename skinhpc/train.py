@@ -610,7 +610,7 @@ class FoldTrainer:
         sync_buffers(self.env, self.raw)
         amp = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else None
         return predict(self.raw, loader.epoch(0), device=self.device, autocast=amp,
-                       distributed=self.env.world_size > 1)
+                       distributed=self.env.world_size > 1, tta=self.tcfg.tta)
 
     def _metrics(self, preds: Any) -> dict:
         """Metrics of gathered predictions; the loss is the unweighted cross-entropy."""

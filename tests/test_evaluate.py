@@ -166,6 +166,19 @@ def test_predict_dedupes_padded_rows_and_sorts_by_row():
 
 
 @pytest.mark.timeout(30)
+def test_flip_tta_averages_the_probabilities_of_the_image_and_its_flips():
+    images, labels = _dataset(6)
+    model = _tiny_model().eval()
+    preds = predict(model, _batches(images, labels, list(range(6)), size=4), tta=True)
+    with torch.no_grad():
+        views = (images, images.flip(3), images.flip(2))
+        expected = sum(torch.softmax(model(v), 1) for v in views) / 3
+    np.testing.assert_allclose(preds.probs, expected.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(torch.softmax(torch.from_numpy(preds.logits), 1).numpy(), preds.probs, atol=1e-6)
+    assert preds.loss == pytest.approx(float(F.nll_loss(expected.log(), labels)), rel=1e-5)
+
+
+@pytest.mark.timeout(30)
 def test_predict_applies_the_autocast_context():
     images, labels = _dataset(4)
     preds = predict(_tiny_model(), _batches(images, labels, [0, 1, 2, 3], size=4),
