@@ -171,6 +171,12 @@ def _dedupe_sorted(logits: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> 
                        rows=rows[first].astype(np.int64))
 
 
+def flip_tta_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Mean softmax probabilities (float32) of ``model`` over the NCHW batch ``x`` and its
+    horizontal and vertical flips: the flip TTA of fold evaluation and of ``jobs/predict.py``."""
+    return torch.stack([model(v).float().softmax(1) for v in (x, x.flip(3), x.flip(2))]).mean(0)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, batches: Iterable[Any], device: torch.device | str | None = None,
             autocast: contextlib.AbstractContextManager | None = None,
@@ -194,10 +200,7 @@ def predict(model: nn.Module, batches: Iterable[Any], device: torch.device | str
         with autocast if autocast is not None else contextlib.nullcontext():
             for batch in batches:
                 x = batch.images.to(device, non_blocking=True)
-                out = model(x).float()
-                if tta:
-                    mean = sum(model(v).float().softmax(1) for v in (x.flip(3), x.flip(2))) + out.softmax(1)
-                    out = (mean / 3).clamp_min(1e-12).log()
+                out = flip_tta_probs(model, x).clamp_min(1e-12).log() if tta else model(x).float()
                 logits.append(out.cpu().numpy())
                 labels.append(batch.labels.cpu().numpy())
                 rows.append(batch.rows.cpu().numpy())

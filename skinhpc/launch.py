@@ -804,16 +804,16 @@ def _run_local_tasks(cfg: ExperimentConfig, tasks: list[Task], submit: Callable[
     After a failure no new task starts; the running ones finish (their checkpoints stay useful to
     a relaunch), then the first failure is raised."""
     per_task, parallel = cfg.cluster.gpus_per_node, cfg.cluster.local_parallel
+    # One task at a time keeps the shell's GPUs as they are (cuda:LOCAL_RANK picks them): no GPU
+    # list, so slot_devices hands on the shell's CUDA_VISIBLE_DEVICES.
     gpus = local_gpus() if parallel > 1 else []
     pending, running, failures = list(tasks), {}, []
     while pending or running:
         while pending and not failures and len(running) < parallel:
             slot = min(set(range(parallel)) - running.keys())
             t = pending.pop(0)
-            # One task at a time keeps the shell's GPUs as they are (cuda:LOCAL_RANK picks them).
-            devices = slot_devices(slot, per_task, gpus) if parallel > 1 else os.environ.get("CUDA_VISIBLE_DEVICES")
-            running[slot] = (t, submit(f"train {t.key}", TrainTask(task_config(cfg, t), visible_devices=devices),
-                                       per_task))
+            task = TrainTask(task_config(cfg, t), visible_devices=slot_devices(slot, per_task, gpus))
+            running[slot] = (t, submit(f"train {t.key}", task, per_task))
         finished = [slot for slot, (_, job) in running.items() if job.done()]
         if not finished:
             time.sleep(0.5 if parallel > 1 else 0.1)

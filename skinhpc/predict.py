@@ -140,10 +140,10 @@ def _chunks(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
 def _model_probs(fm: FoldModel, images: torch.Tensor, tta: bool) -> torch.Tensor:
     """Softmax probabilities of one model on a uint8 NHWC batch (mean over flips with ``tta``)."""
     from skinhpc.augment import eval_transform, normalize
+    from skinhpc.evaluate import flip_tta_probs
 
     x = normalize(eval_transform(images, fm.image_size))
-    views = [x, x.flip(3), x.flip(2)] if tta else [x]  # identity, horizontal, vertical flip
-    return torch.stack([torch.softmax(fm.model(v).float(), dim=1) for v in views]).mean(0)
+    return flip_tta_probs(fm.model, x) if tta else torch.softmax(fm.model(x).float(), dim=1)
 
 
 def ensemble_probs(models: Sequence[FoldModel], images_by_size: dict[tuple[int, int], torch.Tensor],
