@@ -22,6 +22,13 @@ if TYPE_CHECKING:
 HEADLINE = (("balanced_accuracy", "balanced acc. %"), ("top1", "top-1 %"), ("top2", "top-2 %"),
             ("auroc_macro", "AUC (macro)"), ("f1_macro", "F1 (macro) %"), ("loss", "loss"))
 PERCENT = {"balanced_accuracy", "top1", "top2", "f1_macro", "sensitivity", "specificity"}
+CROSS_BACKBONE = ("ensemble_mean", "ensemble_weighted")
+
+
+def cross_backbone_names(results: dict[str, Any]) -> tuple[str, ...]:
+    """The cross-backbone ensembles worth showing: none with one backbone, whose fold ensemble they
+    equal by construction (metrics.json still has them, for scripts that read them)."""
+    return CROSS_BACKBONE if len(results["cv"]) > 1 else ()
 
 
 # --------------------------------------------------------------------------- markdown
@@ -82,8 +89,10 @@ def _test_section(results: dict[str, Any]) -> list[str]:
         rows.append([f"{b}: fold models ({agg['test']['n_folds']})"]
                     + [fmt(k, t["mean"][k], t["std"][k]) for k, _ in HEADLINE])
         rows.append(_test_row(f"{b}: fold ensemble", results, f"{b}/ensemble"))
-    rows.append(_test_row("all backbones: ensemble (mean)", results, "ensemble_mean"))
-    rows.append(_test_row(f"all backbones: OOF-weighted ({_weights_text(results)})", results, "ensemble_weighted"))
+    if cross_backbone_names(results):
+        rows.append(_test_row("all backbones: ensemble (mean)", results, "ensemble_mean"))
+        rows.append(_test_row(f"all backbones: OOF-weighted ({_weights_text(results)})", results,
+                              "ensemble_weighted"))
     return lines + _table(header, rows) + [""]
 
 
@@ -98,7 +107,7 @@ def _cv_section(results: dict[str, Any]) -> list[str]:
         v = agg["val"]
         rows.append([f"{b} ({v['n_folds']} folds)"] + [fmt(k, v["mean"][k], v["std"][k]) for k, _ in HEADLINE])
         rows.append([f"{b} OOF (n={results['oof']['n'][b]})"] + [fmt(k, oof[b].get(k)) for k, _ in HEADLINE])
-    for name in ("ensemble_mean", "ensemble_weighted"):
+    for name in cross_backbone_names(results):
         if name in oof:
             label = f"{name} OOF (n={results['oof']['n_common']})"
             rows.append([label] + [fmt(k, oof[name].get(k)) for k, _ in HEADLINE])
@@ -106,7 +115,7 @@ def _cv_section(results: dict[str, Any]) -> list[str]:
 
 
 def _per_class_section(results: dict[str, Any]) -> list[str]:
-    names = [f"{b}/ensemble" for b in results["cv"]] + ["ensemble_mean", "ensemble_weighted"]
+    names = [f"{b}/ensemble" for b in results["cv"]] + list(cross_backbone_names(results))
     header = ["class"] + [f"{n} sens. / spec. %" for n in names] + [f"{b} folds: sens. / spec. % (mean ± std)"
                                                                    for b in results["cv"]]
     rows = []
@@ -133,7 +142,8 @@ def _temps(calibration: dict[str, Any]) -> str:
 
 def _calibration_section(results: dict[str, Any]) -> list[str]:
     rows = [[name, _temps(c), fmt("ece", c["ece_before"]), fmt("ece", c["ece_after"]),
-             fmt("loss", c["nll_before"]), fmt("loss", c["nll_after"])] for name, c in results["calibration"].items()]
+             fmt("loss", c["nll_before"]), fmt("loss", c["nll_after"])] for name, c in results["calibration"].items()
+            if name not in CROSS_BACKBONE or name in cross_backbone_names(results)]
     return (["## Calibration (temperature scaling)", "",
              "One temperature per backbone, fit on its out-of-fold logits and applied to each of its "
              "fold models before averaging; expected calibration error (15 bins, top label) and "
@@ -160,8 +170,9 @@ def markdown(results: dict[str, Any]) -> str:
     w = results["weights"]
     lines = [f"# Ensemble report: {results['run_dir']}", ""] + _status_lines(results) + [""]
     lines += _test_section(results)
-    lines += [f"Weighted ensemble: per-backbone weights {_weights_text(results)}, fit by minimising the "
-              f"log-loss of {w['n']} out-of-fold predictions (never the test set).", ""]
+    if cross_backbone_names(results):
+        lines += [f"Weighted ensemble: per-backbone weights {_weights_text(results)}, fit by minimising the "
+                  f"log-loss of {w['n']} out-of-fold predictions (never the test set).", ""]
     lines += _cv_section(results) + _per_class_section(results) + _calibration_section(results)
     lines += _fold_section(results)
     if results.get("plots"):
@@ -290,8 +301,11 @@ def make_plots(results: dict[str, Any], arrays: dict[str, Any], scan: "RunScan",
         written.append(name)
         return out_dir / name
 
-    for key, title in ((results["best_single"], f"best single model ({results['best_single']})"),
-                       ("ensemble_mean", "ensemble (mean)"), ("ensemble_weighted", "ensemble (OOF-weighted)")):
+    confusions = [(results["best_single"], f"best single model ({results['best_single']})"),
+                  ("ensemble_mean", "ensemble (mean)")]
+    if cross_backbone_names(results):
+        confusions.append(("ensemble_weighted", "ensemble (OOF-weighted)"))
+    for key, title in confusions:
         fname = "confusion_best_single.png" if key == results["best_single"] else f"confusion_{key}.png"
         plot_confusion(np.asarray(results["test"][key]["confusion_matrix"]), title, out(fname))
     plot_roc(arrays["entries"]["ensemble_mean"], labels, results["test"]["ensemble_mean"]["auroc"],

@@ -102,3 +102,20 @@ def test_log_reader_skips_a_truncated_line_and_curves_draw(tmp_path):
 def test_confusion_plot_of_an_empty_matrix_is_still_drawn(tmp_path):
     plot_confusion(np.zeros((len(CLASSES), len(CLASSES))), "nothing", tmp_path / "cm.png")
     assert_png(tmp_path / "cm.png")
+
+
+@pytest.mark.timeout(180)
+def test_one_backbone_report_shows_its_fold_ensemble_once(tmp_path):
+    # With one backbone the cross-backbone ensembles equal its fold ensemble: no repeated rows,
+    # columns or figures in the report; metrics.json keeps them for scripts.
+    run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=3, n_lesions=150)
+    run.fill({"resnet18": 2.0})
+    results = run_ensemble(run.root, n_boot=0, plots=True)
+    text = (run.root / "ensemble" / "report.md").read_text()
+    assert text.count("| resnet18: fold ensemble |") == 1
+    assert "all backbones" not in text and "ensemble_weighted" not in text
+    assert not [line for line in text.splitlines() if line.startswith("| ensemble_mean")]
+    assert "Weighted ensemble" not in text
+    assert "confusion_ensemble_weighted.png" not in results["plots"]
+    assert {"confusion_best_single.png", "confusion_ensemble_mean.png", "roc_ensemble_mean.png"} <= set(results["plots"])
+    assert results["test"]["ensemble_weighted"]["top1"] == results["test"]["resnet18/ensemble"]["top1"]
