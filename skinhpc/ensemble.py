@@ -544,6 +544,10 @@ def run_ensemble(run_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, plot
     results["plots"] = report.make_plots(results, arrays, scan, out_dir) if plots else []
     atomic_write_text(out_dir / "report.md", report.markdown(results))
     atomic_write_text(out_dir / "metrics.json", json.dumps(results, indent=1, allow_nan=False) + "\n")
+    # Figures of an earlier ensemble of this run (a backbone since dropped, --no-plots now) would
+    # sit beside numbers they no longer show.
+    for stale in set(out_dir.glob("*.png")) - {out_dir / name for name in results["plots"]}:
+        stale.unlink(missing_ok=True)
     return results
 
 

@@ -119,3 +119,17 @@ def test_one_backbone_report_shows_its_fold_ensemble_once(tmp_path):
     assert "confusion_ensemble_weighted.png" not in results["plots"]
     assert {"confusion_best_single.png", "confusion_ensemble_mean.png", "roc_ensemble_mean.png"} <= set(results["plots"])
     assert results["test"]["ensemble_weighted"]["top1"] == results["test"]["resnet18/ensemble"]["top1"]
+
+
+@pytest.mark.timeout(180)
+def test_a_later_ensemble_removes_the_figures_it_no_longer_draws(tmp_path):
+    run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=2, n_lesions=120)
+    run.fill({"resnet18": 2.0})
+    stale = run.root / "ensemble" / "curves_vgg16.png"  # e.g. from before vgg16 left the run
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(PNG_SIGNATURE)
+    results = run_ensemble(run.root, n_boot=0, plots=True)
+    assert not stale.exists()
+    assert sorted(p.name for p in (run.root / "ensemble").glob("*.png")) == sorted(results["plots"])
+    run_ensemble(run.root, n_boot=0, plots=False)
+    assert not list((run.root / "ensemble").glob("*.png"))
