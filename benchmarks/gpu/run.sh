@@ -74,6 +74,9 @@ stage "cv" "$CV_LIMIT" $PY jobs/launch.py --folds 5 --config configs/scratch-gpu
 $PY - "$RUN" <<'PYEOF' 2>&1 | tee -a "$LOG"
 import json, pathlib, statistics, sys
 for fold in sorted(pathlib.Path(sys.argv[1]).glob("*/fold*")):
+    if not (fold / "metrics.json").is_file():
+        print(f"{fold}: not finished")
+        continue
     try:
         log = [json.loads(line) for line in (fold / "log.jsonl").read_text().splitlines() if line.strip()]
         m = json.loads((fold / "metrics.json").read_text())
