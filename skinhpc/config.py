@@ -231,6 +231,9 @@ class TrainConfig:
     """ce (cross-entropy) or focal."""
     class_weights: bool = True
     """Weight the loss by inverse class frequency of the training fold (HAM10000 is 67% nv)."""
+    class_weight_power: float = 1.0
+    """Class weights are the training fold's class frequency to the power -this: 1 inverse frequency
+    (every class counts the same), 0.5 its square root (the rare classes count less)."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
     focal_gamma: float = 2.0
@@ -265,6 +268,7 @@ class TrainConfig:
         _check(self.accum_steps >= 1, "train.accum_steps must be >= 1")
         _check(self.eval_every >= 1, "train.eval_every must be >= 1")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
+        _check(0 <= self.class_weight_power <= 1, "train.class_weight_power must be in [0, 1]")
         _check(self.device in ("auto", "cuda", "cpu"), f"train.device must be auto, cuda or cpu, not {self.device!r}")
 
 

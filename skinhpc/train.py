@@ -128,11 +128,13 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
-def class_weights(labels: np.ndarray, num_classes: int = len(CLASSES)) -> torch.Tensor:
-    """Inverse class frequency of the training fold, mean 1 over present classes (absent: 0)."""
+def class_weights(labels: np.ndarray, num_classes: int = len(CLASSES), power: float = 1.0) -> torch.Tensor:
+    """Class frequency of the training fold to the power -``power`` (1: inverse frequency, every
+    class weighs the same in the loss; 0.5: milder), scaled to mean 1 over the training images;
+    0 for classes absent from the fold."""
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max((counts > 0).sum(), 1), 0.0)
-    return torch.tensor(w, dtype=torch.float32)
+    raw = np.where(counts > 0, np.maximum(counts, 1) ** -power, 0.0)
+    return torch.tensor(raw * counts.sum() / max(float((raw * counts).sum()), 1e-12), dtype=torch.float32)
 
 
 class FocalLoss(nn.Module):
@@ -348,7 +350,7 @@ class FoldTrainer:
         self.raw = model
         pretrained = cfg.model.pretrained.lower() not in ("false", "0", "no", "")
         scale = cfg.model.backbone_lr_scale if pretrained else 1.0
-        weight = class_weights(self.train_labels).to(env.device) if tc.class_weights else None
+        weight = class_weights(self.train_labels, power=tc.class_weight_power).to(env.device) if tc.class_weights else None
         self.criterion = make_criterion(tc, weight).to(env.device)
         self.optimizer = make_optimizer(model, tc, scale)
         self.amp_dtype = autocast_dtype(tc.precision, env.device)

@@ -281,6 +281,17 @@ def test_class_weights_are_inverse_training_frequency() -> None:
     w = class_weights(np.array([5, 5, 5, 0, 1, 1]))  # nv x3, akiec x1, bcc x2
     assert w[5] * 3 == pytest.approx(w[0]) and w[1] * 2 == pytest.approx(w[0])
     assert w[2] == 0 and w[6] == 0  # classes absent from the fold
+    labels = np.array([5, 5, 5, 0, 1, 1])
+    assert (class_weights(labels) * torch.bincount(torch.from_numpy(labels), minlength=7)).sum() == pytest.approx(6)
+
+
+@pytest.mark.timeout(30)
+def test_class_weight_power_half_weighs_by_inverse_square_root_frequency() -> None:
+    labels = np.array([5] * 16 + [0] * 4 + [1])  # nv x16, akiec x4, bcc x1
+    w = class_weights(labels, power=0.5)
+    assert w[0] == pytest.approx(2 * w[5]) and w[1] == pytest.approx(4 * w[5])
+    assert (w * torch.bincount(torch.from_numpy(labels), minlength=7)).sum() == pytest.approx(len(labels))
+    assert torch.all(class_weights(labels, power=0.0)[[0, 1, 5]] == 1)
 
 
 @pytest.mark.timeout(30)
