@@ -31,6 +31,11 @@ def cross_backbone_names(results: dict[str, Any]) -> tuple[str, ...]:
     return CROSS_BACKBONE if len(results["cv"]) > 1 else ()
 
 
+def ensemble_names(results: dict[str, Any]) -> list[str]:
+    """Every ensemble the report shows: each backbone's fold ensemble, then the cross-backbone ones."""
+    return [f"{b}/ensemble" for b in results["cv"]] + list(cross_backbone_names(results))
+
+
 # --------------------------------------------------------------------------- markdown
 
 def fmt(key: str, value: float | None, std: float | None = None, ci: list[float] | None = None) -> str:
@@ -115,7 +120,7 @@ def _cv_section(results: dict[str, Any]) -> list[str]:
 
 
 def _per_class_section(results: dict[str, Any]) -> list[str]:
-    names = [f"{b}/ensemble" for b in results["cv"]] + list(cross_backbone_names(results))
+    names = ensemble_names(results)
     header = ["class"] + [f"{n} sens. / spec. %" for n in names] + [f"{b} folds: sens. / spec. % (mean ± std)"
                                                                    for b in results["cv"]]
     rows = []
@@ -141,9 +146,10 @@ def _temps(calibration: dict[str, Any]) -> str:
 
 
 def _calibration_section(results: dict[str, Any]) -> list[str]:
+    calibration = results["calibration"]
     rows = [[name, _temps(c), fmt("ece", c["ece_before"]), fmt("ece", c["ece_after"]),
-             fmt("loss", c["nll_before"]), fmt("loss", c["nll_after"])] for name, c in results["calibration"].items()
-            if name not in CROSS_BACKBONE or name in cross_backbone_names(results)]
+             fmt("loss", c["nll_before"]), fmt("loss", c["nll_after"])]
+            for name in ensemble_names(results) if (c := calibration.get(name)) is not None]
     return (["## Calibration (temperature scaling)", "",
              "One temperature per backbone, fit on its out-of-fold logits and applied to each of its "
              "fold models before averaging; expected calibration error (15 bins, top label) and "

@@ -278,11 +278,11 @@ def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_min_lr() -> No
 
 @pytest.mark.timeout(30)
 def test_class_weights_are_inverse_training_frequency() -> None:
-    w = class_weights(np.array([5, 5, 5, 0, 1, 1]))  # nv x3, akiec x1, bcc x2
+    labels = np.array([5, 5, 5, 0, 1, 1])  # nv x3, akiec x1, bcc x2
+    w = class_weights(labels)
     assert w[5] * 3 == pytest.approx(w[0]) and w[1] * 2 == pytest.approx(w[0])
     assert w[2] == 0 and w[6] == 0  # classes absent from the fold
-    labels = np.array([5, 5, 5, 0, 1, 1])
-    assert (class_weights(labels) * torch.bincount(torch.from_numpy(labels), minlength=7)).sum() == pytest.approx(6)
+    assert (w * torch.bincount(torch.from_numpy(labels), minlength=7)).sum() == pytest.approx(6)
 
 
 @pytest.mark.timeout(30)
