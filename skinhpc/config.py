@@ -240,6 +240,11 @@ class TrainConfig:
     """Focal loss gamma."""
     early_stop_patience: int = 0
     """Stop after this many validations without a better val balanced accuracy (0: never)."""
+    stop_after_min: float = 0.0
+    """Time box (0: none): once this job has trained this many minutes, the epoch under way is the
+    last; it is validated and the fold ends with its best weights as at a normal end (metrics.json
+    says ``stopped: time_limit``). For benchmarks and fixed allocations; a job that SLURM stops
+    instead resumes on requeue, with its learning-rate schedule whole. Counted per job."""
     eval_every: int = 1
     """Validate (and so pick the best epoch) every N epochs and after the last one."""
     tta: bool = False
@@ -258,6 +263,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs must be >= 1")
+        _check(self.stop_after_min >= 0, "train.stop_after_min must be >= 0 (0: no time limit)")
         _check(self.batch_size >= 1, "train.batch_size must be >= 1")
         _check(self.strategy in ("ddp", "deepspeed"), f"train.strategy must be ddp or deepspeed, not {self.strategy!r}")
         _check(self.precision in ("auto", "bf16", "fp16", "fp32"),

@@ -456,7 +456,8 @@ def _backbone_numbers(folds: list[FoldRun], test_labels: np.ndarray) -> tuple[di
     (every fold model, then the fold ensemble)."""
     per_fold = {f"fold{f.fold}": {"val": metrics_of(f.val.probs, f.val.labels),
                                   "test": metrics_of(f.test.probs, f.test.labels),
-                                  "best_epoch": f.status.get("best_epoch")} for f in folds}
+                                  **{k: f.status.get(k) for k in ("best_epoch", "epochs_trained", "epochs", "stopped")}}
+                for f in folds}
     cv = {"val": aggregate_folds([m["val"] for m in per_fold.values()]),
           "test": aggregate_folds([m["test"] for m in per_fold.values()]),
           "folds": [f.fold for f in folds]}

@@ -74,6 +74,11 @@ def _status_lines(results: dict[str, Any]) -> list[str]:
     if results["missing"]:
         lines.append("**Missing folds** (left out of every number below): " + "; ".join(
             f"{m['backbone']} fold {m['fold']} ({m['reason']})" for m in results["missing"]) + ".")
+    short = [f"{b} {fold} after {m.get('epochs_trained')} of {m.get('epochs')} epochs" for b, folds in results["per_fold"].items()
+             for fold, m in folds.items() if m.get("stopped") == "time_limit"]
+    if short:
+        lines.append("**Stopped by the time limit** (`train.stop_after_min`) before their last epoch: "
+                     + "; ".join(short) + ".")
     return lines
 
 
@@ -157,11 +162,23 @@ def _calibration_section(results: dict[str, Any]) -> list[str]:
             + _table(["model", "T", "ECE before", "ECE after", "NLL before", "NLL after"], rows) + [""])
 
 
+def _epochs_text(m: dict[str, Any]) -> str:
+    """'16 of 24' (1-based best epoch of the epochs trained), with why a fold stopped before its last."""
+    best, trained, planned = m.get("best_epoch"), m.get("epochs_trained"), m.get("epochs")
+    if best is None or best < 0:
+        return "-"
+    text = f"{best + 1} of {trained}" if trained is not None else str(best + 1)
+    stopped = {"time_limit": "time limit", "early_stop": "early stop"}.get(m.get("stopped") or "")
+    if stopped and planned is not None and trained is not None and trained < planned:
+        text += f" ({stopped}; {planned} planned)"
+    return text
+
+
 def _fold_section(results: dict[str, Any]) -> list[str]:
     rows = []
     for b, folds in results["per_fold"].items():
         for fold, m in folds.items():
-            rows.append([b, fold, str(m.get("best_epoch")), fmt("balanced_accuracy", m["val"]["balanced_accuracy"]),
+            rows.append([b, fold, _epochs_text(m), fmt("balanced_accuracy", m["val"]["balanced_accuracy"]),
                          fmt("balanced_accuracy", m["test"]["balanced_accuracy"]), fmt("top1", m["test"]["top1"]),
                          fmt("auroc_macro", m["test"]["auroc_macro"])])
     header = ["backbone", "fold", "best epoch", "val balanced acc. %", "test balanced acc. %", "test top-1 %",

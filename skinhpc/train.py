@@ -295,7 +295,7 @@ class FoldTrainer:
         self._prepare_model()
         # Loop state: everything here goes into checkpoints.
         self.state: dict[str, Any] = {"epoch": 0, "step": 0, "global_step": 0, "best_metric": -1.0,
-                                      "best_epoch": -1, "bad_epochs": 0, "stopped": False,
+                                      "best_epoch": -1, "bad_epochs": 0, "stopped": False, "stop_reason": "",
                                       "loss_sum": 0.0, "correct": 0, "seen": 0}
 
     # ---------------------------------------------------------------- setup
@@ -389,6 +389,7 @@ class FoldTrainer:
         distributed.barrier(env)
         self._resume()
         self._open_logs()
+        self._t0 = time.monotonic()  # train.stop_after_min counts this job's training, not its set-up
         self.flag.install()
         try:
             while self.state["epoch"] < self.tcfg.epochs and not self.state["stopped"]:
@@ -624,10 +625,13 @@ class FoldTrainer:
         loss_sum, correct, seen = distributed.all_sum(env, [st["loss_sum"], float(st["correct"]), float(st["seen"])])
         train_loss = loss_sum / max(1.0, self.steps_per_epoch * env.world_size)
         last = epoch + 1 == self.tcfg.epochs
+        out_of_time = not last and self._out_of_time()
         metrics, improved = None, False
-        if last or (epoch + 1) % self.tcfg.eval_every == 0:
+        if last or out_of_time or (epoch + 1) % self.tcfg.eval_every == 0:
             metrics = self._metrics(self._predict(self.val_loader))
             improved = self._track_best(epoch, metrics)
+        if out_of_time:
+            st["stopped"], st["stop_reason"] = True, "time_limit"
         record = {"epoch": epoch, "lr": self._epoch_stats["lr"], "train_loss": train_loss,
                   "train_acc": correct / max(1.0, seen),
                   **{f"val_{k}": (metrics or {}).get(k) for k in ("loss", "balanced_accuracy", "top1", "top2",
@@ -638,9 +642,18 @@ class FoldTrainer:
         st.update(epoch=epoch + 1, step=0, loss_sum=0.0, correct=0, seen=0)
         if last or st["stopped"] or st["epoch"] % self.tcfg.checkpoint.every_epochs == 0:
             self._save(st["epoch"], 0, dict(st))
-        if st["stopped"]:
+        if st["stopped"] and st["stop_reason"] == "time_limit":
+            _say(f"time limit: train.stop_after_min={self.tcfg.stop_after_min:g} reached, stopping after epoch "
+                 f"{st['epoch']} of {self.tcfg.epochs} (best val balanced accuracy {st['best_metric']:.4f} at "
+                 f"epoch {st['best_epoch'] + 1})", env)
+        elif st["stopped"]:
             _say(f"early stop: no better val balanced accuracy in {self.tcfg.early_stop_patience} validations "
-                 f"(best {st['best_metric']:.4f} at epoch {st['best_epoch']})", env)
+                 f"(best {st['best_metric']:.4f} at epoch {st['best_epoch'] + 1})", env)
+
+    def _out_of_time(self) -> bool:
+        """train.stop_after_min is reached on some rank (every rank then stops at this epoch)."""
+        limit = self.tcfg.stop_after_min
+        return bool(limit) and distributed.any_rank(self.env, time.monotonic() - self._t0 >= 60 * limit)
 
     def _track_best(self, epoch: int, metrics: dict) -> bool:
         """Keep the best weights by val balanced accuracy and count validations without progress."""
@@ -657,6 +670,7 @@ class FoldTrainer:
             st["bad_epochs"] += 1
         patience = self.tcfg.early_stop_patience
         st["stopped"] = bool(patience and st["bad_epochs"] >= patience)
+        st["stop_reason"] = "early_stop" if st["stopped"] else ""
         return improved
 
     def _log_epoch(self, record: dict, metrics: dict | None, improved: bool) -> None:
@@ -690,7 +704,8 @@ class FoldTrainer:
         val_metrics = self._metrics(val)
         test_metrics = self._metrics(test) if test is not None else None
         result = {"status": "done", "backbone": self.cfg.model.backbone, "fold": self.cfg.fold,
-                  "best_epoch": st["best_epoch"], "epochs_trained": st["epoch"], "world_size": env.world_size,
+                  "best_epoch": st["best_epoch"], "epochs_trained": st["epoch"], "epochs": self.tcfg.epochs,
+                  "stopped": st.get("stop_reason") or None, "world_size": env.world_size,
                   "strategy": self.tcfg.strategy, "val": val_metrics, "test": test_metrics}
         if env.is_main:
             save_predictions(out / "predictions_val.npz", val, self.index)

@@ -18,7 +18,7 @@ from skinhpc.ensemble import run_ensemble  # noqa: E402
 from skinhpc.report import plot_confusion, plot_curves  # noqa: E402
 from skinhpc.rundir import read_log  # noqa: E402
 
-from test_ensemble import FakeRun  # noqa: E402
+from test_ensemble import FakeRun, noisy_probs  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -133,3 +133,19 @@ def test_a_later_ensemble_removes_the_figures_it_no_longer_draws(tmp_path):
     assert sorted(p.name for p in (run.root / "ensemble").glob("*.png")) == sorted(results["plots"])
     run_ensemble(run.root, n_boot=0, plots=False)
     assert not list((run.root / "ensemble").glob("*.png"))
+
+
+@pytest.mark.timeout(120)
+def test_fold_table_shows_the_best_epoch_of_those_trained_and_why_a_fold_stopped_early(tmp_path):
+    run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=3, n_lesions=120)
+    rng = np.random.default_rng(0)
+    for fold, kwargs in enumerate([{}, {"epochs": 2, "planned": 5, "stopped": "time_limit"},
+                                   {"epochs": 4, "planned": 6, "stopped": "early_stop"}]):
+        run.write_fold("resnet18", fold, noisy_probs(run.labels[run.val_rows[fold]], 2.0, rng),
+                       noisy_probs(run.labels[run.test_rows], 2.0, rng), **kwargs)
+    run_ensemble(run.root, n_boot=0, plots=False)
+    text = (run.root / "ensemble" / "report.md").read_text()
+    assert "| resnet18 | fold0 | 3 of 3 |" in text
+    assert "| resnet18 | fold1 | 2 of 2 (time limit; 5 planned) |" in text
+    assert "| resnet18 | fold2 | 4 of 4 (early stop; 6 planned) |" in text
+    assert "**Stopped by the time limit** (`train.stop_after_min`) before their last epoch: resnet18 fold1 after 2 of 5 epochs." in text

@@ -242,6 +242,27 @@ def test_sparse_validation_and_checkpoints_skip_epochs_and_a_killed_run_resumes_
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_time_limit_ends_the_fold_after_the_epoch_under_way_validated_with_its_files(
+        tmp_path: Path, data_dir: Path, uninterrupted: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_tiny_split(tmp_path, data_dir)
+    # A limit of 6 ms is over during the first epoch; eval_every=3 would not validate epoch 1 otherwise.
+    cfg = load_config(overrides(tmp_path, data_dir, *EXACT, "train.eval_every=3", "train.stop_after_min=0.0001"))
+    result = train_fold(cfg)
+    out = fold_dir(cfg)
+    assert result["status"] == "done" and result["stopped"] == "time_limit"
+    assert result["epochs_trained"] == 1 and result["epochs"] == 3 and result["best_epoch"] == 0
+    assert "time limit: train.stop_after_min=0.0001 reached, stopping after epoch 1 of 3" in capsys.readouterr().out
+    log = epoch_log(out)
+    assert len(log) == 1 and log[0]["val_balanced_accuracy"] is not None
+    assert log[0]["train_loss"] == epoch_log(uninterrupted)[0]["train_loss"]  # the limit changes no step before it
+    for name in ("model_best.pt", "predictions_val.npz", "predictions_test.npz"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "metrics.json").read_text())["stopped"] == "time_limit"
+    assert train_fold(cfg) == result  # stopped is finished: a rerun does not train on
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_preempted_run_with_gradient_accumulation_resumes_bit_identical(tmp_path: Path, data_dir: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
