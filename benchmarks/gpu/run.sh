@@ -64,13 +64,17 @@ RATE=${RATE:-$(grep -o "real data *[0-9]*" "$LOG" | tail -1 | grep -o "[0-9]*$")
 # mostly idle: 15,300 img/s synthetic vs 12,700 with data, 2026-11-27; 60% because running five at
 # once has never been measured, and a cut-off run loses the ensemble), 5,790 training images per
 # fold, at most 60 epochs; 45 s kept for ensembling what finished should the time run out, and 130 s
-# for the compiled benchmark when it runs.
+# for the compiled benchmark when it runs. Should the five together be slower still, the time box
+# (train.stop_after_min) ends every fold ~100 s before the limit, each with its best weights so far,
+# so that the launcher's ensemble still runs: side by side, the folds would otherwise all be cut
+# off at once and leave nothing.
 RESERVE=$(want compiled && echo 175 || echo 45)
 CV_LIMIT=$(( $(left) - RESERVE ))
+STOP_MIN=$($PY -c "print(round(max(1, $CV_LIMIT - 100) / 60, 2))")
 EPOCHS=${EPOCHS:-$($PY -c "r=int('${RATE:-0}' or 0); b=$CV_LIMIT; print(max(12, min(60, int((b - 90) * 0.6 * r / (5 * 5790)))) if r else 40)")}
-say "cv: resnet18 real-data rate ${RATE:-?} img/s -> $EPOCHS epochs in ${CV_LIMIT}s"
+say "cv: resnet18 real-data rate ${RATE:-?} img/s -> $EPOCHS epochs in ${CV_LIMIT}s (training stops after $STOP_MIN min)"
 stage "cv" "$CV_LIMIT" $PY jobs/launch.py --folds 5 --config configs/scratch-gpu.yaml cluster.kind=local \
-  cluster.local_parallel=5 run_dir=$RUN data.dir=$DATA train.epochs=$EPOCHS data.num_workers=3 $CV_EXTRA
+  cluster.local_parallel=5 run_dir=$RUN data.dir=$DATA train.epochs=$EPOCHS train.stop_after_min=$STOP_MIN data.num_workers=3 $CV_EXTRA
 $PY - "$RUN" <<'PYEOF' 2>&1 | tee -a "$LOG"
 import json, pathlib, statistics, sys
 for fold in sorted(pathlib.Path(sys.argv[1]).glob("*/fold*")):
@@ -81,9 +85,10 @@ for fold in sorted(pathlib.Path(sys.argv[1]).glob("*/fold*")):
         log = [json.loads(line) for line in (fold / "log.jsonl").read_text().splitlines() if line.strip()]
         m = json.loads((fold / "metrics.json").read_text())
         rate = statistics.median(r["images_per_s"] for r in log[1:] or log)
-        print(f"{fold}: {len(log)} epochs, train {sum(r['time_s'] for r in log):.0f} s at median {rate:.0f} img/s, "
+        stop = f" (stopped: {m['stopped']})" if m.get("stopped") else ""
+        print(f"{fold}: {len(log)} epochs{stop}, train {sum(r['time_s'] for r in log):.0f} s at median {rate:.0f} img/s, "
               f"data wait {statistics.median(r['data_wait_frac'] for r in log):.0%}, peak {max(r['peak_mem_gb'] for r in log):.1f} GB; "
-              f"best epoch {m.get('best_epoch')}: val bal_acc {m['val']['balanced_accuracy']:.3f} auc {m['val']['auroc_macro']:.3f}; "
+              f"best epoch {m['best_epoch'] + 1}: val bal_acc {m['val']['balanced_accuracy']:.3f} auc {m['val']['auroc_macro']:.3f}; "
               f"test bal_acc {m.get('test', {}).get('balanced_accuracy', float('nan')):.3f}")
     except Exception as e:
         print(f"{fold}: {type(e).__name__}: {e}")
