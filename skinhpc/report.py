@@ -74,8 +74,9 @@ def _status_lines(results: dict[str, Any]) -> list[str]:
     if results["missing"]:
         lines.append("**Missing folds** (left out of every number below): " + "; ".join(
             f"{m['backbone']} fold {m['fold']} ({m['reason']})" for m in results["missing"]) + ".")
-    short = [f"{b} {fold} after {m.get('epochs_trained')} of {m.get('epochs')} epochs" for b, folds in results["per_fold"].items()
-             for fold, m in folds.items() if m.get("stopped") == "time_limit"]
+    short = [f"{b} {fold} after {m.get('epochs_trained')} of {m.get('epochs')} epochs"
+             for b, folds in results["per_fold"].items() for fold, m in folds.items()
+             if m.get("stopped") == "time_limit"]
     if short:
         lines.append("**Stopped by the time limit** (`train.stop_after_min`) before their last epoch: "
                      + "; ".join(short) + ".")

@@ -295,7 +295,7 @@ class FoldTrainer:
         self._prepare_model()
         # Loop state: everything here goes into checkpoints.
         self.state: dict[str, Any] = {"epoch": 0, "step": 0, "global_step": 0, "best_metric": -1.0,
-                                      "best_epoch": -1, "bad_epochs": 0, "stopped": False, "stop_reason": "",
+                                      "best_epoch": -1, "bad_epochs": 0, "stop_reason": "",
                                       "loss_sum": 0.0, "correct": 0, "seen": 0}
 
     # ---------------------------------------------------------------- setup
@@ -392,7 +392,7 @@ class FoldTrainer:
         self._t0 = time.monotonic()  # train.stop_after_min counts this job's training, not its set-up
         self.flag.install()
         try:
-            while self.state["epoch"] < self.tcfg.epochs and not self.state["stopped"]:
+            while self.state["epoch"] < self.tcfg.epochs and not self.state["stop_reason"]:
                 if not self._train_epoch():
                     return {"status": "preempted", "epoch": self.state["epoch"], "step": self.state["step"]}
                 self._end_epoch()
@@ -413,6 +413,8 @@ class FoldTrainer:
             return
         info, state = found
         self.state.update(state)
+        if self.state.pop("stopped", False) and not self.state["stop_reason"]:
+            self.state["stop_reason"] = "early_stop"  # a checkpoint from before stop_reason: early stop was the only one
         _say(f"resuming from epoch {self.state['epoch']} step {self.state['step']} (checkpoint {info.path})", self.env)
         if self.env.is_main:
             self._truncate_log(self.state["epoch"])
@@ -631,7 +633,7 @@ class FoldTrainer:
             metrics = self._metrics(self._predict(self.val_loader))
             improved = self._track_best(epoch, metrics)
         if out_of_time:
-            st["stopped"], st["stop_reason"] = True, "time_limit"
+            st["stop_reason"] = "time_limit"
         record = {"epoch": epoch, "lr": self._epoch_stats["lr"], "train_loss": train_loss,
                   "train_acc": correct / max(1.0, seen),
                   **{f"val_{k}": (metrics or {}).get(k) for k in ("loss", "balanced_accuracy", "top1", "top2",
@@ -640,13 +642,13 @@ class FoldTrainer:
         if env.is_main:
             self._log_epoch(record, metrics, improved)
         st.update(epoch=epoch + 1, step=0, loss_sum=0.0, correct=0, seen=0)
-        if last or st["stopped"] or st["epoch"] % self.tcfg.checkpoint.every_epochs == 0:
+        if last or st["stop_reason"] or st["epoch"] % self.tcfg.checkpoint.every_epochs == 0:
             self._save(st["epoch"], 0, dict(st))
-        if st["stopped"] and st["stop_reason"] == "time_limit":
+        if st["stop_reason"] == "time_limit":
             _say(f"time limit: train.stop_after_min={self.tcfg.stop_after_min:g} reached, stopping after epoch "
                  f"{st['epoch']} of {self.tcfg.epochs} (best val balanced accuracy {st['best_metric']:.4f} at "
                  f"epoch {st['best_epoch'] + 1})", env)
-        elif st["stopped"]:
+        elif st["stop_reason"] == "early_stop":
             _say(f"early stop: no better val balanced accuracy in {self.tcfg.early_stop_patience} validations "
                  f"(best {st['best_metric']:.4f} at epoch {st['best_epoch'] + 1})", env)
 
@@ -669,8 +671,7 @@ class FoldTrainer:
         else:
             st["bad_epochs"] += 1
         patience = self.tcfg.early_stop_patience
-        st["stopped"] = bool(patience and st["bad_epochs"] >= patience)
-        st["stop_reason"] = "early_stop" if st["stopped"] else ""
+        st["stop_reason"] = "early_stop" if patience and st["bad_epochs"] >= patience else ""
         return improved
 
     def _log_epoch(self, record: dict, metrics: dict | None, improved: bool) -> None:
@@ -705,7 +706,7 @@ class FoldTrainer:
         test_metrics = self._metrics(test) if test is not None else None
         result = {"status": "done", "backbone": self.cfg.model.backbone, "fold": self.cfg.fold,
                   "best_epoch": st["best_epoch"], "epochs_trained": st["epoch"], "epochs": self.tcfg.epochs,
-                  "stopped": st.get("stop_reason") or None, "world_size": env.world_size,
+                  "stopped": st["stop_reason"] or None, "world_size": env.world_size,
                   "strategy": self.tcfg.strategy, "val": val_metrics, "test": test_metrics}
         if env.is_main:
             save_predictions(out / "predictions_val.npz", val, self.index)
