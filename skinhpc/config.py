@@ -241,10 +241,12 @@ class TrainConfig:
     early_stop_patience: int = 0
     """Stop after this many validations without a better val balanced accuracy (0: never)."""
     stop_after_min: float = 0.0
-    """Time box (0: none): once this job has trained this many minutes, the epoch under way is the
-    last; it is validated and the fold ends with its best weights as at a normal end (metrics.json
-    says ``stopped: time_limit``). For benchmarks and fixed allocations; a job that SLURM stops
-    instead resumes on requeue, with its learning-rate schedule whole. Counted per job."""
+    """Time box (0: none): an epoch is not started when, at this job's mean epoch time so far, it
+    would end after this many minutes of training; the last epoch is validated and the fold ends with
+    its best weights as at a normal end (metrics.json says ``stopped: time_limit``). Leave after it
+    the time of one validation and the final val/test predictions. For benchmarks and fixed
+    allocations; a job that SLURM stops instead resumes on requeue, with its learning-rate schedule
+    whole. Counted per job."""
     eval_every: int = 1
     """Validate (and so pick the best epoch) every N epochs and after the last one."""
     tta: bool = False

@@ -160,6 +160,14 @@ def make_criterion(train_cfg: TrainConfig, weight: torch.Tensor | None) -> nn.Mo
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=train_cfg.label_smoothing)
 
 
+def time_box_reached(elapsed_s: float, epochs_done: int, limit_min: float) -> bool:
+    """Whether a job that has trained ``epochs_done`` epochs (the first may have been a resumed
+    part) in ``elapsed_s`` seconds must stop rather than start another: one more epoch of its mean
+    length so far would end past ``limit_min`` minutes. Stopping when the limit is already passed
+    instead would overrun it by up to an epoch, which with slow epochs is most of a margin."""
+    return elapsed_s + elapsed_s / max(1, epochs_done) > 60 * limit_min
+
+
 def lr_at(step: int, train_cfg: TrainConfig, steps_per_epoch: int) -> float:
     """Head learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to min_lr."""
     total = max(1, train_cfg.epochs * steps_per_epoch)
@@ -390,6 +398,7 @@ class FoldTrainer:
         self._resume()
         self._open_logs()
         self._t0 = time.monotonic()  # train.stop_after_min counts this job's training, not its set-up
+        self._first_epoch = self.state["epoch"]
         self.flag.install()
         try:
             while self.state["epoch"] < self.tcfg.epochs and not self.state["stop_reason"]:
@@ -645,17 +654,20 @@ class FoldTrainer:
         if last or st["stop_reason"] or st["epoch"] % self.tcfg.checkpoint.every_epochs == 0:
             self._save(st["epoch"], 0, dict(st))
         if st["stop_reason"] == "time_limit":
-            _say(f"time limit: train.stop_after_min={self.tcfg.stop_after_min:g} reached, stopping after epoch "
-                 f"{st['epoch']} of {self.tcfg.epochs} (best val balanced accuracy {st['best_metric']:.4f} at "
-                 f"epoch {st['best_epoch'] + 1})", env)
+            _say(f"time limit: another epoch would end past train.stop_after_min={self.tcfg.stop_after_min:g}; "
+                 f"stopping after epoch {st['epoch']} of {self.tcfg.epochs} (best val balanced accuracy "
+                 f"{st['best_metric']:.4f} at epoch {st['best_epoch'] + 1})", env)
         elif st["stop_reason"] == "early_stop":
             _say(f"early stop: no better val balanced accuracy in {self.tcfg.early_stop_patience} validations "
                  f"(best {st['best_metric']:.4f} at epoch {st['best_epoch'] + 1})", env)
 
     def _out_of_time(self) -> bool:
-        """train.stop_after_min is reached on some rank (every rank then stops at this epoch)."""
+        """Another epoch would end past train.stop_after_min on some rank (every rank then stops here)."""
         limit = self.tcfg.stop_after_min
-        return bool(limit) and distributed.any_rank(self.env, time.monotonic() - self._t0 >= 60 * limit)
+        if not limit:
+            return False
+        over = time_box_reached(time.monotonic() - self._t0, self.state["epoch"] + 1 - self._first_epoch, limit)
+        return distributed.any_rank(self.env, over)
 
     def _track_best(self, epoch: int, metrics: dict) -> bool:
         """Keep the best weights by val balanced accuracy and count validations without progress."""

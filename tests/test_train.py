@@ -26,7 +26,8 @@ from skinhpc.config import SplitConfig, load_config
 from skinhpc.convert import read_index
 from skinhpc.split import SPLIT_NAME
 from skinhpc.models import backbone_and_head_params, create_model
-from skinhpc.train import KILL_ENV, PREEMPT_ENV, PreemptionFlag, class_weights, fold_dir, lr_at, train_fold
+from skinhpc.train import (KILL_ENV, PREEMPT_ENV, PreemptionFlag, class_weights, fold_dir, lr_at, time_box_reached,
+                           train_fold)
 
 PYTHON = sys.executable
 TIMING_KEYS = {"images_per_s", "data_wait_frac", "peak_mem_gb", "time_s"}
@@ -243,7 +244,7 @@ def test_sparse_validation_and_checkpoints_skip_epochs_and_a_killed_run_resumes_
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_time_limit_ends_the_fold_after_the_epoch_under_way_validated_with_its_files(
+def test_time_limit_ends_the_fold_after_the_last_epoch_that_fits_validated_with_its_files(
         tmp_path: Path, data_dir: Path, uninterrupted: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_tiny_split(tmp_path, data_dir)
     # A limit of 6 ms is over during the first epoch; eval_every=3 would not validate epoch 1 otherwise.
@@ -252,7 +253,8 @@ def test_time_limit_ends_the_fold_after_the_epoch_under_way_validated_with_its_f
     out = fold_dir(cfg)
     assert result["status"] == "done" and result["stopped"] == "time_limit"
     assert result["epochs_trained"] == 1 and result["epochs"] == 3 and result["best_epoch"] == 0
-    assert "time limit: train.stop_after_min=0.0001 reached, stopping after epoch 1 of 3" in capsys.readouterr().out
+    assert ("time limit: another epoch would end past train.stop_after_min=0.0001; stopping after epoch 1 of 3"
+            in capsys.readouterr().out)
     log = epoch_log(out)
     assert len(log) == 1 and log[0]["val_balanced_accuracy"] is not None
     assert log[0]["train_loss"] == epoch_log(uninterrupted)[0]["train_loss"]  # the limit changes no step before it
@@ -289,6 +291,14 @@ def test_train_job_reports_a_config_error_without_traceback(tmp_path: Path) -> N
 
 
 @pytest.mark.timeout(30)
+def test_time_box_starts_no_epoch_that_would_end_past_the_limit_at_the_mean_epoch_time() -> None:
+    # 10-minute box, 80 s epochs: after 6 epochs (480 s) a seventh would end at 560 s, after 7 at 640 s.
+    assert not time_box_reached(480.0, 6, 10.0)
+    assert time_box_reached(560.0, 7, 10.0)
+    # The mean counts every epoch of this job: 3 epochs in 500 s (a slow first one) -> 667 s.
+    assert time_box_reached(500.0, 3, 10.0) and not time_box_reached(400.0, 3, 10.0)
+
+
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_min_lr() -> None:
     tc = load_config(["train.lr=0.1", "train.min_lr=0.001", "train.warmup_epochs=1", "train.epochs=5"]).train
     lrs = [lr_at(step, tc, steps_per_epoch=10) for step in range(50)]
