@@ -23,6 +23,7 @@ RUN=/tmp/cv
 STAGES=${STAGES:-test convert throughput cv compiled}   # a later call can redo some
 COMPILE_BACKBONES=${COMPILE_BACKBONES:-vgg16 resnet152 seresnext101_32x4d}
 CV_EXTRA=${CV_EXTRA:-}        # more key=value overrides of the CV run (recipe trials)
+CV_BACKBONES=${CV_BACKBONES:-resnet18}   # e.g. "resnet18 resnet18d": every fold of each, all side by side
 WORKERS=14   # FFCV decoding threads: leave cores to the training process's own thread and the launcher
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
@@ -58,23 +59,27 @@ want throughput && stage "throughput-resnet18-192" 60 $PY benchmarks/train_throu
   --image-size 192 --steps 30 --warmup 10 --workers $WORKERS
 if want cv; then
 RATE=${RATE:-$(grep -o "real data *[0-9]*" "$LOG" | tail -1 | grep -o "[0-9]*$")}
-# Epochs that fit: the 5 folds side by side on the one GPU (cluster.local_parallel=5, 3 FFCV threads
-# each), ~60 s of start-up (imports, numba compiling the pipelines, cudnn autotune) and ~30 s of
-# ensemble, the five together at 60% of one process's benchmark rate (resnet18 leaves the H100
-# mostly idle: 15,300 img/s synthetic vs 12,700 with data, 2026-11-27; 60% because running five at
-# once has never been measured, and a cut-off run loses the ensemble), 5,790 training images per
-# fold, at most 60 epochs; 45 s kept for ensembling what finished should the time run out, and 130 s
-# for the compiled benchmark when it runs. Should the five together be slower still, the time box
-# (train.stop_after_min) ends every fold ~100 s before the limit, each with its best weights so far,
-# so that the launcher's ensemble still runs: side by side, the folds would otherwise all be cut
-# off at once and leave nothing.
+# Epochs that fit: the 5 folds of each backbone in CV_BACKBONES, all side by side on the one GPU
+# (cluster.local_parallel = 5 x backbones, ~15 FFCV threads shared among them), ~60 s of start-up
+# (imports, numba compiling the pipelines, cudnn autotune) and ~30 s of ensemble, all tasks
+# together at 60% of one resnet18 process's benchmark rate (resnet18 leaves the H100 mostly idle:
+# 15,300 img/s synthetic vs 12,700 with data, 2026-11-27; 60% because running several at once has
+# never been measured, and a cut-off run loses the ensemble), 5,790 training images per fold, at
+# most 60 epochs; 45 s kept for ensembling what finished should the time run out, and 130 s for the
+# compiled benchmark when it runs. Should they together be slower still, the time box
+# (train.stop_after_min) starts no epoch that would end less than ~100 s before the limit (the
+# 100 s are for the last validation, the final predictions and the ensemble), so every fold ends
+# with its best weights so far and the launcher's ensemble still runs: side by side, the folds
+# would otherwise all be cut off at once and leave nothing.
 RESERVE=$(want compiled && echo 175 || echo 45)
 CV_LIMIT=$(( $(left) - RESERVE ))
 STOP_MIN=$($PY -c "print(round(max(1, $CV_LIMIT - 100) / 60, 2))")
-EPOCHS=${EPOCHS:-$($PY -c "r=int('${RATE:-0}' or 0); b=$CV_LIMIT; print(max(12, min(60, int((b - 90) * 0.6 * r / (5 * 5790)))) if r else 40)")}
-say "cv: resnet18 real-data rate ${RATE:-?} img/s -> $EPOCHS epochs in ${CV_LIMIT}s (training stops after $STOP_MIN min)"
+TASKS=$(( 5 * $(echo $CV_BACKBONES | wc -w) ))
+EPOCHS=${EPOCHS:-$($PY -c "r=int('${RATE:-0}' or 0); b=$CV_LIMIT; print(max(12, min(60, int((b - 90) * 0.6 * r / ($TASKS * 5790)))) if r else 40)")}
+say "cv: $CV_BACKBONES x 5 folds, resnet18 real-data rate ${RATE:-?} img/s -> $EPOCHS epochs in ${CV_LIMIT}s (training stops after $STOP_MIN min)"
 stage "cv" "$CV_LIMIT" $PY jobs/launch.py --folds 5 --config configs/scratch-gpu.yaml cluster.kind=local \
-  cluster.local_parallel=5 run_dir=$RUN data.dir=$DATA train.epochs=$EPOCHS train.stop_after_min=$STOP_MIN data.num_workers=3 $CV_EXTRA
+  "backbones=[$(echo $CV_BACKBONES | tr ' ' ',')]" cluster.local_parallel=$TASKS run_dir=$RUN data.dir=$DATA \
+  train.epochs=$EPOCHS train.stop_after_min=$STOP_MIN data.num_workers=$(( TASKS > 15 ? 1 : 15 / TASKS )) $CV_EXTRA
 $PY - "$RUN" <<'PYEOF' 2>&1 | tee -a "$LOG"
 import json, pathlib, statistics, sys
 for fold in sorted(pathlib.Path(sys.argv[1]).glob("*/fold*")):
