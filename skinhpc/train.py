@@ -160,6 +160,15 @@ def make_criterion(train_cfg: TrainConfig, weight: torch.Tensor | None) -> nn.Mo
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=train_cfg.label_smoothing)
 
 
+def upgrade_loop_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A saved loop state in today's keys: checkpoints written before ``stop_reason`` carry a
+    ``stopped`` flag instead, and early stop was then the only way to stop."""
+    state = dict(state)
+    if state.pop("stopped", False) and not state.get("stop_reason"):
+        state["stop_reason"] = "early_stop"
+    return state
+
+
 def time_box_reached(elapsed_s: float, epochs_done: int, limit_min: float) -> bool:
     """Whether a job that has trained ``epochs_done`` epochs (the first may have been a resumed
     part) in ``elapsed_s`` seconds must stop rather than start another: one more epoch of its mean
@@ -421,9 +430,7 @@ class FoldTrainer:
                  f"strategy {self.tcfg.strategy})", self.env)
             return
         info, state = found
-        self.state.update(state)
-        if self.state.pop("stopped", False) and not self.state["stop_reason"]:
-            self.state["stop_reason"] = "early_stop"  # a checkpoint from before stop_reason: early stop was the only one
+        self.state.update(upgrade_loop_state(state))
         _say(f"resuming from epoch {self.state['epoch']} step {self.state['step']} (checkpoint {info.path})", self.env)
         if self.env.is_main:
             self._truncate_log(self.state["epoch"])

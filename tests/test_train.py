@@ -27,7 +27,7 @@ from skinhpc.convert import read_index
 from skinhpc.split import SPLIT_NAME
 from skinhpc.models import backbone_and_head_params, create_model
 from skinhpc.train import (KILL_ENV, PREEMPT_ENV, PreemptionFlag, class_weights, fold_dir, lr_at, time_box_reached,
-                           train_fold)
+                           train_fold, upgrade_loop_state)
 
 PYTHON = sys.executable
 TIMING_KEYS = {"images_per_s", "data_wait_frac", "peak_mem_gb", "time_s"}
@@ -359,3 +359,13 @@ def test_frozen_backbone_epochs_train_only_the_head(tmp_path: Path, data_dir: Pa
     trained = best_weights(fold_dir(cfg))
     assert all(torch.equal(trained[name_of[id(p)]], p.detach()) for p in backbone)
     assert not any(torch.equal(trained[name_of[id(p)]], p.detach()) for p in head)
+
+
+@pytest.mark.timeout(30)
+def test_checkpoint_with_the_old_stopped_flag_resumes_as_an_early_stop() -> None:
+    old = {"epoch": 7, "stopped": True, "best_metric": 0.5}
+    assert upgrade_loop_state(old) == {"epoch": 7, "stop_reason": "early_stop", "best_metric": 0.5}
+    assert "stopped" in old  # the loaded state is not changed in place
+    assert upgrade_loop_state({"epoch": 3, "stopped": False}) == {"epoch": 3}
+    # A state that already has a reason keeps it.
+    assert upgrade_loop_state({"stop_reason": "time_limit"}) == {"stop_reason": "time_limit"}
