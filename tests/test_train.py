@@ -299,6 +299,7 @@ def test_time_box_starts_no_epoch_that_would_end_past_the_limit_at_the_mean_epoc
     assert time_box_reached(500.0, 3, 10.0) and not time_box_reached(400.0, 3, 10.0)
 
 
+@pytest.mark.timeout(30)
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_min_lr() -> None:
     tc = load_config(["train.lr=0.1", "train.min_lr=0.001", "train.warmup_epochs=1", "train.epochs=5"]).train
     lrs = [lr_at(step, tc, steps_per_epoch=10) for step in range(50)]
