@@ -14,6 +14,9 @@ uint8 random-resized crops (+ random flips), batch 64:
   (c) PIL + torchvision on the original JPEGs (DataLoader, RandomResizedCrop + flip, one worker per core)
   (d) the strongest simple baseline: JPEGs pre-resized to 256 px, decoded with torchvision.io.decode_jpeg
       in a DataLoader, RandomResizedCrop + flip on the uint8 tensor
+  (e), (f) FFCV jpg / raw, decoding only: uint8 batches at the stored size, no crop. This is all the
+      CPU does for a GPU training task (crops and augmentations run on the GPU); run with
+      --workers 1 for the one FFCV thread each of several tasks sharing a GPU gets
 
 A warm-up epoch each (FFCV's numba compilation, worker start-up), then --epochs epochs; the median is
 reported. The last line is ``ratio ffcv/baseline: R`` = (a) / (c); the ratio against (d) comes before.
@@ -206,6 +209,12 @@ def main(argv: list[str] | None = None) -> None:
                                   distributed=False, channels_last=True)
             results[key] = _timed(f"FFCV {mode}", loader.crops, args.epochs, args.batch_size)
             loaders[mode] = loader
+        for key, mode in (("e", "jpg"), ("f", "raw")):
+            # What a GPU training task asks of its CPU: the crops and augmentations run on the GPU.
+            print(f"({key}) FFCV {mode} .beton, decoding only (uint8 batches at the stored size)", flush=True)
+            source = loaders[mode].source
+            results[key] = _timed(f"FFCV {mode} decode", lambda e, s=source: s.batches(e, 0), args.epochs,
+                                  args.batch_size)
         if not args.skip_full:
             print("(a+) FFCV jpg, full FoldLoader.epoch: float, all augmentations, normalised, on the CPU", flush=True)
             results["a+"] = _timed("FFCV jpg full path", loaders["jpg"].epoch, min(args.epochs, 2), args.batch_size)
