@@ -14,8 +14,8 @@ import pytest
 
 from skinhpc import CLASSES, REPO_DIR
 from skinhpc.config import load_config, save_config
-from skinhpc.ensemble import (EnsembleError, aggregate_folds, bootstrap_ci, fit_weights, mean_probs, metrics_of,
-                              run_ensemble)
+from skinhpc.ensemble import (SCALAR_METRICS, EnsembleError, aggregate_folds, bootstrap_ci, fit_weights,
+                              headline_metrics_weighted, mean_probs, metrics_of, run_ensemble)
 
 NV = CLASSES.index("nv")
 K = len(CLASSES)
@@ -252,6 +252,43 @@ def test_bootstrap_draws_whole_lesions():
     for y in seen:
         counts = {lab: int(np.sum(y == lab)) for lab in range(6)}
         assert counts[0] == counts[1] == counts[2] and counts[4] == counts[5]  # lesions a and c stay whole
+
+
+def awkward_test_set(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Probabilities rounded to 0.05 (many tied scores), lesions of 1-4 images, one class on a
+    single lesion (absent from many resamples) and one class never predicted."""
+    n_lesions = 60
+    sizes = rng.integers(1, 5, size=n_lesions)
+    lesion_labels = rng.choice([0, 1, 2, 4, 5], size=n_lesions)
+    lesion_labels[0] = 3  # the only lesion of class 3
+    labels = np.repeat(lesion_labels, sizes)
+    lesions = np.repeat(np.array([f"L{i}" for i in range(n_lesions)]), sizes)
+    probs = np.round(noisy_probs(labels, 1.0, rng) / 0.05) * 0.05
+    probs[:, 6] = 0.0  # class 6 never predicted
+    probs = np.clip(probs, 0.0, None) + 1e-3
+    return probs / probs.sum(1, keepdims=True), labels, lesions
+
+
+@pytest.mark.timeout(60)
+def test_weighted_headline_metrics_equal_torchmetrics_on_the_repeated_images():
+    rng = np.random.default_rng(5)
+    probs, labels, _ = awkward_test_set(rng)
+    weights = rng.integers(0, 4, size=(20, len(labels)))  # 0: left out; k: counted k times
+    fast = headline_metrics_weighted(probs, labels, weights)
+    for b, w in enumerate(weights):
+        idx = np.repeat(np.arange(len(labels)), w)
+        slow = metrics_of(probs[idx], labels[idx])
+        for key in SCALAR_METRICS:  # torchmetrics returns float32: equal to its rounding
+            assert fast[key][b] == pytest.approx(slow[key], abs=1e-6), (b, key)
+
+
+@pytest.mark.timeout(60)
+def test_bootstrap_intervals_equal_those_of_torchmetrics_on_every_resample():
+    probs, labels, lesions = awkward_test_set(np.random.default_rng(6))
+    fast = bootstrap_ci(probs, labels, lesions, n_boot=100, seed=2)
+    slow = bootstrap_ci(probs, labels, lesions, n_boot=100, seed=2, metric_fn=metrics_of)
+    for key in SCALAR_METRICS:
+        assert fast["ci"][key] == pytest.approx(slow["ci"][key], abs=1e-6), key
 
 
 # --------------------------------------------------------------------------- run directory handling
