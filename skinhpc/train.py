@@ -461,7 +461,9 @@ class FoldTrainer:
         return lr
 
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[int, Any, float]]:
-        """(step, batch, seconds waited for it) for steps start .. steps_per_epoch-1."""
+        """(step, batch, seconds waited for it) for steps start .. steps_per_epoch-1. On CUDA the wait
+        also holds the GPU's queue: the loader's blocking copies of small tensors to the device
+        return only once the previous step's kernels are done (see DESIGN.md, data_wait_frac)."""
         if start >= self.steps_per_epoch:
             return
         it = self.train_loader.epoch(epoch, start_step=start)
