@@ -65,8 +65,9 @@ RATE=${RATE:-$(grep -o "real data *[0-9]*" "$LOG" | tail -1 | grep -o "[0-9]*$")
 # together at 60% of one resnet18 process's benchmark rate (15,300 img/s synthetic, 12,700 with
 # data, 2026-11-27; ten tasks side by side, resnet18 and resnet18d, reached ~9,700 in all = 76%:
 # the GPU, time-sliced between them, is the limit; 60% keeps a margin, as a cut-off run loses the
-# ensemble), 5,790 training images per fold, at most 60 epochs (EPOCHS=N overrides); 45 s kept for ensembling what finished should the time run out, and 130 s for the
-# compiled benchmark when it runs. Should they together be slower still, the time box
+# ensemble), 5,790 training images per fold, at most 60 epochs (EPOCHS=N overrides); 45 s kept
+# for ensembling what finished should the time run out, and 130 s for the compiled benchmark when
+# it runs. Should they together be slower still, the time box
 # (train.stop_after_min) starts no epoch that would end less than ~100 s before the limit (the
 # 100 s are for the last validation, the final predictions and the ensemble), so every fold ends
 # with its best weights so far and the launcher's ensemble still runs: side by side, the folds
