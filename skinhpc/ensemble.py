@@ -216,10 +216,15 @@ def _check_same_test_set(folds: list[FoldRun]) -> None:
 
 # --------------------------------------------------------------------------- metrics
 
+def nll_per_image(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood of each image's true class (probabilities clipped to PROB_FLOOR)."""
+    probs = np.asarray(probs)
+    return -np.log(np.clip(probs[np.arange(len(labels)), labels], PROB_FLOOR, 1.0))
+
+
 def nll(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean negative log-likelihood (cross-entropy of the probabilities, unweighted)."""
-    p = np.clip(probs[np.arange(len(labels)), labels], PROB_FLOOR, 1.0)
-    return float(-np.mean(np.log(p)))
+    return float(np.mean(nll_per_image(probs, labels)))
 
 
 def metrics_of(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
@@ -420,7 +425,7 @@ def headline_metrics_weighted(probs: np.ndarray, labels: np.ndarray, weights: np
     n = np.arange(len(y))
     pred = p32.argmax(1)  # first maximum, as torch's argmax
     top2 = select_topk(torch.from_numpy(p32), 2).numpy()[n, y].astype(bool)  # torchmetrics' own top-k
-    log_loss = -np.log(np.clip(np.asarray(probs)[n, y], PROB_FLOOR, 1.0))
+    log_loss = nll_per_image(probs, y)
     total = w.sum(1)
 
     onehot_y = np.eye(NUM_CLASSES, dtype=bool)[y]
