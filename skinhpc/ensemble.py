@@ -214,6 +214,25 @@ def _check_same_test_set(folds: list[FoldRun]) -> None:
                                 f"{ref.dir / 'predictions_test.npz'}; the folds do not share one split")
 
 
+def read_reference(path: str | Path, test: Predictions) -> Predictions:
+    """Test predictions of a model trained outside this run (e.g. a single-split baseline),
+    aligned to the run's test images by image id so that it can be compared image for image. Its
+    file must cover every test image with the same labels (the same split of the same metadata)."""
+    path = Path(path)
+    ref = read_predictions(path)
+    where = {image_id: i for i, image_id in enumerate(ref.image_ids)}
+    absent = [image_id for image_id in test.image_ids if image_id not in where]
+    if absent:
+        raise EnsembleError(f"{path}: lacks {len(absent)} of the run's {len(test)} test images (first: "
+                            f"{', '.join(absent[:3])}); a reference must predict the same test set")
+    aligned = ref.take(np.array([where[i] for i in test.image_ids], dtype=np.int64))
+    wrong = np.flatnonzero(aligned.labels != test.labels)
+    if len(wrong):
+        raise EnsembleError(f"{path}: image {aligned.image_ids[wrong[0]]} has label {aligned.labels[wrong[0]]}, "
+                            f"the run's test set {test.labels[wrong[0]]} ({len(wrong)} images differ)")
+    return Predictions(aligned.probs, test.labels, test.rows, test.image_ids, test.lesion_ids, aligned.logits)
+
+
 # --------------------------------------------------------------------------- metrics
 
 def nll_per_image(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -452,6 +471,27 @@ def headline_metrics_weighted(probs: np.ndarray, labels: np.ndarray, weights: np
         }
 
 
+def _lesion_draws(lesion_ids: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, int, list[np.ndarray]]:
+    """The lesion of each image (an index), the number of lesions, and ``n_boot`` draws of lesion
+    indices with replacement. The same seed and test set give the same draws for every model."""
+    uniq, group = np.unique(lesion_ids, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    return group, len(uniq), [rng.integers(0, len(uniq), size=len(uniq)) for _ in range(n_boot)]
+
+
+def _resample_weights(group: np.ndarray, n_lesions: int, draws: list[np.ndarray]):
+    """(resamples, images) counts of how often each image is drawn, in chunks that bound memory."""
+    chunk = max(1, 2_000_000 // max(1, len(group)))
+    for i in range(0, len(draws), chunk):
+        counts = np.stack([np.bincount(d, minlength=n_lesions) for d in draws[i:i + chunk]])
+        yield counts[:, group]
+
+
+def _interval(values: list[float] | np.ndarray, level: float) -> list[float] | None:
+    alpha = (1.0 - level) / 2.0
+    return [float(np.quantile(values, alpha)), float(np.quantile(values, 1.0 - alpha))] if len(values) else None
+
+
 def bootstrap_ci(probs: np.ndarray, labels: np.ndarray, lesion_ids: np.ndarray, *, n_boot: int = 1000,
                  seed: int = 0, level: float = 0.95,
                  metric_fn: Callable[[np.ndarray, np.ndarray], dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -460,29 +500,46 @@ def bootstrap_ci(probs: np.ndarray, labels: np.ndarray, lesion_ids: np.ndarray, 
     so intervals of different models on one test set are paired. Without ``metric_fn`` the metrics
     of all resamples are computed at once by ``headline_metrics_weighted`` (equal to ``metrics_of``
     on each resample); with one, it is called on each resample's images."""
-    uniq, group = np.unique(lesion_ids, return_inverse=True)
-    rng = np.random.default_rng(seed)
-    draws = [rng.integers(0, len(uniq), size=len(uniq)) for _ in range(n_boot)]
+    group, n_lesions, draws = _lesion_draws(lesion_ids, n_boot, seed)
     samples: dict[str, list[float]] = {k: [] for k in SCALAR_METRICS}
     if metric_fn is None:
-        chunk = max(1, 2_000_000 // max(1, len(labels)))  # bounds the (resamples, images) arrays
-        for i in range(0, n_boot, chunk):
-            counts = np.stack([np.bincount(d, minlength=len(uniq)) for d in draws[i:i + chunk]])
-            m = headline_metrics_weighted(probs, labels, counts[:, group])
+        for w in _resample_weights(group, n_lesions, draws):
+            m = headline_metrics_weighted(probs, labels, w)
             for k in SCALAR_METRICS:
                 samples[k] += [float(v) for v in m[k] if not np.isnan(v)]
     else:
-        members = [np.flatnonzero(group == g) for g in range(len(uniq))]
+        members = [np.flatnonzero(group == g) for g in range(n_lesions)]
         for drawn in draws:
             idx = np.concatenate([members[g] for g in drawn])
             m = metric_fn(probs[idx], labels[idx])
             for k in SCALAR_METRICS:
                 if m.get(k) is not None:
                     samples[k].append(float(m[k]))
-    alpha = (1.0 - level) / 2.0
-    ci = {k: ([float(np.quantile(v, alpha)), float(np.quantile(v, 1.0 - alpha))] if v else None)
-          for k, v in samples.items()}
-    return {"ci": ci, "level": level, "n_boot": n_boot, "n_lesions": int(len(uniq)), "unit": "lesion"}
+    ci = {k: _interval(v, level) for k, v in samples.items()}
+    return {"ci": ci, "level": level, "n_boot": n_boot, "n_lesions": n_lesions, "unit": "lesion"}
+
+
+def paired_difference(probs_a: np.ndarray, probs_b: np.ndarray, labels: np.ndarray, lesion_ids: np.ndarray, *,
+                      n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """Model A minus model B on the same test images: the difference of each headline metric and
+    its percentile interval over lesion resamples drawn once for both (paired). Why paired: the two
+    models' own intervals overlap even when A is better on nearly every resample, because most of
+    their width is which lesions the test set happens to hold, shared by both. An interval above 0
+    (below 0 for the loss) says A is better beyond that noise; ``frac_a_better`` is the share of
+    resamples on which it is."""
+    a, b = metrics_of(probs_a, labels), metrics_of(probs_b, labels)
+    diff = {k: (None if a.get(k) is None or b.get(k) is None else float(a[k]) - float(b[k])) for k in SCALAR_METRICS}
+    group, n_lesions, draws = _lesion_draws(lesion_ids, n_boot, seed)
+    samples: dict[str, list[np.ndarray]] = {k: [] for k in SCALAR_METRICS}
+    for w in _resample_weights(group, n_lesions, draws):
+        ma, mb = headline_metrics_weighted(probs_a, labels, w), headline_metrics_weighted(probs_b, labels, w)
+        for k in SCALAR_METRICS:
+            d = ma[k] - mb[k]
+            samples[k].append(d[~np.isnan(d)])
+    pooled = {k: np.concatenate(v) if v else np.zeros(0) for k, v in samples.items()}
+    better = {k: (float(np.mean(v < 0 if k == "loss" else v > 0)) if len(v) else None) for k, v in pooled.items()}
+    return {"diff": diff, "ci": {k: _interval(v, level) for k, v in pooled.items()}, "frac_a_better": better,
+            "level": level, "n_boot": n_boot, "n_lesions": n_lesions, "unit": "lesion"}
 
 
 # --------------------------------------------------------------------------- the whole run
@@ -564,8 +621,21 @@ def _oof_ensembles(oof_preds: dict[str, Predictions]) -> tuple[np.ndarray, dict[
     return weights, ensembles
 
 
-def evaluate_run(scan: RunScan, *, n_boot: int = 1000, seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
-    """All the numbers of ``run_ensemble`` (JSON-ready) and the arrays the plots need."""
+def _paired_section(entries: list[TestEntry], best: TestEntry, references: list[TestEntry], labels: np.ndarray,
+                    lesions: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    """Every ensemble minus the best single model (picked on validation) and minus each reference,
+    with paired lesion-bootstrap intervals."""
+    ensembles = [e for e in entries if e.kind in ("backbone_ensemble", "ensemble")]
+    return {other.name: {e.name: paired_difference(e.probs, other.probs, labels, lesions, n_boot=n_boot, seed=seed)
+                         for e in ensembles}
+            for other in [best] + references}
+
+
+def evaluate_run(scan: RunScan, *, n_boot: int = 1000, seed: int = 0,
+                 references: dict[str, Predictions] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """All the numbers of ``run_ensemble`` (JSON-ready) and the arrays the plots need.
+    ``references``: name -> test predictions of outside models (``read_reference``), shown beside
+    the ensembles and compared with them."""
     test_labels = scan.finished[0].test.labels
     test_lesions = scan.finished[0].test.lesion_ids
     backbones = scan.finished_backbones
@@ -588,10 +658,15 @@ def evaluate_run(scan: RunScan, *, n_boot: int = 1000, seed: int = 0) -> tuple[d
     oof_metrics = {b: metrics_of(p.probs, p.labels) for b, p in oof_preds.items()}
     oof_metrics.update({k: metrics_of(p.probs, p.labels) for k, p in oof_ens.items() if len(p)})
 
+    refs = [TestEntry(f"reference/{name}", "reference", p.probs, metrics_of(p.probs, test_labels))
+            for name, p in (references or {}).items()]
+    entries += refs
     bootstrap = {e.name: bootstrap_ci(e.probs, test_labels, test_lesions, n_boot=n_boot, seed=seed)
                  for e in entries} if n_boot > 0 else {}
     # The best single model is chosen on its own validation fold, never on the test set.
     best = max(scan.finished, key=lambda f: per_fold[f.backbone][f"fold{f.fold}"]["val"]["balanced_accuracy"] or 0)
+    best_entry = next(e for e in entries if e.name == best.name)
+    paired = _paired_section(entries, best_entry, refs, test_labels, test_lesions, n_boot, seed) if n_boot > 0 else {}
     n_common = len(oof_ens["ensemble_mean"])
     results = _plain({
         "run_dir": str(scan.run_dir),
@@ -609,6 +684,7 @@ def evaluate_run(scan: RunScan, *, n_boot: int = 1000, seed: int = 0) -> tuple[d
         "weights": {"backbones": dict(zip(backbones, weights.tolist())), "fit_on": "out-of-fold",
                     "objective": "log-loss", "n": n_common},
         "bootstrap": bootstrap,
+        "paired": paired,
         "calibration": calibrate(scan, oof_preds, weights, test_labels),
         "best_single": best.name,
     })
@@ -616,13 +692,19 @@ def evaluate_run(scan: RunScan, *, n_boot: int = 1000, seed: int = 0) -> tuple[d
     return results, arrays
 
 
-def run_ensemble(run_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, plots: bool = True) -> dict[str, Any]:
+def run_ensemble(run_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, plots: bool = True,
+                 references: dict[str, str | Path] | None = None) -> dict[str, Any]:
     """Evaluate every finished fold of ``run_dir`` and write ``RUN/ensemble/{metrics.json,
-    report.md, *.png}``. Works with any subset of finished folds; the missing ones are listed."""
+    report.md, *.png}``. Works with any subset of finished folds; the missing ones are listed.
+    ``references``: name -> ``predictions_test.npz`` of a model trained outside the run on the
+    same test set, reported beside the ensembles with paired differences."""
     from skinhpc import report
 
     scan = scan_run(run_dir)
-    results, arrays = evaluate_run(scan, n_boot=n_boot, seed=seed)
+    test = scan.finished[0].test
+    refs = {name: read_reference(path, test) for name, path in (references or {}).items()}
+    results, arrays = evaluate_run(scan, n_boot=n_boot, seed=seed, references=refs)
+    results["references"] = {f"reference/{name}": str(path) for name, path in (references or {}).items()}
     out_dir = Path(run_dir) / "ensemble"
     out_dir.mkdir(parents=True, exist_ok=True)
     results["plots"] = report.make_plots(results, arrays, scan, out_dir) if plots else []
@@ -649,6 +731,11 @@ def summary(results: dict[str, Any]) -> str:
         ci_text = f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
         nums = "  ".join(f"{k} {_num(m.get(k))}" for k in ("top1", "top2", "auroc_macro"))
         lines.append(f"{name:<32} balanced_accuracy {_num(m.get('balanced_accuracy'))}{ci_text}  {nums}")
+    for other, versus in results.get("paired", {}).items():
+        for name, d in versus.items():
+            parts = [f"{k} {d['diff'][k]:+.4f} [{d['ci'][k][0]:+.4f}, {d['ci'][k][1]:+.4f}]"
+                     for k in ("balanced_accuracy", "auroc_macro") if d["diff"][k] is not None and d["ci"][k]]
+            lines.append(f"{name} minus {other}: " + "  ".join(parts))
     weights = ", ".join(f"{b}={w:.3f}" for b, w in results["weights"]["backbones"].items())
     lines.append(f"OOF weights: {weights}")
     out = Path(results["run_dir"]) / "ensemble"

@@ -104,7 +104,44 @@ def _test_section(results: dict[str, Any]) -> list[str]:
         rows.append(_test_row("all backbones: ensemble (mean)", results, "ensemble_mean"))
         rows.append(_test_row(f"all backbones: OOF-weighted ({_weights_text(results)})", results,
                               "ensemble_weighted"))
+    for name, path in results.get("references", {}).items():
+        rows.append(_test_row(f"{name} (`{path}`)", results, name))
     return lines + _table(header, rows) + [""]
+
+
+def fmt_diff(key: str, d: dict[str, Any]) -> str:
+    """A paired difference as '+1.2 [-0.4, +2.9]' (percentage points for accuracies)."""
+    value, ci = d["diff"].get(key), d["ci"].get(key)
+    if value is None or ci is None:
+        return "—"
+    scale, digits = (100.0, 1) if key in PERCENT else (1.0, 3)
+    return f"{value * scale:+.{digits}f} [{ci[0] * scale:+.{digits}f}, {ci[1] * scale:+.{digits}f}]"
+
+
+PAIRED = (("balanced_accuracy", "Δ balanced acc. (points)"), ("auroc_macro", "Δ AUC"), ("top1", "Δ top-1 (points)"),
+          ("loss", "Δ loss"))
+
+
+def _paired_section(results: dict[str, Any]) -> list[str]:
+    paired = results.get("paired") or {}
+    shown = set(ensemble_names(results))
+    rows = []
+    for other, versus in paired.items():
+        label = f"best single model ({other})" if other == results["best_single"] else other
+        for name, d in versus.items():
+            if name in shown:
+                rows.append([f"{name} − {label}"] + [fmt_diff(k, d) for k, _ in PAIRED]
+                            + [f"{d['frac_a_better']['balanced_accuracy'] * 100:.0f}%"
+                               if d["frac_a_better"].get("balanced_accuracy") is not None else "—"])
+    if not rows:
+        return []
+    return (["## Is the ensemble better? Paired differences on the test set", "",
+             "Ensemble minus another model on the same test images, with a 95% interval over the same "
+             "lesion resamples for both (paired: the share of the test set's noise the two models have in "
+             "common cancels). An interval above 0 (below 0 for the loss) means better beyond the "
+             "resampling noise; the last column is the share of resamples on which the ensemble's balanced "
+             "accuracy is higher.", ""]
+            + _table(["comparison"] + [h for _, h in PAIRED] + ["resamples better"], rows) + [""])
 
 
 def _cv_section(results: dict[str, Any]) -> list[str]:
@@ -197,6 +234,7 @@ def markdown(results: dict[str, Any]) -> str:
     if cross_backbone_names(results):
         lines += [f"Weighted ensemble: per-backbone weights {_weights_text(results)}, fit by minimising the "
                   f"log-loss of {w['n']} out-of-fold predictions (never the test set).", ""]
+    lines += _paired_section(results)
     lines += _cv_section(results) + _per_class_section(results) + _calibration_section(results)
     lines += _fold_section(results)
     if results.get("plots"):

@@ -15,7 +15,7 @@ import pytest
 from skinhpc import CLASSES, REPO_DIR
 from skinhpc.config import load_config, save_config
 from skinhpc.ensemble import (SCALAR_METRICS, EnsembleError, aggregate_folds, bootstrap_ci, fit_weights,
-                              headline_metrics_weighted, mean_probs, metrics_of, run_ensemble)
+                              headline_metrics_weighted, mean_probs, metrics_of, paired_difference, run_ensemble)
 
 NV = CLASSES.index("nv")
 K = len(CLASSES)
@@ -291,6 +291,49 @@ def test_bootstrap_intervals_equal_those_of_torchmetrics_on_every_resample():
         assert fast["ci"][key] == pytest.approx(slow["ci"][key], abs=1e-6), key
 
 
+@pytest.mark.timeout(60)
+def test_paired_difference_equals_torchmetrics_differences_on_the_same_resamples():
+    rng = np.random.default_rng(7)
+    probs_a, labels, lesions = awkward_test_set(rng)
+    probs_b = np.roll(probs_a, 1, axis=1) * 0.3 + probs_a * 0.7  # a weaker model of the same images
+    fast = paired_difference(probs_a, probs_b, labels, lesions, n_boot=100, seed=3)
+    # the slow way: the same lesion draws, torchmetrics on each resample's repeated images
+    uniq, group = np.unique(lesions, return_inverse=True)
+    draws_rng = np.random.default_rng(3)
+    members = [np.flatnonzero(group == g) for g in range(len(uniq))]
+    diffs: dict[str, list[float]] = {k: [] for k in SCALAR_METRICS}
+    for _ in range(100):
+        idx = np.concatenate([members[g] for g in draws_rng.integers(0, len(uniq), size=len(uniq))])
+        ma, mb = metrics_of(probs_a[idx], labels[idx]), metrics_of(probs_b[idx], labels[idx])
+        for k in SCALAR_METRICS:
+            if ma.get(k) is not None and mb.get(k) is not None:
+                diffs[k].append(ma[k] - mb[k])
+    point_a, point_b = metrics_of(probs_a, labels), metrics_of(probs_b, labels)
+    for k in SCALAR_METRICS:
+        lo, hi = np.quantile(diffs[k], [0.025, 0.975])
+        assert fast["ci"][k] == pytest.approx([lo, hi], abs=1e-6), k
+        assert fast["diff"][k] == pytest.approx(point_a[k] - point_b[k], abs=1e-9), k
+        better = np.mean(np.array(diffs[k]) < 0) if k == "loss" else np.mean(np.array(diffs[k]) > 0)
+        assert fast["frac_a_better"][k] == pytest.approx(better), k
+
+
+@pytest.mark.timeout(60)
+def test_paired_difference_is_zero_for_one_model_and_above_zero_for_a_better_one():
+    rng = np.random.default_rng(8)
+    labels = np.repeat(np.arange(300) % K, 2)
+    lesions = np.repeat(np.arange(300).astype(str), 2)
+    weak = noisy_probs(labels, 0.8, rng)
+    same = paired_difference(weak, weak, labels, lesions, n_boot=200)
+    assert all(same["diff"][k] == 0 and same["ci"][k] == [0.0, 0.0] for k in SCALAR_METRICS)
+    strong = noisy_probs(labels, 3.0, rng)
+    d = paired_difference(strong, weak, labels, lesions, n_boot=200)
+    assert d["ci"]["balanced_accuracy"][0] > 0 and d["ci"]["auroc_macro"][0] > 0 and d["ci"]["loss"][1] < 0
+    assert d["frac_a_better"]["balanced_accuracy"] == 1.0
+    # Paired is narrower than the two models' own intervals side by side would suggest.
+    own = [bootstrap_ci(p, labels, lesions, n_boot=200)["ci"]["top1"] for p in (strong, weak)]
+    assert d["ci"]["top1"][1] - d["ci"]["top1"][0] < (own[0][1] - own[0][0]) + (own[1][1] - own[1][0])
+
+
 # --------------------------------------------------------------------------- run directory handling
 
 @pytest.mark.timeout(120)
@@ -313,6 +356,57 @@ def test_missing_folds_are_reported_and_the_rest_aggregated(tmp_path):
     assert "Missing folds" in (run.root / "ensemble" / "report.md").read_text()
     # bootstrap intervals exist for every ensemble and the baseline
     assert set(results["bootstrap"]) >= {"majority_nv", "resnet18/ensemble", "ensemble_mean", "ensemble_weighted"}
+
+
+@pytest.mark.timeout(120)
+def test_a_reference_model_is_aligned_by_image_and_compared_with_the_ensembles(tmp_path):
+    run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=2)
+    run.fill({"resnet18": 2.0})
+    t = run.test_rows
+    ref_probs = noisy_probs(run.labels[t], 0.5, np.random.default_rng(4))
+    # Another run: other row numbers (another conversion) and another order; the image ids match.
+    order = np.random.default_rng(5).permutation(len(t))
+    ref = tmp_path / "ref" / "resnet18" / "fold0" / "predictions_test.npz"
+    write_npz(ref, ref_probs[order], run.labels[t][order], t[order] + 1000, run.lesions[t][order])
+    data = dict(np.load(ref))
+    data["image_ids"] = np.array([f"ISIC_{r:07d}" for r in t[order]])
+    np.savez(ref, **data)
+    proc = subprocess.run([sys.executable, str(REPO_DIR / "jobs" / "ensemble.py"), str(run.root), "--n-boot", "50",
+                           "--no-plots", "--reference", f"one_split={ref}"], capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr
+    assert "resnet18/ensemble minus reference/one_split: balanced_accuracy +" in proc.stdout
+    results = json.loads((run.root / "ensemble" / "metrics.json").read_text())
+    expected = metrics_of(ref_probs, run.labels[t])
+    got = results["test"]["reference/one_split"]
+    assert got["kind"] == "reference"
+    assert got["balanced_accuracy"] == pytest.approx(expected["balanced_accuracy"])
+    assert got["auroc_macro"] == pytest.approx(expected["auroc_macro"])
+    assert results["references"] == {"reference/one_split": str(ref)}
+    versus = results["paired"]["reference/one_split"]["resnet18/ensemble"]
+    assert versus["ci"]["balanced_accuracy"][0] > 0  # signal 2.0 against 0.5
+    assert set(results["paired"]) == {results["best_single"], "reference/one_split"}
+    report = (run.root / "ensemble" / "report.md").read_text()
+    assert "Paired differences" in report and "resnet18/ensemble − reference/one_split" in report
+
+
+@pytest.mark.timeout(60)
+def test_a_reference_of_another_test_set_is_refused_with_its_file_named(tmp_path):
+    run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=2)
+    run.fill({"resnet18": 1.0})
+    t = run.test_rows
+    short = tmp_path / "short.npz"
+    write_npz(short, onehot_probs(run.labels[t[1:]]), run.labels[t[1:]], t[1:], run.lesions[t[1:]])
+    with pytest.raises(EnsembleError, match=r"short.npz: lacks 1 of the run's .* test images \(first: ISIC_"):
+        run_ensemble(run.root, n_boot=0, plots=False, references={"x": short})
+    relabelled = tmp_path / "relabelled.npz"
+    labels = run.labels[t].copy()
+    labels[3] = (labels[3] + 1) % K
+    write_npz(relabelled, onehot_probs(labels), labels, t, run.lesions[t])
+    with pytest.raises(EnsembleError, match=rf"relabelled.npz: image ISIC_{t[3]:07d} has label"):
+        run_ensemble(run.root, n_boot=0, plots=False, references={"x": relabelled})
+    proc = subprocess.run([sys.executable, str(REPO_DIR / "jobs" / "ensemble.py"), str(run.root), "--reference",
+                           str(short)], capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 2 and "expected NAME=FILE" in proc.stderr
 
 
 @pytest.mark.timeout(60)
