@@ -9,6 +9,9 @@
 #      seresnext101_32x4d, vgg16 (224 px, bf16, channels-last, batch 256)         [issue 3, section 6]
 #      + resnet18 at 192 px, whose rate sizes the epochs of stage 4
 #   4. the whole path from scratch: split, 5 folds of resnet18 side by side, ensemble  [issue 5, sect. 4]
+#      with STAGES containing "ref": beside them, the issue's single-split reference (one resnet18,
+#      40 epochs, on 90% of the same train+val, scored on the same test set), then the ensemble
+#      again with --reference: paired differences ensemble minus reference, measured in one run
 #   5. the same throughput benchmark with torch.compile, as far as the time left allows
 # Results: $OUT/log.txt, report.md, ensemble-metrics.json, folds.tar.gz (fold logs, plots).
 set -uo pipefail
@@ -22,7 +25,7 @@ DATA=/tmp/ham-ffcv
 RUN=/tmp/cv
 STAGES=${STAGES:-test convert throughput cv compiled}   # a later call can redo some
 COMPILE_BACKBONES=${COMPILE_BACKBONES:-vgg16 resnet152 seresnext101_32x4d}
-CV_EXTRA=${CV_EXTRA:-}        # more key=value overrides of the CV run (recipe trials)
+CV_EXTRA=${CV_EXTRA:-}        # more key=value overrides of the CV run and the reference (recipe trials)
 CV_BACKBONES=${CV_BACKBONES:-resnet18}   # e.g. "resnet18 resnet18d": every fold of each, all side by side
 WORKERS=14   # FFCV decoding threads: leave cores to the training process's own thread and the launcher
 
@@ -72,15 +75,28 @@ RATE=${RATE:-$(grep -o "real data *[0-9]*" "$LOG" | tail -1 | grep -o "[0-9]*$")
 # 100 s are for the last validation, the final predictions and the ensemble), so every fold ends
 # with its best weights so far and the launcher's ensemble still runs: side by side, the folds
 # would otherwise all be cut off at once and leave nothing.
-RESERVE=$(want compiled && echo 175 || echo 45)
+# The reference, when it runs, is one more task whose images (REF_EPOCHS x ~6,500) come out of the
+# same budget, and the comparison after the ensemble needs ~30 s more.
+RESERVE=$(( $(want compiled && echo 175 || echo 45) + $(want ref && echo 30 || echo 0) ))
 CV_LIMIT=$(( $(left) - RESERVE ))
 STOP_MIN=$($PY -c "print(round(max(1, $CV_LIMIT - 100) / 60, 2))")
 TASKS=$(( 5 * $(echo $CV_BACKBONES | wc -w) ))
-EPOCHS=${EPOCHS:-$($PY -c "r=int('${RATE:-0}' or 0); b=$CV_LIMIT; print(max(12, min(60, int((b - 90) * 0.6 * r / ($TASKS * 5790)))) if r else 40)")}
+REF_EPOCHS=${REF_EPOCHS:-40}
+REF_IMAGES=$(want ref && echo $(( REF_EPOCHS * 6500 )) || echo 0)
+EPOCHS=${EPOCHS:-$($PY -c "r=int('${RATE:-0}' or 0); b=$CV_LIMIT; print(max(12, min(60, int(((b - 90) * 0.6 * r - $REF_IMAGES) / ($TASKS * 5790)))) if r else 40)")}
+THREADS=$(( 15 / (TASKS + $(want ref && echo 1 || echo 0)) )); [ "$THREADS" -ge 1 ] || THREADS=1
+if want ref; then
+  REF=/tmp/ref
+  say "ref: resnet18, $REF_EPOCHS epochs on 9 of 10 parts of train+val (split.folds=10 fold=0), beside the folds"
+  timeout --kill-after=10 "$CV_LIMIT" $PY jobs/train.py --config configs/scratch-gpu.yaml run_dir=$REF data.dir=$DATA \
+    model.backbone=resnet18 backbones=[resnet18] split.folds=10 fold=0 train.epochs=$REF_EPOCHS \
+    train.stop_after_min=$STOP_MIN data.num_workers=$THREADS $CV_EXTRA > "$OUT/ref.log" 2>&1 &
+  REF_PID=$!
+fi
 say "cv: $CV_BACKBONES x 5 folds, resnet18 real-data rate ${RATE:-?} img/s -> $EPOCHS epochs in ${CV_LIMIT}s (training stops after $STOP_MIN min)"
 stage "cv" "$CV_LIMIT" $PY jobs/launch.py --folds 5 --config configs/scratch-gpu.yaml cluster.kind=local \
   "backbones=[$(echo $CV_BACKBONES | tr ' ' ',')]" cluster.local_parallel=$TASKS run_dir=$RUN data.dir=$DATA \
-  train.epochs=$EPOCHS train.stop_after_min=$STOP_MIN data.num_workers=$(( TASKS > 15 ? 1 : 15 / TASKS )) $CV_EXTRA
+  train.epochs=$EPOCHS train.stop_after_min=$STOP_MIN data.num_workers=$THREADS $CV_EXTRA
 $PY - "$RUN" <<'PYEOF' 2>&1 | tee -a "$LOG"
 import json, pathlib, statistics, sys
 for fold in sorted(pathlib.Path(sys.argv[1]).glob("*/fold*")):
@@ -101,6 +117,11 @@ for fold in sorted(pathlib.Path(sys.argv[1]).glob("*/fold*")):
 PYEOF
 # Cut off before the ensemble job ran: ensemble what finished (it names the missing folds).
 [ -f $RUN/ensemble/report.md ] || stage "ensemble-partial" 45 $PY jobs/ensemble.py $RUN
+if want ref; then
+  wait "$REF_PID"; say "ref: exit $? ($(grep -c '^epoch' "$OUT/ref.log") epochs logged)"; tail -3 "$OUT/ref.log" | tee -a "$LOG"
+  REF_NPZ=$REF/resnet18/fold0/predictions_test.npz
+  [ -f "$REF_NPZ" ] && stage "compare" 40 $PY jobs/ensemble.py $RUN --reference one_split=$REF_NPZ
+fi
 cp $RUN/ensemble/report.md "$OUT/report.md" 2>/dev/null
 cp $RUN/ensemble/metrics.json "$OUT/ensemble-metrics.json" 2>/dev/null
 tar czf "$OUT/folds.tar.gz" -C $RUN --exclude=checkpoints --exclude='*.pkl' --exclude='*.pt' . 2>/dev/null
