@@ -731,8 +731,11 @@ def summary(results: dict[str, Any]) -> str:
         ci_text = f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
         nums = "  ".join(f"{k} {_num(m.get(k))}" for k in ("top1", "top2", "auroc_macro"))
         lines.append(f"{name:<32} balanced_accuracy {_num(m.get('balanced_accuracy'))}{ci_text}  {nums}")
+    from skinhpc.report import ensemble_names
+
+    shown = set(ensemble_names(results))  # with one backbone its fold ensemble, not its two copies
     for other, versus in results.get("paired", {}).items():
-        for name, d in versus.items():
+        for name, d in ((n, d) for n, d in versus.items() if n in shown):
             parts = [f"{k} {d['diff'][k]:+.4f} [{d['ci'][k][0]:+.4f}, {d['ci'][k][1]:+.4f}]"
                      for k in ("balanced_accuracy", "auroc_macro") if d["diff"][k] is not None and d["ci"][k]]
             lines.append(f"{name} minus {other}: " + "  ".join(parts))
