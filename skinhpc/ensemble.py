@@ -14,6 +14,10 @@ prediction files), and computes, all with ``evaluate.compute_metrics`` (torchmet
   correlated, so resampling images would give intervals that are too narrow). A resample only
   changes how often each image counts, so its headline metrics are weighted sums of per-image
   results (``headline_metrics_weighted``), equal to torchmetrics on the repeated images (tested);
+* paired differences on the test set: each ensemble minus the best single model (picked on its
+  validation fold) and minus each outside reference model (``references``: e.g. a single-split
+  baseline trained on the same split's train+val), with intervals over the same lesion
+  resamples for both models;
 * temperature scaling (one temperature per backbone) fit on OOF logits, with the expected
   calibration error before and after on the test set.
 
