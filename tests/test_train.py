@@ -22,11 +22,11 @@ import torch
 
 from skinhpc import CLASSES, REPO_DIR
 from skinhpc.checkpoint import ResumeMismatch, list_checkpoints
-from skinhpc.config import SplitConfig, load_config
+from skinhpc.config import SplitConfig, TrainConfig, load_config
 from skinhpc.convert import read_index
 from skinhpc.split import SPLIT_NAME
 from skinhpc.models import backbone_and_head_params, create_model
-from skinhpc.train import (KILL_ENV, PREEMPT_ENV, PreemptionFlag, class_weights, fold_dir, lr_at, time_box_reached,
+from skinhpc.train import (KILL_ENV, PREEMPT_ENV, PreemptionFlag, class_weights, fold_dir, lr_at, make_criterion, time_box_reached,
                            train_fold, upgrade_loop_state)
 
 PYTHON = sys.executable
@@ -324,6 +324,32 @@ def test_class_weight_power_half_weighs_by_inverse_square_root_frequency() -> No
     assert w[0] == pytest.approx(2 * w[5]) and w[1] == pytest.approx(4 * w[5])
     assert (w * torch.bincount(torch.from_numpy(labels), minlength=7)).sum() == pytest.approx(len(labels))
     assert torch.all(class_weights(labels, power=0.0)[[0, 1, 5]] == 1)
+
+
+@pytest.mark.timeout(30)
+def test_label_smoothing_with_class_weights_weighs_each_image_by_its_class_only() -> None:
+    labels = np.array([5] * 20 + [3] * 2)  # nv x20, df x2: df weighs 10x
+    weight = class_weights(labels)
+    target = torch.from_numpy(labels)
+    smoothed = make_criterion(TrainConfig(label_smoothing=0.1), weight)
+    # Without smoothing it is exactly the weighted cross-entropy.
+    logits = torch.randn(len(labels), 7, generator=torch.Generator().manual_seed(0))
+    plain = make_criterion(TrainConfig(label_smoothing=0.0), weight)(logits, target)
+    assert make_criterion(TrainConfig(label_smoothing=1e-9), weight)(logits, target) == pytest.approx(float(plain), rel=1e-6)
+    # By hand: each image's smoothed cross-entropy, weighted by its own class.
+    logp = torch.log_softmax(logits, 1)
+    soft = torch.full((len(labels), 7), 0.1 / 7)
+    soft[torch.arange(len(labels)), target] += 0.9
+    per_image = -(soft * logp).sum(1)
+    expected = (weight[target] * per_image).sum() / weight[target].sum()
+    assert smoothed(logits, target) == pytest.approx(float(expected), rel=1e-6)
+    # The smoothing term does not pull toward the heavily weighted class: confident right answers
+    # cost less than spreading probability onto df.
+    right = torch.zeros(len(labels), 7)
+    right[torch.arange(len(labels)), target] = 5.0
+    leaning = right.clone()
+    leaning[:, 3] += 2.0
+    assert smoothed(right, target) < smoothed(leaning, target)
 
 
 @pytest.mark.timeout(30)
