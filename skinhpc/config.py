@@ -235,7 +235,7 @@ class TrainConfig:
     """Class weights are the training fold's class frequency to the power -this: 1 inverse frequency
     (every class counts the same), 0.5 its square root (the rare classes count less)."""
     label_smoothing: float = 0.0
-    """Cross-entropy label smoothing."""
+    """Cross-entropy label smoothing (with class weights, each image weighs as its true class)."""
     focal_gamma: float = 2.0
     """Focal loss gamma."""
     early_stop_patience: int = 0
