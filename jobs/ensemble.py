@@ -27,12 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     references = {}
     for item in args.reference:
         name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path:
+        name = name.strip()
+        if not sep or not name or not path:
             parser.error(f"--reference {item!r}: expected NAME=FILE, e.g. single_split=runs/ref/resnet18/fold0/"
                          "predictions_test.npz")
         if name in references:
             parser.error(f"--reference: the name {name!r} is given twice")
-        references[name.strip()] = path
+        references[name] = path
 
     from skinhpc.ensemble import EnsembleError, run_ensemble, summary
     try:
