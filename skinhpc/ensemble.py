@@ -491,36 +491,60 @@ def _resample_weights(group: np.ndarray, n_lesions: int, draws: list[np.ndarray]
         yield counts[:, group]
 
 
-def _interval(values: list[float] | np.ndarray, level: float) -> list[float] | None:
+def _interval(values: np.ndarray, level: float) -> list[float] | None:
     alpha = (1.0 - level) / 2.0
     return [float(np.quantile(values, alpha)), float(np.quantile(values, 1.0 - alpha))] if len(values) else None
+
+
+def resampled_metrics(probs: np.ndarray, labels: np.ndarray, lesion_ids: np.ndarray, *, n_boot: int = 1000,
+                      seed: int = 0) -> dict[str, np.ndarray]:
+    """The headline metrics of ``n_boot`` lesion resamples (all images of a drawn lesion come
+    along), as (n_boot,) arrays, NaN where a resample leaves a metric undefined. Computed at once by
+    ``headline_metrics_weighted`` (equal to ``metrics_of`` on each resample's images). The same
+    seed and test set draw the same lesions for every model, so two models' arrays are paired."""
+    group, n_lesions, draws = _lesion_draws(lesion_ids, n_boot, seed)
+    parts = [headline_metrics_weighted(probs, labels, w) for w in _resample_weights(group, n_lesions, draws)]
+    return {k: np.concatenate([m[k] for m in parts]) if parts else np.zeros(0) for k in SCALAR_METRICS}
+
+
+def _intervals(samples: dict[str, np.ndarray], n_lesions: int, level: float = 0.95) -> dict[str, Any]:
+    """Percentile intervals of resampled metrics (undefined resamples left out)."""
+    ci = {k: _interval(v[~np.isnan(v)], level) for k, v in samples.items()}
+    n_boot = len(next(iter(samples.values()), ()))
+    return {"ci": ci, "level": level, "n_boot": n_boot, "n_lesions": n_lesions, "unit": "lesion"}
+
+
+def _paired(samples_a: dict[str, np.ndarray], samples_b: dict[str, np.ndarray], point_a: dict[str, Any],
+            point_b: dict[str, Any], n_lesions: int, level: float = 0.95) -> dict[str, Any]:
+    """A minus B from their metrics and their resampled metrics on the same resamples."""
+    deltas = {k: samples_a[k] - samples_b[k] for k in SCALAR_METRICS}
+    kept = {k: v[~np.isnan(v)] for k, v in deltas.items()}
+    return {**_intervals(deltas, n_lesions, level),
+            "diff": {k: (None if point_a.get(k) is None or point_b.get(k) is None
+                         else float(point_a[k]) - float(point_b[k])) for k in SCALAR_METRICS},
+            "frac_a_better": {k: (float(np.mean(v < 0 if k == "loss" else v > 0)) if len(v) else None)
+                              for k, v in kept.items()}}
 
 
 def bootstrap_ci(probs: np.ndarray, labels: np.ndarray, lesion_ids: np.ndarray, *, n_boot: int = 1000,
                  seed: int = 0, level: float = 0.95,
                  metric_fn: Callable[[np.ndarray, np.ndarray], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Percentile bootstrap intervals of the headline metrics, resampling lesions with replacement
-    (all images of a drawn lesion come along). The same seed draws the same lesions for every model,
-    so intervals of different models on one test set are paired. Without ``metric_fn`` the metrics
-    of all resamples are computed at once by ``headline_metrics_weighted`` (equal to ``metrics_of``
-    on each resample); with one, it is called on each resample's images."""
-    group, n_lesions, draws = _lesion_draws(lesion_ids, n_boot, seed)
-    samples: dict[str, list[float]] = {k: [] for k in SCALAR_METRICS}
+    """Percentile bootstrap intervals of the headline metrics over lesion resamples
+    (``resampled_metrics``). With ``metric_fn``, it is called on each resample's images instead
+    (the same draws), e.g. ``metrics_of`` to check the vectorised sums against torchmetrics."""
     if metric_fn is None:
-        for w in _resample_weights(group, n_lesions, draws):
-            m = headline_metrics_weighted(probs, labels, w)
-            for k in SCALAR_METRICS:
-                samples[k] += [float(v) for v in m[k] if not np.isnan(v)]
-    else:
-        members = [np.flatnonzero(group == g) for g in range(n_lesions)]
-        for drawn in draws:
-            idx = np.concatenate([members[g] for g in drawn])
-            m = metric_fn(probs[idx], labels[idx])
-            for k in SCALAR_METRICS:
-                if m.get(k) is not None:
-                    samples[k].append(float(m[k]))
-    ci = {k: _interval(v, level) for k, v in samples.items()}
-    return {"ci": ci, "level": level, "n_boot": n_boot, "n_lesions": n_lesions, "unit": "lesion"}
+        return _intervals(resampled_metrics(probs, labels, lesion_ids, n_boot=n_boot, seed=seed),
+                          len(np.unique(lesion_ids)), level)
+    group, n_lesions, draws = _lesion_draws(lesion_ids, n_boot, seed)
+    members = [np.flatnonzero(group == g) for g in range(n_lesions)]
+    samples = {k: np.full(n_boot, np.nan) for k in SCALAR_METRICS}
+    for b, drawn in enumerate(draws):
+        idx = np.concatenate([members[g] for g in drawn])
+        m = metric_fn(probs[idx], labels[idx])
+        for k in SCALAR_METRICS:
+            if m.get(k) is not None:
+                samples[k][b] = float(m[k])
+    return _intervals(samples, n_lesions, level)
 
 
 def paired_difference(probs_a: np.ndarray, probs_b: np.ndarray, labels: np.ndarray, lesion_ids: np.ndarray, *,
@@ -531,19 +555,8 @@ def paired_difference(probs_a: np.ndarray, probs_b: np.ndarray, labels: np.ndarr
     their width is which lesions the test set happens to hold, shared by both. An interval above 0
     (below 0 for the loss) says A is better beyond that noise; ``frac_a_better`` is the share of
     resamples on which it is."""
-    a, b = metrics_of(probs_a, labels), metrics_of(probs_b, labels)
-    diff = {k: (None if a.get(k) is None or b.get(k) is None else float(a[k]) - float(b[k])) for k in SCALAR_METRICS}
-    group, n_lesions, draws = _lesion_draws(lesion_ids, n_boot, seed)
-    samples: dict[str, list[np.ndarray]] = {k: [] for k in SCALAR_METRICS}
-    for w in _resample_weights(group, n_lesions, draws):
-        ma, mb = headline_metrics_weighted(probs_a, labels, w), headline_metrics_weighted(probs_b, labels, w)
-        for k in SCALAR_METRICS:
-            d = ma[k] - mb[k]
-            samples[k].append(d[~np.isnan(d)])
-    pooled = {k: np.concatenate(v) if v else np.zeros(0) for k, v in samples.items()}
-    better = {k: (float(np.mean(v < 0 if k == "loss" else v > 0)) if len(v) else None) for k, v in pooled.items()}
-    return {"diff": diff, "ci": {k: _interval(v, level) for k, v in pooled.items()}, "frac_a_better": better,
-            "level": level, "n_boot": n_boot, "n_lesions": n_lesions, "unit": "lesion"}
+    a, b = (resampled_metrics(p, labels, lesion_ids, n_boot=n_boot, seed=seed) for p in (probs_a, probs_b))
+    return _paired(a, b, metrics_of(probs_a, labels), metrics_of(probs_b, labels), len(np.unique(lesion_ids)), level)
 
 
 # --------------------------------------------------------------------------- the whole run
@@ -625,14 +638,21 @@ def _oof_ensembles(oof_preds: dict[str, Predictions]) -> tuple[np.ndarray, dict[
     return weights, ensembles
 
 
-def _paired_section(entries: list[TestEntry], best: TestEntry, references: list[TestEntry], labels: np.ndarray,
-                    lesions: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
-    """Every ensemble minus the best single model (picked on validation) and minus each reference,
-    with paired lesion-bootstrap intervals."""
+def _test_intervals(entries: list[TestEntry], best: TestEntry, labels: np.ndarray, lesions: np.ndarray,
+                    n_boot: int, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Bootstrap intervals of every test entry, and every ensemble minus the best single model
+    (picked on validation) and minus each reference, paired. Each entry's metrics are resampled
+    once and serve both."""
+    if n_boot <= 0:
+        return {}, {}
+    n_lesions = len(np.unique(lesions))
+    resampled = {e.name: resampled_metrics(e.probs, labels, lesions, n_boot=n_boot, seed=seed) for e in entries}
+    bootstrap = {name: _intervals(samples, n_lesions) for name, samples in resampled.items()}
     ensembles = [e for e in entries if e.kind in ("backbone_ensemble", "ensemble")]
-    return {other.name: {e.name: paired_difference(e.probs, other.probs, labels, lesions, n_boot=n_boot, seed=seed)
-                         for e in ensembles}
-            for other in [best] + references}
+    others = [best] + [e for e in entries if e.kind == "reference"]
+    paired = {o.name: {e.name: _paired(resampled[e.name], resampled[o.name], e.metrics, o.metrics, n_lesions)
+                       for e in ensembles} for o in others}
+    return bootstrap, paired
 
 
 def evaluate_run(scan: RunScan, *, n_boot: int = 1000, seed: int = 0,
@@ -662,15 +682,12 @@ def evaluate_run(scan: RunScan, *, n_boot: int = 1000, seed: int = 0,
     oof_metrics = {b: metrics_of(p.probs, p.labels) for b, p in oof_preds.items()}
     oof_metrics.update({k: metrics_of(p.probs, p.labels) for k, p in oof_ens.items() if len(p)})
 
-    refs = [TestEntry(f"reference/{name}", "reference", p.probs, metrics_of(p.probs, test_labels))
-            for name, p in (references or {}).items()]
-    entries += refs
-    bootstrap = {e.name: bootstrap_ci(e.probs, test_labels, test_lesions, n_boot=n_boot, seed=seed)
-                 for e in entries} if n_boot > 0 else {}
+    entries += [TestEntry(f"reference/{name}", "reference", p.probs, metrics_of(p.probs, test_labels))
+                for name, p in (references or {}).items()]
     # The best single model is chosen on its own validation fold, never on the test set.
     best = max(scan.finished, key=lambda f: per_fold[f.backbone][f"fold{f.fold}"]["val"]["balanced_accuracy"] or 0)
     best_entry = next(e for e in entries if e.name == best.name)
-    paired = _paired_section(entries, best_entry, refs, test_labels, test_lesions, n_boot, seed) if n_boot > 0 else {}
+    bootstrap, paired = _test_intervals(entries, best_entry, test_labels, test_lesions, n_boot, seed)
     n_common = len(oof_ens["ensemble_mean"])
     results = _plain({
         "run_dir": str(scan.run_dir),
