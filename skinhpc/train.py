@@ -137,6 +137,15 @@ def class_weights(labels: np.ndarray, num_classes: int = len(CLASSES), power: fl
     return torch.tensor(raw * counts.sum() / max(float((raw * counts).sum()), 1e-12), dtype=torch.float32)
 
 
+def class_weighted_mean(per_image: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of per-image losses, each image weighing as its true class (plain mean without weights);
+    the normalisation of ``nn.CrossEntropyLoss(weight)``."""
+    if weight is None:
+        return per_image.mean()
+    w = weight[target]
+    return (w * per_image).sum() / w.sum().clamp_min(1e-12)
+
+
 class FocalLoss(nn.Module):
     """Focal loss (Lin et al.): cross-entropy down-weighted by (1 - p_true)^gamma, optional class weights."""
 
@@ -147,11 +156,7 @@ class FocalLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logp = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
-        loss = -((1 - logp.exp()) ** self.gamma) * logp
-        if self.weight is None:
-            return loss.mean()
-        w = self.weight[target]
-        return (w * loss).sum() / w.sum().clamp_min(1e-12)
+        return class_weighted_mean(-((1 - logp.exp()) ** self.gamma) * logp, target, self.weight)
 
 
 class SmoothedWeightedCrossEntropy(nn.Module):
@@ -170,8 +175,7 @@ class SmoothedWeightedCrossEntropy(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         per_image = F.cross_entropy(logits.float(), target, reduction="none", label_smoothing=self.label_smoothing)
-        w = self.weight[target]
-        return (w * per_image).sum() / w.sum().clamp_min(1e-12)
+        return class_weighted_mean(per_image, target, self.weight)
 
 
 def make_criterion(train_cfg: TrainConfig, weight: torch.Tensor | None) -> nn.Module:
