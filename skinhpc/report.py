@@ -38,11 +38,16 @@ def ensemble_names(results: dict[str, Any]) -> list[str]:
 
 # --------------------------------------------------------------------------- markdown
 
+def _scale(key: str) -> tuple[float, int]:
+    """Percent with 1 decimal for accuracies, 3 decimals for AUC and loss."""
+    return (100.0, 1) if key in PERCENT else (1.0, 3)
+
+
 def fmt(key: str, value: float | None, std: float | None = None, ci: list[float] | None = None) -> str:
     """A metric as text: percentages for accuracies, 3 decimals for AUC and loss; '—' when absent."""
     if value is None:
         return "—"
-    scale, digits = (100.0, 1) if key in PERCENT else (1.0, 3)
+    scale, digits = _scale(key)
     text = f"{value * scale:.{digits}f}"
     if std is not None:
         text += f" ± {std * scale:.{digits}f}"
@@ -114,7 +119,7 @@ def fmt_diff(key: str, d: dict[str, Any]) -> str:
     value, ci = d["diff"].get(key), d["ci"].get(key)
     if value is None or ci is None:
         return "—"
-    scale, digits = (100.0, 1) if key in PERCENT else (1.0, 3)
+    scale, digits = _scale(key)
     return f"{value * scale:+.{digits}f} [{ci[0] * scale:+.{digits}f}, {ci[1] * scale:+.{digits}f}]"
 
 
