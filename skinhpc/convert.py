@@ -179,13 +179,13 @@ def _read_csv(metadata: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return header, records
 
 
-def _check_records(metadata: Path, header: list[str],
-                   raw: list[tuple[int, list[str]]]) -> tuple[list[dict[str, str]], list[int], list[str]]:
+def _check_records(metadata: Path, header: list[str], raw: list[tuple[int, list[str]]],
+                   columns: Sequence[str] = REQUIRED_COLUMNS) -> tuple[list[dict[str, str]], list[int], list[str]]:
     name = str(metadata)
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    missing = [c for c in columns if c not in header]
     if missing:
         return [], [], [f"{name}:1: missing column(s) {', '.join(missing)} (the header has: {', '.join(header)};"
-                        f" required: {', '.join(REQUIRED_COLUMNS)})"]
+                        f" required: {', '.join(columns)})"]
     if not raw:
         return [], [], [f"{name}: no data rows"]
     problems: list[str] = []
@@ -195,7 +195,7 @@ def _check_records(metadata: Path, header: list[str],
         if len(cells) != len(header):
             problems.append(f"{name}:{line}: {len(cells)} fields, the header has {len(header)}")
             continue
-        rec = {col: cells[header.index(col)].strip() for col in REQUIRED_COLUMNS}
+        rec = {col: cells[header.index(col)].strip() for col in columns}
         image_id = rec["image_id"]
         where = f"{name}:{line}: image_id {image_id!r}"
         if not image_id:
@@ -213,8 +213,31 @@ def _check_records(metadata: Path, header: list[str],
     return records, lines, problems
 
 
+def _checked_csv(metadata: Path, columns: Sequence[str]) -> tuple[list[dict[str, str]], list[int], list[str]]:
+    """The CSV's records (``columns``, cells stripped), their lines, and every problem found."""
+    if not metadata.is_file():
+        return [], [], [f"{metadata}: metadata CSV not found"]
+    try:
+        header, raw = _read_csv(metadata)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        return [], [], [f"{metadata}: cannot read the CSV ({e})"]
+    return _check_records(metadata, header, raw, columns)
+
+
+def read_metadata_rows(metadata: str | Path,
+                       columns: Sequence[str] = REQUIRED_COLUMNS) -> tuple[list[dict[str, str]], list[int]]:
+    """The checked rows of a metadata CSV and their editor lines, read exactly as the conversion
+    reads them (so the split made from the CSV is the split of the converted index); InputError
+    listing every bad row otherwise."""
+    records, lines, problems = _checked_csv(Path(metadata), columns)
+    if problems:
+        raise InputError(problems)
+    return records, lines
+
+
 def _list_images(image_dirs: Sequence[Path]) -> tuple[dict[str, list[Path]], list[str]]:
-    """File name → paths over all folders (in folder order), and problems with the folders."""
+    """Image id (file name without its suffix, whose case does not matter) → paths over all
+    folders (in folder order, then name order), and problems with the folders."""
     found: dict[str, list[Path]] = {}
     problems = []
     for folder in image_dirs:
@@ -222,10 +245,15 @@ def _list_images(image_dirs: Sequence[Path]) -> tuple[dict[str, list[Path]], lis
             problems.append(f"{folder}: image folder not found")
             continue
         with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES):
-                    found.setdefault(entry.name, []).append(Path(entry.path))
+            names = sorted(e.name for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES))
+        for name in names:
+            found.setdefault(os.path.splitext(name)[0], []).append(folder / name)
     return found, problems
+
+
+def image_files(image_dirs: Sequence[str | Path]) -> dict[str, list[Path]]:
+    """Image id → its files in the existing folders of ``image_dirs`` (see ``_list_images``)."""
+    return _list_images([Path(d) for d in image_dirs if Path(d).is_dir()])[0]
 
 
 def _plan(image_dirs: Sequence[str | Path], metadata: str | Path) -> _Plan:
@@ -234,13 +262,7 @@ def _plan(image_dirs: Sequence[str | Path], metadata: str | Path) -> _Plan:
     dirs = [Path(d) for d in image_dirs]
     if not dirs:
         raise InputError(["no image folder given"])
-    if not metadata.is_file():
-        raise InputError([f"{metadata}: metadata CSV not found"])
-    try:
-        header, raw = _read_csv(metadata)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise InputError([f"{metadata}: cannot read the CSV ({e})"]) from None
-    records, lines, problems = _check_records(metadata, header, raw)
+    records, lines, problems = _checked_csv(metadata, REQUIRED_COLUMNS)
     found, dir_problems = _list_images(dirs)
     problems += dir_problems
     if dir_problems or not records:
@@ -249,20 +271,21 @@ def _plan(image_dirs: Sequence[str | Path], metadata: str | Path) -> _Plan:
     listed, duplicated = set(), []
     folders = ", ".join(str(d) for d in dirs)
     for rec, line in zip(records, lines):
-        file_name = f"{rec['image_id']}.jpg"
-        listed.add(file_name)
-        where = found.get(file_name, [])
+        image_id = rec["image_id"]
+        listed.add(image_id)
+        where = found.get(image_id, [])
         if not where:
-            problems.append(f"{metadata}:{line}: image {file_name} not found in {folders}")
+            problems.append(f"{metadata}:{line}: image {image_id}.jpg not found in {folders}"
+                            f" (any of {'/'.join(IMAGE_SUFFIXES)}, in any case, would do)")
             continue
         if len(where) > 1:
-            duplicated.append(f"{file_name}: using {where[0]}")
+            duplicated.append(f"{image_id}: using {where[0]}, not {', '.join(map(str, where[1:]))}")
         paths.append(where[0])
     if problems:
         raise InputError(problems)
     warnings = []
     if duplicated:
-        warnings.append("\n".join([f"{len(duplicated)} image(s) are in more than one folder:"] + _listed(duplicated)))
+        warnings.append("\n".join([f"{len(duplicated)} image(s) have more than one file:"] + _listed(duplicated)))
     extra = sorted(str(p[0]) for n, p in found.items() if n not in listed)
     if extra:
         warnings.append("\n".join([f"{len(extra)} image(s) in the folders are not in {metadata} and are skipped:"]
@@ -771,5 +794,5 @@ def read_index(data_dir: str | Path) -> Any:
 
 
 __all__ = ["BETON_NAME", "INDEX_NAME", "MANIFEST_NAME", "ConversionError", "ConvertResult", "InputError",
-           "convert", "ensure_converted", "is_up_to_date", "prepare_image", "read_index", "read_manifest",
-           "stored_size_for"]
+           "convert", "ensure_converted", "image_files", "is_up_to_date", "prepare_image", "read_index",
+           "read_manifest", "read_metadata_rows", "stored_size_for"]

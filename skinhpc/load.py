@@ -214,15 +214,17 @@ def _image_paths(data_dir: Path, manifest: dict[str, Any], data_cfg: DataConfig,
     """Source JPEG of every requested row: the folders the manifest records, else the config's."""
     dirs = [Path(d) for d in manifest.get("images", {}).get("dirs", [])]
     dirs += [Path(d) for d in data_cfg.images] + [skinhpc.SAMPLE_IMAGES]
+    from skinhpc.convert import image_files
+
     dirs = [d for d in dirs if d.is_dir()]
+    files = image_files(dirs)  # the conversion's own lookup: any image suffix, in any case
     paths, missing = {}, []
     for row in rows:
         image_id = index.at[int(row), "image_id"]
-        found = next((d / f"{image_id}.jpg" for d in dirs if (d / f"{image_id}.jpg").is_file()), None)
-        if found is None:
-            missing.append(f"{image_id} (row {row} of {data_dir / 'index.csv'})")
+        if image_id in files:
+            paths[int(row)] = files[image_id][0]
         else:
-            paths[int(row)] = found
+            missing.append(f"{image_id} (row {row} of {data_dir / 'index.csv'})")
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise LoaderError(f"PIL loader: source image(s) not found in {', '.join(map(str, dirs)) or 'any folder'}:"

@@ -14,6 +14,7 @@ pure function of (metadata rows, folds, test_fraction, seed).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -43,24 +44,25 @@ class FoldRows:
 
 
 def read_metadata(path: str | Path) -> pd.DataFrame:
-    """The metadata CSV's image_id, lesion_id and dx columns, in file order (= beton row order)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SplitError(f"{path}: metadata CSV not found")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise SplitError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(df.columns)})")
-    unknown = df.index[~df["dx"].isin(CLASSES)]
-    if len(unknown):
-        i = unknown[0]
-        raise SplitError(f"{path}, row {i + 2}: dx {df['dx'][i]!r} is not one of {', '.join(CLASSES)} "
-                         f"({len(unknown)} such row(s))")
-    dup = df.index[df["image_id"].duplicated()]
-    if len(dup):
-        i = dup[0]
-        raise SplitError(f"{path}, row {i + 2}: duplicate image_id {df['image_id'][i]!r}")
-    return df
+    """The metadata CSV's image_id, lesion_id and dx columns, in file order (= beton row order).
+
+    Read by the conversion's own reader (cells stripped, blank records skipped, every bad row named
+    with its line), so that a split made from the raw CSV, before the conversion has run, is the
+    split of the converted index: a stray space must not make two lesions of one.
+    """
+    from skinhpc.convert import InputError, read_metadata_rows
+
+    try:
+        records, _ = read_metadata_rows(path, REQUIRED_COLUMNS)
+    except InputError as e:
+        raise SplitError(str(e)) from None
+    return pd.DataFrame(records, columns=list(REQUIRED_COLUMNS))
+
+
+def data_fingerprint(df: pd.DataFrame) -> str:
+    """sha256 of the sorted (image_id, lesion_id, dx) triples: what a saved split depends on."""
+    triples = sorted(zip(df["image_id"].astype(str), df["lesion_id"].astype(str), df["dx"].astype(str)))
+    return hashlib.sha256("\n".join("\t".join(t) for t in triples).encode()).hexdigest()
 
 
 def _lesion_classes(df: pd.DataFrame) -> pd.Series:
@@ -86,7 +88,7 @@ def _warn_rare_classes(lesion_dx: pd.Series, folds: int) -> list[str]:
     rare = [f"{dx} ({counts.get(dx, 0)} lesions)" for dx in CLASSES if counts.get(dx, 0) < folds]
     if rare:
         warnings.warn(f"classes with fewer lesions than folds ({folds}): {', '.join(rare)}; "
-                      "some validation folds will lack them", stacklevel=3)
+                      "some folds will lack them in validation or in training", stacklevel=3)
     return rare
 
 
@@ -115,6 +117,7 @@ def make_split(df: pd.DataFrame, cfg: SplitConfig) -> dict:
         "seed": cfg.seed,
         "config": dataclasses.asdict(cfg),
         "n_images": int(len(df)),
+        "data_sha256": data_fingerprint(df),
         "rare_classes": rare,
         "test": sorted(df.loc[is_test, "image_id"].tolist()),
         "folds": folds,
@@ -167,6 +170,9 @@ def ensure_split(run_dir: str | Path, df: pd.DataFrame, cfg: SplitConfig) -> dic
         if split.get("n_images") != len(df):
             raise SplitError(f"{path} covers {split.get('n_images')} images but the data has {len(df)}: "
                              "the data changed since the split was made; use a new run_dir")
+        if split.get("data_sha256", data_fingerprint(df)) != data_fingerprint(df):  # absent: an older split
+            raise SplitError(f"{path} was made from other data (image ids, lesion ids or classes differ, same "
+                             f"number of images): the data changed since the split was made; use a new run_dir")
         return split
     split = make_split(df, cfg)
     save_split(split, path)
@@ -181,6 +187,10 @@ def fold_rows(split: dict, df: pd.DataFrame, fold: int) -> FoldRows:
     row_of = dict(zip(df["image_id"], rows.astype(np.int64)))
 
     def to_rows(ids: list[str]) -> np.ndarray:
+        unknown = [i for i in ids if i not in row_of]
+        if unknown:
+            raise SplitError(f"the split has {len(unknown)} image(s) that the data lacks ({', '.join(unknown[:5])}"
+                             f"{', ...' if len(unknown) > 5 else ''}): it was made from other data")
         return np.sort(np.fromiter((row_of[i] for i in ids), dtype=np.int64, count=len(ids)))
 
     part = split["folds"][fold]

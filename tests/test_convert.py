@@ -216,6 +216,17 @@ def test_missing_image_names_the_file_the_csv_line_and_the_folders(tmp_path: Pat
     assert not out.exists()
 
 
+@pytest.mark.timeout(120)
+def test_images_are_found_whatever_the_case_of_their_suffix(tmp_path: Path) -> None:
+    dirs, csv_path, ids = make_raw(tmp_path, two_folders=True)
+    for image_id in ids[:3]:
+        path = _find(dirs, image_id)
+        path.rename(path.with_suffix(".JPG" if image_id != ids[2] else ".jpeg"))
+    result = convert(dirs, csv_path, tmp_path / "data", workers=2)
+    assert result.n_images == len(ids) and not result.warnings
+    assert read_index(tmp_path / "data")["image_id"].tolist() == ids
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_corrupt_jpeg_is_found_by_decoding_and_reported_with_its_row(tmp_path: Path, damage: str) -> None:

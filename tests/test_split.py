@@ -129,5 +129,34 @@ def test_split_cli_writes_json_and_rejects_bad_metadata(tmp_path):
     bad.write_text("image_id,lesion_id,dx\nA,L1,nv\nB,L2,melanoma\n")
     res = subprocess.run([sys.executable, "jobs/split.py", "--metadata", str(bad), "--folds", "2",
                           "--out", str(tmp_path / "x.json")], cwd=REPO, capture_output=True, text=True)
-    assert res.returncode == 2 and "bad.csv, row 3" in res.stderr and "Traceback" not in res.stderr
-    assert not (tmp_path / "x.json").exists()
+    assert res.returncode == 2 and "bad.csv:3: image_id 'B': unknown dx 'melanoma'" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "x.json").exists()
+    bad.write_text("image_id,lesion_id,dx\nA,L1,nv\nB,L2,nv,extra\n")  # pandas would raise a ParserError
+    res = subprocess.run([sys.executable, "jobs/split.py", "--metadata", str(bad), "--folds", "2",
+                          "--out", str(tmp_path / "x.json")], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 2 and "bad.csv:3: 4 fields, the header has 3" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_metadata_is_read_as_the_conversion_reads_it_so_stray_spaces_do_not_split_a_lesion(tmp_path):
+    rows = [("I1", "L1", "nv"), ("I2", "L1", "nv"), ("I3", "L2", "mel")]
+    messy = tmp_path / "messy.csv"
+    messy.write_text("image_id, lesion_id ,dx\r\n" + "".join(f"{i} ,{lesion}{' ' * k}, {dx}\r\n"
+                                                               for k, (i, lesion, dx) in enumerate(rows))
+                     + ",,\r\n")
+    df = read_metadata(messy)
+    assert list(map(tuple, df[["image_id", "lesion_id", "dx"]].to_numpy())) == rows
+    assert df["lesion_id"].nunique() == 2
+
+
+def test_ensure_split_refuses_other_data_with_the_same_number_of_images(tmp_path, full):
+    cfg = SplitConfig(folds=3)
+    first, second = full.iloc[:300].reset_index(drop=True), full.iloc[300:600].reset_index(drop=True)
+    split = ensure_split(tmp_path, first, cfg)
+    with pytest.raises(SplitError, match="made from other data"):
+        ensure_split(tmp_path, second, cfg)
+    relabelled = first.assign(lesion_id=first["lesion_id"].where(first.index != 0, "HAM_new"))
+    with pytest.raises(SplitError, match="made from other data"):
+        ensure_split(tmp_path, relabelled, cfg)
+    with pytest.raises(SplitError, match=r"the data lacks \("):
+        fold_rows(split, second.assign(row=np.arange(300)), 0)
