@@ -1,6 +1,6 @@
 """Classify new images with a run's fold ensemble.
 
-python jobs/predict.py --run RUN IMAGE_OR_DIR [...] [--tta] [--out FILE.csv] [--batch-size N]
+python jobs/predict.py --run RUN IMAGE_OR_DIR [...] [--tta | --no-tta] [--out FILE.csv] [--batch-size N]
 
 Writes a CSV (image, one probability column per class, prediction) to --out or stdout. Folders
 contribute every *.jpg/*.jpeg/*.png inside. An unreadable image is named on stderr, the others are
@@ -17,7 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run directory with <backbone>/fold<k>/model_best.pt")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
-    parser.add_argument("--tta", action="store_true", help="average over identity, horizontal and vertical flips")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="average over identity, horizontal and vertical flips (default: as the run's "
+                             "folds were evaluated, train.tta)")
     parser.add_argument("--out", help="CSV file to write (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")

@@ -365,8 +365,17 @@ def prepare_image(image: Image.Image | str | Path, stored_size: Sequence[int]) -
     return _resized_rgb(image, width, height)
 
 
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit greys as 8-bit ones: Pillow's convert("RGB") clips them at 255 (white)."""
+    if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+    return Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8))
+
+
 def _resized_rgb(image: Image.Image, width: int, height: int) -> np.ndarray:
-    rgb = image.convert("RGB")  # decodes fully; grey, palette, CMYK or RGBA sources become RGB
+    rgb = _eight_bit(image).convert("RGB")  # decodes fully; grey, palette, CMYK or RGBA sources become RGB
     if rgb.size != (width, height):
         # Pillow's BILINEAR widens its kernel when shrinking (antialiased, like torchvision's
         # antialias=True) at a quarter of LANCZOS's cost; reducing_gap box-reduces huge sources first.

@@ -4,7 +4,9 @@ Every finished fold of every backbone of a run (``RUN/<backbone>/fold<k>/model_b
 Each image goes through exactly the evaluation path of training: ``convert.prepare_image`` to the
 stored size the model was trained on, then ``augment.eval_transform`` (largest centred square
 resized to the model's input size) and ``augment.normalize``. With test-time augmentation the
-probabilities are averaged over the identity, a horizontal and a vertical flip. Probabilities are
+probabilities are averaged over the identity, a horizontal and a vertical flip; by default each
+model uses it when its fold was evaluated with it (``train.tta``), so the answers are those of the
+run's report. Probabilities are
 averaged over the fold models of each backbone, then over backbones (the report's "ensemble
 (mean)"), so a backbone with more finished folds does not outweigh the others.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,6 +46,8 @@ class FoldModel:
     model: nn.Module
     stored_size: tuple[int, int]
     image_size: int
+    tta: bool = False
+    """Whether its fold was evaluated with flip TTA (``train.tta`` of its config.yaml)."""
 
 
 @dataclass
@@ -78,6 +83,14 @@ def finished_model_files(run_dir: str | Path) -> list[tuple[str, int, Path]]:
     return sorted(found, key=lambda t: (t[0], t[1]))
 
 
+def _evaluated_with_tta(fold_dir: Path) -> bool:
+    from omegaconf import OmegaConf
+    try:
+        return bool(OmegaConf.select(OmegaConf.load(fold_dir / "config.yaml"), "train.tta", default=False))
+    except (OSError, ValueError):
+        return False  # a run of an older skinhpc, or a missing config: no TTA, as then
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -95,7 +108,7 @@ def load_fold_models(run_dir: str | Path, device: torch.device | str | None = No
             raise PredictError(f"{path}: classes {classes} differ from skinhpc's {list(CLASSES)}")
         stored = meta["stored_size"]
         models.append(FoldModel(backbone, fold, model.to(device).eval(), (int(stored[0]), int(stored[1])),
-                                int(meta["model_cfg"].image_size)))
+                                int(meta["model_cfg"].image_size), _evaluated_with_tta(path.parent)))
     return models
 
 
@@ -147,22 +160,24 @@ def _model_probs(fm: FoldModel, images: torch.Tensor, tta: bool) -> torch.Tensor
 
 
 def ensemble_probs(models: Sequence[FoldModel], images_by_size: dict[tuple[int, int], torch.Tensor],
-                   tta: bool) -> np.ndarray:
-    """Mean over each backbone's folds, then over backbones."""
+                   tta: bool | None) -> np.ndarray:
+    """Mean over each backbone's folds, then over backbones (``tta`` None: as each fold was evaluated)."""
     per_backbone: dict[str, list[torch.Tensor]] = {}
     for fm in models:
-        per_backbone.setdefault(fm.backbone, []).append(_model_probs(fm, images_by_size[fm.stored_size], tta))
+        flips = fm.tta if tta is None else tta
+        per_backbone.setdefault(fm.backbone, []).append(_model_probs(fm, images_by_size[fm.stored_size], flips))
     means = [torch.stack(p).mean(0) for p in per_backbone.values()]
     return torch.stack(means).mean(0).double().cpu().numpy()
 
 
-def predict_images(models: Sequence[FoldModel], paths: Sequence[str | Path], *, tta: bool = False,
+def predict_images(models: Sequence[FoldModel], paths: Sequence[str | Path], *, tta: bool | None = None,
                    batch_size: int = 32, workers: int = 0,
                    on_error: Callable[[str], None] | None = None) -> PredictResult:
     """Ensemble probabilities of every readable image; unreadable ones are reported and skipped.
 
     Images are decoded in ``workers`` threads (0: every core) and run ``batch_size`` at a time;
-    the answers do not depend on the batch size (eval mode, no cross-sample state).
+    the answers do not depend on the batch size (eval mode, no cross-sample state). ``tta``: flip
+    TTA for every model (True), for none (False), or as each fold was evaluated (None).
     """
     if not models:
         raise PredictError("no models to predict with")
@@ -191,30 +206,55 @@ def predict_images(models: Sequence[FoldModel], paths: Sequence[str | Path], *, 
     return result
 
 
+def _printable(path: str) -> str:
+    """The path as valid UTF-8: a name that is not (bytes of another encoding) keeps them as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def to_csv(paths: Sequence[str], probs: np.ndarray) -> str:
     """CSV text: image, one probability column per class (named after it), prediction."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["image", *CLASSES, "prediction"])
     for path, p in zip(paths, probs):
-        writer.writerow([path, *(f"{v:.6f}" for v in p), CLASSES[int(np.argmax(p))]])
+        writer.writerow([_printable(path), *(f"{v:.6f}" for v in p), CLASSES[int(np.argmax(p))]])
     return buf.getvalue()
 
 
-def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, tta: bool = False, out: str | Path | None = None,
-                batch_size: int = 32, device: str | None = None) -> int:
+def _tta_said(models: Sequence[FoldModel], tta: bool | None) -> str:
+    if tta is not None:
+        return ", flip TTA" if tta else ", no TTA"
+    with_tta = sum(m.tta for m in models)
+    if with_tta in (0, len(models)):
+        return f", {'flip TTA' if with_tta else 'no TTA'} (as the run was evaluated)"
+    return f", flip TTA for the {with_tta} fold models evaluated with it"
+
+
+def _check_out(out: str | Path) -> None:
+    """Refuse an output path that cannot be written before spending time predicting."""
+    out = Path(out)
+    if out.is_dir():
+        raise PredictError(f"--out {out}: is a folder; give a file name")
+    if not out.parent.is_dir():
+        raise PredictError(f"--out {out}: folder {out.parent} does not exist")
+
+
+def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, tta: bool | None = None,
+                out: str | Path | None = None, batch_size: int = 32, device: str | None = None) -> int:
     """The command: predict every image, write the CSV to ``out`` (atomically) or stdout, print
     problems on stderr. Returns the exit status: 0, or 1 when any input could not be read."""
     def warn(message: str) -> None:
         print(f"error: {message}", file=sys.stderr, flush=True)
 
+    if out is not None:
+        _check_out(out)
     paths, input_errors = expand_inputs(inputs)
     for message in input_errors:
         warn(message)
     models = load_fold_models(run_dir, device)
     print(f"predicting {len(paths)} images with {len(models)} fold models "
           f"({', '.join(sorted({m.backbone for m in models}))}) on {next(models[0].model.parameters()).device}"
-          f"{', flip TTA' if tta else ''}", file=sys.stderr)
+          f"{_tta_said(models, tta)}", file=sys.stderr)
     result = predict_images(models, paths, tta=tta, batch_size=batch_size, on_error=warn)
     text = to_csv(result.paths, result.probs)
     if out is None:

@@ -19,7 +19,7 @@ from skinhpc.augment import eval_transform, normalize
 from skinhpc.config import ModelConfig
 from skinhpc.convert import prepare_image
 from skinhpc.models import create_model, save_model_file
-from skinhpc.predict import PredictError, expand_inputs, load_fold_models, predict_images
+from skinhpc.predict import PredictError, expand_inputs, load_fold_models, predict_images, run_predict
 
 # Two resnet18 folds and one fold of a second, smaller backbone stored at another size, so the
 # mean over folds-then-backbones and the per-model stored sizes are both exercised.
@@ -93,6 +93,47 @@ def test_ensemble_is_the_eval_path_averaged_over_folds_then_backbones(run_dir):
         np.testing.assert_allclose(got, _manual_probs(run_dir, paths, tta=tta), atol=1e-5)
     plain = predict_images(models, paths, batch_size=4, workers=1).probs
     assert not np.allclose(plain, got, atol=1e-6)  # flips do change the answer
+
+
+@pytest.mark.timeout(180)
+def test_by_default_each_fold_predicts_with_the_tta_it_was_evaluated_with(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    for backbone, fold, _, _ in MODELS:
+        (run / backbone / f"fold{fold}" / "config.yaml").write_text("train:\n  tta: true\n")
+    models = load_fold_models(run, "cpu")
+    assert all(m.tta for m in models)
+    paths = SAMPLE[:3]
+    np.testing.assert_allclose(predict_images(models, paths, workers=1).probs,
+                               _manual_probs(run, paths, tta=True), atol=1e-5)
+    np.testing.assert_allclose(predict_images(models, paths, tta=False, workers=1).probs,
+                               _manual_probs(run, paths, tta=False), atol=1e-5)
+
+
+@pytest.mark.timeout(60)
+def test_sixteen_bit_grey_image_gives_the_pixels_of_its_eight_bit_version(tmp_path):
+    from PIL import Image
+    grey = np.asarray(Image.open(SAMPLE[0]).convert("L"))
+    Image.fromarray(grey).save(tmp_path / "grey8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")  # opens as I;16
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    eight, sixteen = (prepare_image(tmp_path / f"grey{b}.png", [75, 100]) for b in (8, 16))
+    assert sixteen.min() < 200  # not clipped to white
+    np.testing.assert_array_equal(sixteen, eight)
+
+
+@pytest.mark.timeout(180)
+def test_output_path_is_checked_first_and_any_file_name_reaches_the_csv(run_dir, tmp_path, capsys):
+    with pytest.raises(PredictError, match="is a folder"):
+        run_predict(run_dir, [SAMPLE[0]], out=tmp_path, device="cpu")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(SAMPLE[0], folder / "ok.jpg")
+    shutil.copy(SAMPLE[1], folder / "caf\udce9.jpg")  # a Latin-1 name on a UTF-8 system
+    out = tmp_path / "pred.csv"
+    assert run_predict(run_dir, [folder], out=out, device="cpu") == 0
+    names = [Path(r["image"]).name for r in csv.DictReader(io.StringIO(out.read_text(encoding="utf-8")))]
+    assert names == ["caf\\xe9.jpg", "ok.jpg"]
 
 
 @pytest.mark.timeout(240)
