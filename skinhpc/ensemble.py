@@ -185,7 +185,10 @@ def _read_fold(backbone: str, fold: int, fold_dir: Path) -> FoldRun | str:
     for p in (val_path, test_path):
         if not p.is_file():
             return f"metrics.json says done but {p.name} is missing"
-    return FoldRun(backbone, fold, fold_dir, status, read_predictions(val_path), read_predictions(test_path))
+    try:  # one damaged file must not cost the report of every other fold
+        return FoldRun(backbone, fold, fold_dir, status, read_predictions(val_path), read_predictions(test_path))
+    except EnsembleError as e:
+        return f"metrics.json says done but its predictions are unreadable: {e}"
 
 
 def scan_run(run_dir: str | Path) -> RunScan:
@@ -203,8 +206,10 @@ def scan_run(run_dir: str | Path) -> RunScan:
             else:
                 scan.missing.append({"backbone": backbone, "fold": fold, "reason": result})
     if not scan.finished:
+        reasons = "".join(f"\n  {m['backbone']} fold {m['fold']}: {m['reason']}" for m in scan.missing[:10])
         raise EnsembleError(f"{run_dir}: no finished fold (looked for <backbone>/fold<k>/metrics.json "
-                            f"with status done for backbones {backbones or '(none found)'}, {num_folds} folds)")
+                            f"with status done for backbones {backbones or '(none found)'}, {num_folds} folds)"
+                            + reasons)
     _check_same_test_set(scan.finished)
     return scan
 
@@ -648,6 +653,8 @@ def _test_intervals(entries: list[TestEntry], best: TestEntry, labels: np.ndarra
     n_lesions = len(np.unique(lesions))
     resampled = {e.name: resampled_metrics(e.probs, labels, lesions, n_boot=n_boot, seed=seed) for e in entries}
     bootstrap = {name: _intervals(samples, n_lesions) for name, samples in resampled.items()}
+    for e in entries:  # no interval around a number left undefined (the baseline's loss and top-2)
+        bootstrap[e.name]["ci"].update({k: None for k in SCALAR_METRICS if e.metrics.get(k, 0) is None})
     ensembles = [e for e in entries if e.kind in ("backbone_ensemble", "ensemble")]
     others = [best] + [e for e in entries if e.kind == "reference"]
     paired = {o.name: {e.name: _paired(resampled[e.name], resampled[o.name], e.metrics, o.metrics, n_lesions)
@@ -665,7 +672,8 @@ def evaluate_run(scan: RunScan, *, n_boot: int = 1000, seed: int = 0,
     backbones = scan.finished_backbones
 
     baseline = TestEntry("majority_nv", "baseline", _majority_probs(len(test_labels)))
-    baseline.metrics = {**metrics_of(baseline.probs, test_labels), "loss": None}  # one-hot: no meaningful log-loss
+    # One-hot: no meaningful log-loss, and its second guess would be a tie among the other classes.
+    baseline.metrics = {**metrics_of(baseline.probs, test_labels), "loss": None, "top2": None}
     entries = [baseline]
     per_fold: dict[str, Any] = {}
     cv: dict[str, Any] = {}

@@ -150,9 +150,14 @@ def _paired_section(results: dict[str, Any]) -> list[str]:
 
 
 def _cv_section(results: dict[str, Any]) -> list[str]:
+    whole = ("the whole train+val set (every image predicted once, by the fold model that did not train on it)"
+             if not results["missing"] else
+             "the validation folds of the finished fold models (each image predicted once, by the fold model "
+             "that did not train on it; the missing folds' images are not covered)")
     lines = ["## Cross-validation (each fold's validation set)", "",
-             "Per backbone: mean ± std over folds, and out-of-fold (OOF) metrics over the whole "
-             "train+val set (every image predicted once, by the fold model that did not train on it).", ""]
+             f"Per backbone: mean ± std over folds, and out-of-fold (OOF) metrics over {whole}. The "
+             "ensembles' OOF rows cover the images every backbone predicted; the weighted ensemble's is "
+             "scored on the images its weights were fit on, so it flatters it.", ""]
     header = ["backbone"] + [h for _, h in HEADLINE]
     rows = []
     oof = results["oof"]["metrics"]
@@ -236,9 +241,12 @@ def markdown(results: dict[str, Any]) -> str:
     w = results["weights"]
     lines = [f"# Ensemble report: {results['run_dir']}", ""] + _status_lines(results) + [""]
     lines += _test_section(results)
-    if cross_backbone_names(results):
+    if cross_backbone_names(results) and w["n"]:
         lines += [f"Weighted ensemble: per-backbone weights {_weights_text(results)}, fit by minimising the "
                   f"log-loss of {w['n']} out-of-fold predictions (never the test set).", ""]
+    elif cross_backbone_names(results):
+        lines += [f"Weighted ensemble: equal weights ({_weights_text(results)}): no out-of-fold image was "
+                  "predicted by every backbone (their finished folds differ), so there was nothing to fit on.", ""]
     lines += _paired_section(results)
     lines += _cv_section(results) + _per_class_section(results) + _calibration_section(results)
     lines += _fold_section(results)

@@ -420,12 +420,16 @@ def test_no_finished_fold_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_corrupt_prediction_file_is_named(tmp_path):
+def test_corrupt_prediction_file_is_named_and_the_other_folds_still_reported(tmp_path):
     run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=2)
     run.fill({"resnet18": 1.0})
     bad = run.root / "resnet18" / "fold1" / "predictions_val.npz"
     bad.write_bytes(b"not a zip")
-    with pytest.raises(EnsembleError, match="fold1/predictions_val.npz"):
+    results = run_ensemble(run.root, n_boot=0, plots=False)
+    assert results["finished"] == [{"backbone": "resnet18", "fold": 0}]
+    assert [m["fold"] for m in results["missing"]] == [1] and "fold1/predictions_val.npz" in results["missing"][0]["reason"]
+    (run.root / "resnet18" / "fold0" / "predictions_test.npz").write_bytes(b"")
+    with pytest.raises(EnsembleError, match="fold0/predictions_test.npz"):  # nothing left: the reasons are the error
         run_ensemble(run.root, n_boot=0, plots=False)
 
 
