@@ -46,6 +46,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -186,13 +187,32 @@ def make_criterion(train_cfg: TrainConfig, weight: torch.Tensor | None) -> nn.Mo
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=train_cfg.label_smoothing)
 
 
+def _zero_tally() -> dict[str, list[int]]:
+    """Per-class training tallies of the epoch so far: predictions right, and images seen."""
+    return {"class_correct": [0] * len(CLASSES), "class_seen": [0] * len(CLASSES)}
+
+
 def upgrade_loop_state(state: dict[str, Any]) -> dict[str, Any]:
     """A saved loop state in today's keys: checkpoints written before ``stop_reason`` carry a
-    ``stopped`` flag instead, and early stop was then the only way to stop."""
+    ``stopped`` flag instead, and early stop was then the only way to stop; those written before
+    the per-class tallies carry one ``correct`` count (the resumed epoch's training accuracies then
+    cover the steps after the checkpoint only)."""
     state = dict(state)
     if state.pop("stopped", False) and not state.get("stop_reason"):
         state["stop_reason"] = "early_stop"
+    if "correct" in state:
+        state.pop("correct")
+        state.pop("seen", None)
+        state.update({k: v for k, v in _zero_tally().items() if k not in state})
     return state
+
+
+def train_accuracies(class_correct: Sequence[float], class_seen: Sequence[float]) -> tuple[float, float]:
+    """Training accuracy and balanced accuracy (mean recall over the classes seen) of an epoch."""
+    seen = [(c, n) for c, n in zip(class_correct, class_seen) if n > 0]
+    accuracy = sum(class_correct) / max(1.0, float(sum(class_seen)))
+    balanced = sum(c / n for c, n in seen) / len(seen) if seen else 0.0
+    return accuracy, balanced
 
 
 def time_box_reached(elapsed_s: float, epochs_done: int, limit_min: float) -> bool:
@@ -339,7 +359,7 @@ class FoldTrainer:
         # Loop state: everything here goes into checkpoints.
         self.state: dict[str, Any] = {"epoch": 0, "step": 0, "global_step": 0, "best_metric": -1.0,
                                       "best_epoch": -1, "bad_epochs": 0, "stop_reason": "",
-                                      "loss_sum": 0.0, "correct": 0, "seen": 0}
+                                      "loss_sum": 0.0, **_zero_tally()}
 
     # ---------------------------------------------------------------- setup
     def _prepare_data(self) -> None:
@@ -505,7 +525,8 @@ class FoldTrainer:
             it.close()  # an epoch left early (step cap, preemption) must release the loader's workers
 
     def _micro_step(self, batch: Any, boundary: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward + backward of one micro-batch; returns (loss, number correct) as device tensors."""
+        """Forward + backward of one micro-batch; returns the loss and the per-class tally (2, C:
+        predictions right, images) as device tensors."""
         images, labels = batch.images, batch.labels
         if self.engine is not None and self.env.world_size > 1:
             sync_buffers(self.env, self.raw)
@@ -521,8 +542,11 @@ class FoldTrainer:
             else:
                 scaled = loss / self.tcfg.accum_steps
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-        correct = (logits.detach().argmax(1) == labels).sum()
-        return loss.detach(), correct
+        labels = labels.long()
+        tally = torch.zeros(2, len(CLASSES), dtype=torch.int64, device=labels.device)
+        tally[0].index_add_(0, labels, (logits.detach().argmax(1) == labels).long())  # index_add_: no host sync
+        tally[1].index_add_(0, labels, torch.ones_like(labels))
+        return loss.detach(), tally
 
     def _optimizer_step(self) -> float:
         lr = self._set_lr(self.state["global_step"])
@@ -554,17 +578,16 @@ class FoldTrainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         loss_sum = torch.tensor(st["loss_sum"], dtype=torch.float64, device=self.device)
-        correct = torch.tensor(st["correct"], dtype=torch.int64, device=self.device)
+        tally = torch.tensor([st["class_correct"], st["class_seen"]], dtype=torch.int64, device=self.device)
         t_start, waited, images, lr = time.perf_counter(), 0.0, 0, 0.0
         bar = self._progress_bar(epoch, st["step"])
         try:
             for step, batch, wait in self._batches(epoch, st["step"]):
                 waited += wait
                 boundary = (step + 1) % tc.accum_steps == 0
-                loss, right = self._micro_step(batch, boundary)
+                loss, step_tally = self._micro_step(batch, boundary)
                 loss_sum += loss.double()
-                correct += right
-                st["seen"] += len(batch.labels)
+                tally += step_tally
                 images += len(batch.labels)
                 if self.engine is not None and not boundary:
                     self.engine.step()  # DeepSpeed counts micro-steps itself; it only updates at the boundary
@@ -574,12 +597,12 @@ class FoldTrainer:
                 st["step"] = step + 1
                 self._report_step(bar, step, loss, lr)
                 self._test_hooks()
-                if self._maybe_checkpoint(loss_sum, correct):
+                if self._maybe_checkpoint(loss_sum, tally):
                     return False
         finally:
             if bar is not None:
                 bar.close()
-        st["loss_sum"], st["correct"] = float(loss_sum.item()), int(correct.item())
+        st.update(self._loop_state(loss_sum, tally))
         seconds = time.perf_counter() - t_start
         self._epoch_stats = {"lr": lr or self.optimizer.param_groups[-1]["lr"],
                              "images_per_s": images * self.env.world_size / max(seconds, 1e-9),
@@ -621,14 +644,16 @@ class FoldTrainer:
         if os.environ.get(STEP_SLEEP_ENV):
             time.sleep(float(os.environ[STEP_SLEEP_ENV]))
 
-    def _loop_state(self, loss_sum: torch.Tensor, correct: torch.Tensor) -> dict:
-        return {**self.state, "loss_sum": float(loss_sum.item()), "correct": int(correct.item())}
+    def _loop_state(self, loss_sum: torch.Tensor, tally: torch.Tensor) -> dict:
+        class_correct, class_seen = tally.tolist()
+        return {**self.state, "loss_sum": float(loss_sum.item()), "class_correct": class_correct,
+                "class_seen": class_seen}
 
     # This rank's own running sums: each rank saves and restores its own (summed over ranks only at
     # the epoch's end, in the same order as an uninterrupted run).
-    RANK_KEYS = ("loss_sum", "correct", "seen")
+    RANK_KEYS = ("loss_sum", "class_correct", "class_seen")
 
-    def _maybe_checkpoint(self, loss_sum: torch.Tensor, correct: torch.Tensor) -> bool:
+    def _maybe_checkpoint(self, loss_sum: torch.Tensor, tally: torch.Tensor) -> bool:
         """Save on a preemption signal or every train.checkpoint.every_steps; True = stop now."""
         st = self.state
         code = distributed.max_int(self.env, self.flag.code)
@@ -636,7 +661,7 @@ class FoldTrainer:
         periodic = every > 0 and st["global_step"] % every == 0 and st["step"] < self.steps_per_epoch
         if not code and not periodic:
             return False
-        self._save(st["epoch"], st["step"], self._loop_state(loss_sum, correct))
+        self._save(st["epoch"], st["step"], self._loop_state(loss_sum, tally))
         if not code:
             return False
         self.flag.code = 0
@@ -668,8 +693,11 @@ class FoldTrainer:
     def _end_epoch(self) -> None:
         st, env = self.state, self.env
         epoch = st["epoch"]
-        loss_sum, correct, seen = distributed.all_sum(env, [st["loss_sum"], float(st["correct"]), float(st["seen"])])
-        train_loss = loss_sum / max(1.0, self.steps_per_epoch * env.world_size)
+        k = len(CLASSES)
+        sums = distributed.all_sum(env, [st["loss_sum"], *map(float, st["class_correct"]),
+                                         *map(float, st["class_seen"])])
+        train_loss = sums[0] / max(1.0, self.steps_per_epoch * env.world_size)
+        train_acc, train_bal_acc = train_accuracies(sums[1:1 + k], sums[1 + k:])
         last = epoch + 1 == self.tcfg.epochs
         out_of_time = not last and self._out_of_time()
         metrics, improved = None, False
@@ -679,13 +707,13 @@ class FoldTrainer:
         if out_of_time:
             st["stop_reason"] = "time_limit"
         record = {"epoch": epoch, "lr": self._epoch_stats["lr"], "train_loss": train_loss,
-                  "train_acc": correct / max(1.0, seen),
+                  "train_acc": train_acc, "train_balanced_accuracy": train_bal_acc,
                   **{f"val_{k}": (metrics or {}).get(k) for k in ("loss", "balanced_accuracy", "top1", "top2",
                                                                    "auroc_macro")},
                   **{k: v for k, v in self._epoch_stats.items() if k != "lr"}}
         if env.is_main:
             self._log_epoch(record, metrics, improved)
-        st.update(epoch=epoch + 1, step=0, loss_sum=0.0, correct=0, seen=0)
+        st.update(epoch=epoch + 1, step=0, loss_sum=0.0, **_zero_tally())
         if last or st["stop_reason"] or st["epoch"] % self.tcfg.checkpoint.every_epochs == 0:
             self._save(st["epoch"], 0, dict(st))
         if st["stop_reason"] == "time_limit":
@@ -733,7 +761,8 @@ class FoldTrainer:
         mark = " *best*" if improved else ""
         val = f"val {format_metrics(metrics)}" if metrics is not None else "(no validation)"
         print(f"epoch {record['epoch'] + 1}/{self.tcfg.epochs} {val} | train loss "
-              f"{record['train_loss']:.4f} acc {record['train_acc']:.3f} | {record['images_per_s']:.0f} img/s, "
+              f"{record['train_loss']:.4f} acc {record['train_acc']:.3f} bal_acc {record['train_balanced_accuracy']:.3f}"
+              f" | {record['images_per_s']:.0f} img/s, "
               f"data wait {100 * record['data_wait_frac']:.0f}%{mark}", flush=True)
 
     # ---------------------------------------------------------------- after training

@@ -27,7 +27,7 @@ from skinhpc.convert import read_index
 from skinhpc.split import SPLIT_NAME
 from skinhpc.models import backbone_and_head_params, create_model
 from skinhpc.train import (KILL_ENV, PREEMPT_ENV, PreemptionFlag, class_weights, fold_dir, lr_at, make_criterion, time_box_reached,
-                           train_fold, upgrade_loop_state)
+                           train_accuracies, train_fold, upgrade_loop_state)
 
 PYTHON = sys.executable
 TIMING_KEYS = {"images_per_s", "data_wait_frac", "peak_mem_gb", "time_s"}
@@ -155,7 +155,7 @@ def test_single_process_fold_learns_and_writes_the_fold_layout(tmp_path: Path, d
                 "val_auroc_macro", "images_per_s", "data_wait_frac", "peak_mem_gb", "time_s"):
         assert key in log[0], key
     # 14 images, no augmentation: learned by heart.
-    assert log[-1]["train_acc"] == 1.0, [r["train_acc"] for r in log]
+    assert log[-1]["train_acc"] == 1.0 and log[-1]["train_balanced_accuracy"] == 1.0, log[-1]
     assert log[-1]["train_loss"] < 0.5 * log[0]["train_loss"]
     for name in ("config.yaml", "model_best.pt", "predictions_val.npz", "predictions_test.npz", "metrics.json"):
         assert (out / name).is_file(), name
@@ -396,3 +396,14 @@ def test_checkpoint_with_the_old_stopped_flag_resumes_as_an_early_stop() -> None
     assert upgrade_loop_state({"epoch": 3, "stopped": False}) == {"epoch": 3}
     # A state that already has a reason keeps it.
     assert upgrade_loop_state({"stop_reason": "time_limit"}) == {"stop_reason": "time_limit"}
+    # One count of right predictions (before the per-class tallies): the tallies restart at zero.
+    assert upgrade_loop_state({"epoch": 2, "correct": 40, "seen": 64}) == {
+        "epoch": 2, "class_correct": [0] * len(CLASSES), "class_seen": [0] * len(CLASSES)}
+
+
+@pytest.mark.timeout(30)
+def test_training_balanced_accuracy_is_the_mean_recall_over_the_classes_seen() -> None:
+    # class 0: 8/10 right, class 1: 1/2, class 2 not seen in the epoch.
+    accuracy, balanced = train_accuracies([8, 1, 0], [10, 2, 0])
+    assert accuracy == pytest.approx(9 / 12) and balanced == pytest.approx((0.8 + 0.5) / 2)
+    assert train_accuracies([0, 0], [0, 0]) == (0.0, 0.0)
