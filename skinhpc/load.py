@@ -251,9 +251,12 @@ class _PILSource:
         # Forking a process in which FFCV's numba thread pool runs is unsafe (numba warns): then the
         # workers come from a fresh forkserver (which, like spawn, needs the usual __main__ guard).
         context = "forkserver" if "numba" in sys.modules else None
+        # Its own generator: a DataLoader iterator otherwise draws its workers' seed from the global
+        # torch RNG, which dropout uses too, so a resumed run (one iterator fewer) would drift.
         self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers,
                                                   persistent_workers=True, multiprocessing_context=context,
-                                                  pin_memory=device.type == "cuda")
+                                                  pin_memory=device.type == "cuda",
+                                                  generator=torch.Generator().manual_seed(seed))
         self.n_batches = n_batches
 
     def __len__(self) -> int:

@@ -159,6 +159,22 @@ def test_pil_loader_serves_the_same_rows_labels_and_pixels_as_ffcv(eval_loader: 
     assert not [p for p in multiprocessing.active_children() if p.is_alive()]  # workers stopped
 
 
+@pytest.mark.timeout(120)
+def test_loaders_leave_the_global_torch_rng_alone(data_dir: Path) -> None:
+    """Dropout draws from the global RNG: a loader drawing from it too would make a resumed run
+    (which starts its loader at another point of that stream) differ from an uninterrupted one."""
+    for kind in ("pil", "ffcv"):
+        loader = _build(data_dir, train=True, loader=kind)
+        try:
+            torch.manual_seed(0)
+            state = torch.get_rng_state()
+            for epoch in (0, 1):
+                list(loader.epoch(epoch))
+            assert torch.equal(torch.get_rng_state(), state), kind
+        finally:
+            loader.close()
+
+
 @pytest.mark.timeout(60)
 def test_pil_order_reproduces_ffcv_orders_under_ddp_sharding() -> None:
     rows = np.arange(10, 33, dtype=np.int64)  # 23 rows over 2 ranks: one padded duplicate
