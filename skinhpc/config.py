@@ -276,6 +276,9 @@ class TrainConfig:
         _check(self.accum_steps >= 1, "train.accum_steps must be >= 1")
         _check(self.eval_every >= 1, "train.eval_every must be >= 1")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
+        _check(self.loss == "ce" or self.label_smoothing == 0,
+               "train.label_smoothing applies to train.loss=ce only (the focal loss has none); set one of them")
+        _check(0 <= self.momentum < 1, "train.momentum must be in [0, 1)")
         _check(0 <= self.class_weight_power <= 1, "train.class_weight_power must be in [0, 1]")
         _check(self.device in ("auto", "cuda", "cpu"), f"train.device must be auto, cuda or cpu, not {self.device!r}")
 
@@ -387,9 +390,12 @@ def _merge_checked(schema: DictConfig, base: DictConfig, other: Any, origin: str
         key = getattr(e, "full_key", None) or str(e)
         raise _unknown_key_error(schema, key, origin) from None
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", "") or "?"
-        msg = str(getattr(e, "msg", e)).splitlines()[0]
-        raise ConfigError(f"bad config value for {key} ({origin}): {msg}") from None
+        key = getattr(e, "full_key", "") or ""
+        msg = str(getattr(e, "msg", None) or e).splitlines()[0]
+        if key:
+            raise ConfigError(f"bad config value for {key} ({origin}): {msg}") from None
+        raise ConfigError(f"bad config value ({origin}): {msg} (a section such as train is set by its dotted "
+                          "keys: train.epochs=5)") from None
 
 
 def parse_overrides(overrides: list[str]) -> DictConfig:
@@ -503,6 +509,50 @@ def config_hash(section: Any) -> str:
     """Stable short hash of a config section (for checkpoints and relaunch checks)."""
     blob = json.dumps(dataclasses.asdict(section), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Config keys that do not change a task's results: everything else must match the saved run config.
+NEUTRAL_KEYS = {
+    "run_dir", "fold", "backbones", "preset", "model.backbone",
+    "data.dir", "data.convert_workers", "data.num_workers", "data.os_cache",
+    "train.log_every", "train.checkpoint.every_steps", "train.checkpoint.every_epochs", "train.checkpoint.keep_last",
+    "train.device",
+    "train.compile", "train.cudnn_benchmark",
+}
+# Paths, written relative by hand and absolute by the launcher: a fold compares them no further
+# (the data is pinned by the split's data_sha256, and the run's config by the launcher).
+PATH_KEYS = {"data.images", "data.metadata", "train.deepspeed.config"}
+
+
+def result_keys(cfg: Any) -> list[str]:
+    """Every dotted config key that changes a task's results (all but NEUTRAL_KEYS and cluster.*)."""
+    def walk(obj: Any, prefix: str) -> list[str]:
+        keys = []
+        for f in dataclasses.fields(obj):
+            key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                keys += walk(value, key + ".")
+            else:
+                keys.append(key)
+        return keys
+    return [k for k in walk(cfg, "") if k not in NEUTRAL_KEYS and not k.startswith("cluster.")]
+
+
+def fold_config_conflicts(fold_dir: str | Path, cfg: Any) -> str:
+    """Why ``cfg`` may not resume or reuse the fold in ``fold_dir`` ("" when it may): the fold's
+    saved config.yaml differs in a key that changes results. A fold never mixes two configs."""
+    path = Path(fold_dir) / "config.yaml"
+    if not path.is_file():
+        return ""
+    try:
+        saved = from_yaml_file(path)
+    except Exception as e:  # OmegaConf and validation errors alike: name the file
+        return f"{path}: cannot read the fold's saved config ({e})"
+    changed = diff_keys(saved, cfg, [k for k in result_keys(cfg) if k not in PATH_KEYS])
+    if not changed:
+        return ""
+    return (f"{fold_dir} was trained with another config; these keys differ (saved -> now): {'; '.join(changed)}. "
+            "Use a new run_dir, or the saved values to continue.")
 
 
 def diff_keys(a: Any, b: Any, keys: list[str]) -> list[str]:

@@ -68,6 +68,8 @@ from skinhpc.config import (
     ExperimentConfig,
     atomic_write_text,
     diff_keys,
+    fold_config_conflicts,
+    result_keys,
     from_yaml_file,
     load_config,
     save_config,
@@ -80,14 +82,6 @@ JOBS_FILE = "jobs.json"
 LOCK_FILE = "lock"
 PROFILE_DIR = REPO_DIR / "slurm"
 ACTIVE = ("pending", "running", "requeued")
-# Config keys that do not change a task's results: everything else must match the saved run config.
-NEUTRAL_KEYS = {
-    "run_dir", "fold", "backbones", "preset", "model.backbone",
-    "data.dir", "data.convert_workers", "data.loader", "data.num_workers", "data.quasi_random", "data.os_cache",
-    "train.log_every", "train.checkpoint.every_steps", "train.checkpoint.every_epochs", "train.checkpoint.keep_last",
-    "train.device",
-    "train.compile", "train.cudnn_benchmark",
-}
 # SLURM states (squeue/sacct) → the launcher's words.
 _RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING"}
 _REQUEUED = {"REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "SUSPENDED", "PREEMPTED", "STOPPED", "RESV_DEL_HOLD"}
@@ -163,20 +157,6 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     ds = dataclasses.replace(cfg.train.deepspeed, config=absolute(cfg.train.deepspeed.config))
     train = dataclasses.replace(cfg.train, deepspeed=ds)
     return dataclasses.replace(cfg, run_dir=absolute(cfg.run_dir), data=data, train=train)
-
-
-def result_keys(cfg: ExperimentConfig) -> list[str]:
-    """Every dotted config key that changes a task's results (all but NEUTRAL_KEYS and cluster.*)."""
-    def walk(obj: Any, prefix: str) -> list[str]:
-        keys = []
-        for f in dataclasses.fields(obj):
-            key, value = f"{prefix}{f.name}", getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                keys += walk(value, key + ".")
-            else:
-                keys.append(key)
-        return keys
-    return [k for k in walk(cfg, "") if k not in NEUTRAL_KEYS and not k.startswith("cluster.")]
 
 
 def check_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
@@ -386,6 +366,28 @@ def task_done(run_dir: Path, task: Task) -> bool:
     return finished_metrics(task.dir(run_dir)) is not None
 
 
+def ensemble_current(run_dir: Path, done: list[Task]) -> bool:
+    """RUN/ensemble/metrics.json exists, covers every finished task and was written after each of
+    them finished: else the ensemble job must run (again), e.g. after an interrupted one."""
+    path = run_dir / "ensemble" / "metrics.json"
+    try:
+        covered = {(f["backbone"], int(f["fold"])) for f in json.loads(path.read_text())["finished"]}
+        written = path.stat().st_mtime
+        return all((t.backbone, t.fold) in covered and (t.dir(run_dir) / "metrics.json").stat().st_mtime <= written
+                   for t in done)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def check_task_configs(cfg: ExperimentConfig, tasks: list[Task]) -> None:
+    """Refuse a launch that would resume or reuse a fold trained with other settings (e.g. by hand
+    with jobs/train.py in a run directory the launcher has no config of)."""
+    run_dir = Path(cfg.run_dir)
+    conflicts = [c for t in tasks if (c := fold_config_conflicts(t.dir(run_dir), task_config(cfg, t)))]
+    if conflicts:
+        raise LaunchError("\n".join(conflicts))
+
+
 def data_up_to_date(cfg: ExperimentConfig) -> bool:
     """Does the data dir hold an up-to-date conversion of the configured images (or the sample)?"""
     from skinhpc import SAMPLE_IMAGES, convert
@@ -424,11 +426,16 @@ def index_rows(cfg: ExperimentConfig, converted: bool) -> Any:
 # --------------------------------------------------------------------------- SLURM queries
 
 def _run(cmd: list[str]) -> str:
+    return _answer(cmd) or ""
+
+
+def _answer(cmd: list[str]) -> str | None:
+    """The command's stdout, or None when it failed or did not answer in time."""
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
-        return ""
-    return out.stdout if out.returncode == 0 else ""
+        return None
+    return out.stdout if out.returncode == 0 else None
 
 
 @dataclass
@@ -447,11 +454,16 @@ def query_jobs(job_ids: list[str]) -> dict[str, JobInfo]:
     ids = sorted({j for j in job_ids if j})
     if not ids or not shutil.which("squeue"):
         return info
-    for line in _run(["squeue", "-h", "-r", "-o", "%i|%T|%r", "--me"]).splitlines():
+    live = _answer(["squeue", "-h", "-r", "-o", "%i|%T|%r", "--me"])
+    if live is None:  # every recorded job would look gone, and running tasks would be submitted twice
+        raise LaunchError(f"squeue did not answer (jobs {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''} "
+                          "are recorded for this run); nothing was submitted: try again when SLURM answers")
+    for line in live.splitlines():
         parts = line.strip().split("|")
         if len(parts) == 3 and parts[0] in ids:
             info[parts[0]] = JobInfo(slurm_state=parts[1], reason=parts[2], live=True)
     bases = sorted({j.split("_")[0] for j in ids})
+    # sacct may fail where accounting is off: jobs squeue lacks are then simply not running.
     out = _run(["sacct", "-n", "-P", "-X", "-D", "-o", "JobID,State", "-j", ",".join(bases)])
     for line in out.splitlines():
         parts = line.strip().split("|")
@@ -607,6 +619,7 @@ class Plan:
 def make_plan(cfg: ExperimentConfig, kind: str, jobs: dict[str, Any], infos: dict[str, JobInfo]) -> Plan:
     run_dir = Path(cfg.run_dir)
     tasks = experiment_tasks(cfg)
+    check_task_configs(cfg, tasks)
     plan = Plan(kind=kind, run_dir=run_dir, convert="skip", tasks=tasks)
 
     def alive(job: str) -> bool:
@@ -631,7 +644,7 @@ def make_plan(cfg: ExperimentConfig, kind: str, jobs: dict[str, Any], infos: dic
             plan.submit.append(t)
     ens_job = jobs.get("ensemble", {}).get("job_id", "")
     ens_active = kind == "slurm" and job_state(infos.get(ens_job)) in ACTIVE
-    ens_done = (run_dir / "ensemble" / "metrics.json").is_file()
+    ens_done = ensemble_current(run_dir, plan.done)
     if plan.submit or plan.convert == "submit":
         plan.ensemble = "submit"
         plan.cancel_ensemble = ens_job if ens_active else ""

@@ -57,9 +57,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from skinhpc import CLASSES, checkpoint, distributed
-from skinhpc.config import ConfigError, ExperimentConfig, TrainConfig, atomic_write_text, save_config
+from skinhpc.config import (ConfigError, ExperimentConfig, TrainConfig, atomic_write_text, fold_config_conflicts,
+                            save_config)
 from skinhpc.distributed import DistEnv
-from skinhpc.rundir import LOG_NAME, METRICS_NAME, finished_metrics
+from skinhpc.rundir import LOG_NAME, METRICS_NAME, finished_metrics, read_log
 
 PREEMPT_ENV = "SKINHPC_TEST_PREEMPT_AT_STEP"
 KILL_ENV = "SKINHPC_TEST_KILL_AT_STEP"
@@ -83,6 +84,9 @@ def train_fold(cfg: ExperimentConfig) -> dict:
     from its newest valid checkpoint.
     """
     out = fold_dir(cfg)
+    conflicts = fold_config_conflicts(out, cfg)
+    if conflicts:
+        raise ConfigError(conflicts)
     done = finished_metrics(out)
     if done is not None:
         _say(f"{out}: already finished (metrics.json); nothing to do")
@@ -250,7 +254,8 @@ def make_optimizer(model: nn.Module, train_cfg: TrainConfig, backbone_scale: flo
                 groups.append({"params": ps, "weight_decay": wd, "lr": train_cfg.lr * scale, "lr_scale": scale,
                                "is_backbone": is_backbone})
     if train_cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=train_cfg.lr, momentum=train_cfg.momentum, nesterov=True)
+        # Nesterov needs momentum; train.momentum=0 is plain SGD.
+        return torch.optim.SGD(groups, lr=train_cfg.lr, momentum=train_cfg.momentum, nesterov=train_cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=train_cfg.lr)
 
 
@@ -448,9 +453,10 @@ class FoldTrainer:
         out, env = self.out, self.env
         if env.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, out / "config.yaml")
         distributed.barrier(env)
         self._resume()
+        if env.is_main:  # only once a checkpoint, if any, is known to suit these settings
+            save_config(self.cfg, out / "config.yaml")
         self._open_logs()
         self._t0 = time.monotonic()  # train.stop_after_min counts this job's training, not its set-up
         self._first_epoch = self.state["epoch"]
@@ -489,7 +495,7 @@ class FoldTrainer:
         path = self.out / LOG_NAME
         if not path.is_file():
             return
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] < epoch]
+        keep = [json.dumps(entry) for entry in read_log(path) if entry["epoch"] < epoch]  # a torn line is dropped
         atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     def _open_logs(self) -> None:

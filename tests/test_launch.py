@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,57 @@ def test_relaunch_after_failed_conversion_cancels_blocked_tasks_and_resubmits_ev
     # data.dir without a manifest and no raw data: the conversion is resubmitted (and would say why it fails)
     assert plan.convert == "submit" and len(plan.submit) == 2 and sorted(plan.stale) == ["6_0", "6_1"]
     assert plan.ensemble == "submit" and plan.cancel_ensemble == "7"
+
+
+@pytest.mark.timeout(60)
+def test_ensemble_that_predates_or_misses_a_finished_fold_is_run_again(tmp_path: Path) -> None:
+    def write_ensemble(folds: tuple[int, ...]) -> None:
+        ens = tmp_path / "exp" / "ensemble"
+        ens.mkdir(parents=True, exist_ok=True)
+        (ens / "metrics.json").write_text(json.dumps({"finished": [{"backbone": "resnet18", "fold": k} for k in folds]}))
+
+    assert _plan_for(tmp_path, {}, {}, converted=True, done=(0,)).ensemble == "submit"  # fold 1 to train
+    write_ensemble((0,))
+    # fold 1 finished after that ensemble was written (e.g. its ensemble job was cancelled or timed out)
+    plan = _plan_for(tmp_path, {}, {}, converted=True, done=(1,))
+    assert not plan.submit and plan.ensemble == "submit"
+    write_ensemble((0, 1))
+    assert _plan_for(tmp_path, {}, {}, converted=True).ensemble == "skip"
+    fold0 = tmp_path / "exp" / "resnet18" / "fold0" / "metrics.json"
+    os.utime(fold0, (time.time() + 60, time.time() + 60))  # fold 0 trained again since
+    assert _plan_for(tmp_path, {}, {}, converted=True).ensemble == "submit"
+
+
+@pytest.mark.timeout(60)
+def test_recorded_jobs_are_not_resubmitted_when_squeue_does_not_answer(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from skinhpc import launch as launch_mod
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name in ("squeue", "sacct"):
+        (fake / name).write_text("#!/bin/sh\necho 'slurm_load_jobs error: Socket timed out' >&2\nexit 1\n")
+        (fake / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    with pytest.raises(launch_mod.LaunchError, match="squeue did not answer.*nothing was submitted"):
+        launch_mod.query_jobs(["4242_0"])
+    (fake / "squeue").write_text("#!/bin/sh\necho '4242_0|RUNNING|None'\n")  # sacct still failing: accounting off
+    assert launch_mod.query_jobs(["4242_0"])["4242_0"].live
+
+
+@pytest.mark.timeout(120)
+def test_a_fold_trained_with_other_settings_is_refused_not_resumed_or_counted(tmp_path: Path) -> None:
+    run_dir = tmp_path / "exp"
+    fold = absolute_paths(load_config([f"run_dir={run_dir}", "split.folds=2", "train.lr=0.01", "fold=1"]))
+    save_config(fold, run_dir / "resnet18" / "fold1" / "config.yaml")  # e.g. by hand with jobs/train.py
+    proc = run_launch(["--dry-run", "--folds", "2", f"run_dir={run_dir}", "train.lr=0.003"], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "resnet18/fold1 was trained with another config" in proc.stderr and "train.lr: 0.01 -> 0.003" in proc.stderr
+    from skinhpc.train import train_fold
+    with pytest.raises(ConfigError, match=r"train.lr: 0.01 -> 0.003"):
+        train_fold(absolute_paths(load_config([f"run_dir={run_dir}", "split.folds=2", "fold=1", "train.lr=0.003"])))
+    # Paths written relative by hand and absolute by the launcher are not a conflict.
+    from skinhpc.config import fold_config_conflicts
+    by_hand = load_config([f"run_dir={run_dir}", "fold=0", "data.metadata=rel.csv", "data.images=[rel]"])
+    save_config(absolute_paths(by_hand), run_dir / "resnet18" / "fold0" / "config.yaml")
+    assert fold_config_conflicts(run_dir / "resnet18" / "fold0", by_hand) == ""

@@ -22,7 +22,7 @@ import torch
 
 from skinhpc import CLASSES, REPO_DIR
 from skinhpc.checkpoint import ResumeMismatch, list_checkpoints
-from skinhpc.config import SplitConfig, TrainConfig, load_config
+from skinhpc.config import ConfigError, SplitConfig, TrainConfig, load_config
 from skinhpc.convert import read_index
 from skinhpc.split import SPLIT_NAME
 from skinhpc.models import backbone_and_head_params, create_model
@@ -194,10 +194,17 @@ def test_preempted_mid_epoch_run_resumes_bit_identical(tmp_path: Path, data_dir:
     assert (out / "checkpoints" / "e001-s000001" / "meta.json").is_file()
     monkeypatch.delenv(PREEMPT_ENV)
 
-    # Resuming with another batch size is refused, naming the key.
-    changed = load_config(overrides(tmp_path, data_dir, *EXACT, "train.batch_size=4"))
+    # Resuming with another batch size or learning rate is refused, naming the key: by the fold's
+    # saved config, and by the checkpoint's own record of what a resume needs.
+    for change, said in (("train.batch_size=4", r"train\.batch_size: 5 -> 4"), ("train.lr=0.5", r"train\.lr: .* -> 0\.5")):
+        with pytest.raises(ConfigError, match=said):
+            train_fold(load_config(overrides(tmp_path, data_dir, *EXACT, change)))
+    saved = (out / "config.yaml").read_text()
+    (out / "config.yaml").unlink()
     with pytest.raises(ResumeMismatch, match=r"train\.batch_size: 5 \(checkpoint\) vs 4 \(now\)"):
-        train_fold(changed)
+        train_fold(load_config(overrides(tmp_path, data_dir, *EXACT, "train.batch_size=4")))
+    assert not (out / "config.yaml").exists()  # a refused resume leaves no config of its own behind
+    (out / "config.yaml").write_text(saved)
 
     capsys.readouterr()
     assert train_fold(cfg)["status"] == "done"
@@ -216,6 +223,8 @@ def test_hard_killed_run_resumes_from_last_checkpoint_bit_identical(tmp_path: Pa
     assert killed.returncode == -9, killed.stderr[-3000:]
     out = tmp_path / "resnet18" / "fold0"
     assert list_checkpoints(out / "checkpoints")[-1].path.name == "e001-s000001"
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"epoch": 1, "train_lo')  # a line torn by the kill: dropped on resume
     resumed = run_job(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from epoch 1 step 1" in resumed.stdout
