@@ -44,10 +44,13 @@ def test_misspelled_key_in_a_yaml_file_names_the_file(tmp_path):
     ("train.deepspeed.stage=3", "train.deepspeed.stage"),
     ("train.epochs=many", "train.epochs"),
     ("nonsense", "key=value"),
+    ("train=5", "train.epochs=5"),
+    ("train.momentum=1.5", "train.momentum"),
+    ("train.loss=focal train.label_smoothing=0.1", "train.label_smoothing applies to train.loss=ce only"),
 ])
 def test_bad_values_give_clear_errors(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
-        load_config([override])
+        load_config(override.split())
 
 
 def test_saved_config_round_trips(tmp_path):
