@@ -155,9 +155,10 @@ def _cv_section(results: dict[str, Any]) -> list[str]:
              "the validation folds of the finished fold models (each image predicted once, by the fold model "
              "that did not train on it; the missing folds' images are not covered)")
     lines = ["## Cross-validation (each fold's validation set)", "",
-             f"Per backbone: mean ± std over folds, and out-of-fold (OOF) metrics over {whole}. The "
-             "ensembles' OOF rows cover the images every backbone predicted; the weighted ensemble's is "
-             "scored on the images its weights were fit on, so it flatters it.", ""]
+             f"Per backbone: mean ± std over folds, and out-of-fold (OOF) metrics over {whole}."
+             + (" The ensembles' OOF rows cover the images every backbone predicted; the weighted ensemble's "
+                "is scored on the images its weights were fit on, so it flatters it."
+                if cross_backbone_names(results) else ""), ""]
     header = ["backbone"] + [h for _, h in HEADLINE]
     rows = []
     oof = results["oof"]["metrics"]
