@@ -97,7 +97,8 @@ class ModelConfig:
     gap_filters: int = 512
     """vgg16_gap: filters of the 1x1 conv6 (the paper tries 128, 256, 512)."""
     freeze_epochs: int = 0
-    """Epochs training only the new head (backbone frozen) before fine-tuning everything."""
+    """Epochs training only the new head (backbone frozen: weights and BatchNorm statistics) before
+    fine-tuning everything."""
     backbone_lr_scale: float = 0.1
     """Learning rate of pretrained backbone layers relative to the head's (fine-tuning)."""
 
@@ -511,6 +512,15 @@ def config_hash(section: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def pretrained_source(value: str) -> str:
+    """``model.pretrained`` read once for every user: "hub" (true/yes/1), "" (false/no/0/empty:
+    from scratch), else the path of a weights file."""
+    v = value.strip()
+    if v.lower() in ("true", "yes", "1"):
+        return "hub"
+    return "" if v.lower() in ("false", "no", "0", "") else v
+
+
 # Config keys that do not change a task's results: everything else must match the saved run config.
 NEUTRAL_KEYS = {
     "run_dir", "fold", "backbones", "preset", "model.backbone",
@@ -521,7 +531,7 @@ NEUTRAL_KEYS = {
 }
 # Paths, written relative by hand and absolute by the launcher: a fold compares them no further
 # (the data is pinned by the split's data_sha256, and the run's config by the launcher).
-PATH_KEYS = {"data.images", "data.metadata", "train.deepspeed.config"}
+PATH_KEYS = {"data.images", "data.metadata", "train.deepspeed.config", "model.pretrained"}
 
 
 def result_keys(cfg: Any) -> list[str]:

@@ -72,6 +72,7 @@ from skinhpc.config import (
     result_keys,
     from_yaml_file,
     load_config,
+    pretrained_source,
     save_config,
     uses_sample,
 )
@@ -156,7 +157,9 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
                                images=[absolute(p) for p in cfg.data.images])
     ds = dataclasses.replace(cfg.train.deepspeed, config=absolute(cfg.train.deepspeed.config))
     train = dataclasses.replace(cfg.train, deepspeed=ds)
-    return dataclasses.replace(cfg, run_dir=absolute(cfg.run_dir), data=data, train=train)
+    source = pretrained_source(cfg.model.pretrained)
+    model = dataclasses.replace(cfg.model, pretrained=absolute(source)) if source not in ("", "hub") else cfg.model
+    return dataclasses.replace(cfg, run_dir=absolute(cfg.run_dir), data=data, train=train, model=model)
 
 
 def check_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:

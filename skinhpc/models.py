@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from skinhpc import CLASSES
-from skinhpc.config import ModelConfig, atomic_write
+from skinhpc.config import ModelConfig, atomic_write, pretrained_source
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +139,12 @@ class VGG16GAP(nn.Module):
 
 def create_model(model_cfg: ModelConfig, num_classes: int = len(CLASSES)) -> nn.Module:
     """Build ``model_cfg.backbone`` with a fresh ``num_classes``-way head and the configured weights."""
-    pretrained = model_cfg.pretrained.strip()
-    if pretrained.lower() == "true":
+    source = pretrained_source(model_cfg.pretrained)
+    if source == "hub":
         return _create_from_hub(model_cfg, num_classes)
     model = _build(model_cfg, num_classes)
-    if pretrained.lower() not in ("false", ""):
-        load_pretrained_file(model, pretrained)
+    if source:
+        load_pretrained_file(model, source)
     return model
 
 
@@ -183,8 +183,10 @@ def _create_from_hub(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
     try:
         with _hub_offline(offline):
             if hub == name:
-                return timm.create_model(name, pretrained=True, num_classes=num_classes,
-                                         drop_rate=model_cfg.drop_rate)
+                model = timm.create_model(name, pretrained=True, num_classes=num_classes,
+                                          drop_rate=model_cfg.drop_rate)
+                log.info("loaded the timm hub weights of %s; head re-initialised for %d classes", name, num_classes)
+                return model
             source = timm.create_model(hub, pretrained=True)
     except _network_errors() as e:
         reason = "no network to the Hugging Face hub from this node" if offline else f"download failed: {e}"
@@ -321,8 +323,9 @@ def head_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load pretrained tensors into ``model``: head layers (``head_modules``) whose shape differs
-    keep their fresh initialisation, other shape mismatches are an error, and one log line lists
-    what was not loaded."""
+    keep their fresh initialisation; a shape mismatch or a backbone tensor the file lacks is an
+    error (weights of a neighbouring architecture or another layout would otherwise leave part of
+    the backbone random without a word); one log line lists what was loaded and what was not."""
     if isinstance(model, (VGG16GAP, timm.models.vgg.VGG)) and any(k.startswith("classifier.") for k in state):
         state = _torchvision_vgg_to_timm(state)
     own = model.state_dict()
@@ -345,10 +348,16 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], sourc
         raise PretrainedWeightsError(f"{source}: none of its {len(state)} tensors match the model's names "
                                      f"(e.g. file {next(iter(state), '-')!r} vs model {next(iter(own))!r}); "
                                      f"weights of another architecture?")
-    result = model.load_state_dict(loadable, strict=False)
     unused = sorted(set(state) - set(own))
-    missing = [k for k in result.missing_keys if k not in reinit]
-    log.info("loaded %d/%d tensors from %s; head re-initialised: %s; missing (kept random): %s; "
+    missing = [k for k in own if k not in loadable and k not in reinit]
+    lacking = [k for k in missing if not k.startswith(head) and not k.endswith("num_batches_tracked")]
+    if lacking:
+        raise PretrainedWeightsError(f"{source} does not fit {type(model).__name__}: it lacks {len(lacking)} of the "
+                                     f"backbone's {len(own)} tensors ({_short(lacking, 4)}); tensors it has that the "
+                                     f"model does not: {_short(unused, 4)} (weights of another architecture or "
+                                     f"layout? README, 'Running on a real cluster', shows how to save timm's)")
+    model.load_state_dict(loadable, strict=False)
+    log.info("loaded %d/%d tensors from %s; head re-initialised: %s; fresh (not in the file): %s; "
              "unused: %s", len(loadable), len(own), source, _short(reinit), _short(missing), _short(unused))
 
 
@@ -390,12 +399,22 @@ def backbone_and_head_params(model: nn.Module) -> tuple[list[nn.Parameter], list
 def set_backbone_trainable(model: nn.Module, flag: bool) -> None:
     """Freeze (``False``) or unfreeze the backbone's parameters; the head always trains.
 
-    Only ``requires_grad`` changes: BatchNorm statistics still update in train mode. Wrap the model
-    in DistributedDataParallel after freezing (DDP registers the trainable parameters when built).
+    Only ``requires_grad`` changes; ``freeze_backbone_norms`` after each ``.train()`` keeps the
+    frozen backbone's BatchNorm statistics fixed too. Wrap the model in DistributedDataParallel
+    after freezing (DDP registers the trainable parameters when built).
     """
     backbone, _ = backbone_and_head_params(model)
     for p in backbone:
         p.requires_grad_(flag)
+
+
+def freeze_backbone_norms(model: nn.Module) -> None:
+    """Put the backbone's BatchNorm layers in eval mode: while the backbone is frozen they
+    normalise with, and keep, their pretrained running statistics (the head's BN still trains)."""
+    head = {id(m) for h in head_modules(model) for m in h.modules()}
+    for m in unwrap(model).modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in head:
+            m.eval()
 
 
 # --------------------------------------------------------------------------- model files

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import signal
@@ -58,7 +59,7 @@ from torch import nn
 
 from skinhpc import CLASSES, checkpoint, distributed
 from skinhpc.config import (ConfigError, ExperimentConfig, TrainConfig, atomic_write_text, fold_config_conflicts,
-                            save_config)
+                            pretrained_source, save_config)
 from skinhpc.distributed import DistEnv
 from skinhpc.rundir import LOG_NAME, METRICS_NAME, finished_metrics, read_log
 
@@ -83,6 +84,7 @@ def train_fold(cfg: ExperimentConfig) -> dict:
     Idempotent: a fold whose metrics.json says done returns it at once; an unfinished one resumes
     from its newest valid checkpoint.
     """
+    _log_to_stdout()
     out = fold_dir(cfg)
     conflicts = fold_config_conflicts(out, cfg)
     if conflicts:
@@ -110,6 +112,20 @@ def train_fold(cfg: ExperimentConfig) -> dict:
 
 
 # --------------------------------------------------------------------------- small pieces
+
+def _log_to_stdout() -> None:
+    """skinhpc's log lines (e.g. which pretrained tensors were loaded) into the job's output, as
+    the rest of training's messages: INFO on rank 0, warnings only on the other ranks. Python's
+    default would show none of them."""
+    logger = logging.getLogger("skinhpc")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+    logger.propagate = False
+
 
 def _say(message: str, env: DistEnv | None = None) -> None:
     if env is None or env.is_main:
@@ -416,7 +432,7 @@ class FoldTrainer:
             # channels-last inputs alone select the channels-last convolution kernels.
             model.to(memory_format=torch.channels_last)
         self.raw = model
-        pretrained = cfg.model.pretrained.lower() not in ("false", "0", "no", "")
+        pretrained = pretrained_source(cfg.model.pretrained) != ""
         scale = cfg.model.backbone_lr_scale if pretrained else 1.0
         weight = class_weights(self.train_labels, power=tc.class_weight_power).to(env.device) if tc.class_weights else None
         self.criterion = make_criterion(tc, weight).to(env.device)
@@ -581,6 +597,9 @@ class FoldTrainer:
         if want_trainable != self.backbone_trainable:
             self._set_backbone_trainable(want_trainable)
         (self.engine if self.engine is not None else self.raw).train()
+        if not self.backbone_trainable:
+            from skinhpc.models import freeze_backbone_norms
+            freeze_backbone_norms(self.raw)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         loss_sum = torch.tensor(st["loss_sum"], dtype=torch.float64, device=self.device)

@@ -305,3 +305,13 @@ def test_a_fold_trained_with_other_settings_is_refused_not_resumed_or_counted(tm
     by_hand = load_config([f"run_dir={run_dir}", "fold=0", "data.metadata=rel.csv", "data.images=[rel]"])
     save_config(absolute_paths(by_hand), run_dir / "resnet18" / "fold0" / "config.yaml")
     assert fold_config_conflicts(run_dir / "resnet18" / "fold0", by_hand) == ""
+
+
+@pytest.mark.timeout(30)
+def test_a_relative_weights_file_is_made_absolute_for_jobs_started_elsewhere(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_paths(load_config(["model.pretrained=weights/r.pth"]))
+    assert cfg.model.pretrained == str(tmp_path / "weights" / "r.pth")
+    for flag in ("true", "false"):
+        assert absolute_paths(load_config([f"model.pretrained={flag}"])).model.pretrained.lower() == flag

@@ -19,6 +19,7 @@ from torch import nn
 
 from skinhpc.config import ModelConfig
 from skinhpc.models import (
+    freeze_backbone_norms,
     VGG16GAP,
     ModelFileError,
     PretrainedWeightsError,
@@ -195,6 +196,15 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
         create_model(ModelConfig(backbone="resnet18", pretrained=str(path)))
 
 
+@pytest.mark.timeout(60)
+def test_weights_of_a_smaller_sibling_are_refused_not_loaded_in_part(tmp_path):
+    # resnet18's tensors all fit resnet34 by name and shape, but cover only half of its blocks.
+    path = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
+    with pytest.raises(PretrainedWeightsError, match=r"lacks \d+ of the backbone's .*layer1\.2\."):
+        create_model(ModelConfig(backbone="resnet34", pretrained=str(path)))
+
+
 # --------------------------------------------------------------------------- hub
 
 def _run_isolated(code: str, hf_home: Path) -> subprocess.CompletedProcess:
@@ -273,6 +283,20 @@ def test_frozen_backbone_trains_only_the_head():
     assert all(p.grad is not None for p in head_params)
     set_backbone_trainable(model, True)
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backbone", ["resnet18", "vgg16_gap"])
+def test_frozen_backbone_keeps_its_batchnorm_statistics_while_the_head_s_train(backbone):
+    model = create_model(ModelConfig(backbone=backbone, gap_filters=32))
+    set_backbone_trainable(model, False)
+    model.train()
+    freeze_backbone_norms(model)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    model(torch.rand(2, 3, 32, 32) * 3)
+    after = model.state_dict()
+    changed = sorted(k for k, v in before.items() if not torch.equal(v, after[k]))
+    assert changed == (["bn6.running_mean", "bn6.running_var"] if backbone == "vgg16_gap" else [])
 
 
 # --------------------------------------------------------------------------- model files

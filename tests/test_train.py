@@ -416,3 +416,18 @@ def test_training_balanced_accuracy_is_the_mean_recall_over_the_classes_seen() -
     accuracy, balanced = train_accuracies([8, 1, 0], [10, 2, 0])
     assert accuracy == pytest.approx(9 / 12) and balanced == pytest.approx((0.8 + 0.5) / 2)
     assert train_accuracies([0, 0], [0, 0]) == (0.0, 0.0)
+
+
+@pytest.mark.timeout(120)
+def test_a_fold_job_prints_which_pretrained_tensors_it_loaded(tmp_path: Path) -> None:
+    """The weights summary is a log line; training routes skinhpc's log to stdout (rank 0), where a
+    SLURM job's output goes, as Python's default would print nothing below a warning."""
+    import timm
+    path = tmp_path / "r18.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
+    code = ("from skinhpc.train import _log_to_stdout; from skinhpc.config import ModelConfig; "
+            "from skinhpc.models import create_model; _log_to_stdout(); "
+            f"create_model(ModelConfig(backbone='resnet18', pretrained={str(path)!r}))")
+    proc = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr
+    assert "loaded 120/122 tensors from weights file" in proc.stdout and "head re-initialised: fc.weight" in proc.stdout
