@@ -824,7 +824,7 @@ def _run_local_tasks(cfg: ExperimentConfig, tasks: list[Task], submit: Callable[
     # list, so slot_devices hands on the shell's CUDA_VISIBLE_DEVICES.
     gpus = local_gpus() if parallel > 1 else []
     pending, running, failures = list(tasks), {}, []
-    while pending or running:
+    while running or (pending and not failures):  # after a failure nothing pending starts
         while pending and not failures and len(running) < parallel:
             slot = min(set(range(parallel)) - running.keys())
             t = pending.pop(0)
@@ -843,6 +843,8 @@ def _run_local_tasks(cfg: ExperimentConfig, tasks: list[Task], submit: Callable[
             except LaunchError as e:
                 failures.append(e)
     if failures:
+        if pending:
+            echo(f"not started after the failure: {', '.join(t.key for t in pending)}")
         raise failures[0]
 
 

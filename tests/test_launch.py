@@ -178,6 +178,18 @@ def test_local_parallel_runs_folds_side_by_side_and_a_failure_spares_the_others(
     assert "1 to submit" in again.stdout and (run_dir / "ensemble" / "report.md").is_file()
 
 
+@pytest.mark.timeout(120)
+def test_local_tasks_one_at_a_time_stop_at_a_failure_and_the_launch_ends(tmp_path: Path) -> None:
+    run_dir = tmp_path / "exp"
+    args = ["--folds", "2", f"run_dir={run_dir}", "cluster.kind=local", "train.epochs=1",
+            "train.max_steps_per_epoch=2"]
+    proc = run_launch(args, cwd=tmp_path, env={FAIL_ENV: "resnet18/fold0"}, timeout=100)
+    assert proc.returncode != 0
+    assert "train resnet18/fold0 failed: RuntimeError: injected failure" in proc.stderr + proc.stdout
+    assert "not started after the failure: resnet18/fold1" in proc.stdout
+    assert not (run_dir / "resnet18" / "fold1").exists()
+
+
 def test_parallel_local_tasks_get_their_own_gpus_while_there_are_enough_then_share() -> None:
     assert [slot_devices(s, 2, ["0", "1", "2", "3"]) for s in range(3)] == ["0,1", "2,3", "0,1"]
     assert [slot_devices(s, 1, ["GPU-a", "GPU-b"]) for s in range(3)] == ["GPU-a", "GPU-b", "GPU-a"]
