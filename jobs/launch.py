@@ -5,8 +5,8 @@
     python jobs/launch.py --dry-run --folds K [...]                     plan + sbatch scripts, no submission
     python jobs/launch.py --cancel  [--config FILE] [key=value ...]     cancel pending and running jobs
 
-With no arguments: the bundled sample (sample preset), on SLURM when sbatch is on PATH, else with
-submitit's LocalExecutor on this machine. cluster.profile=NAME|PATH fills the cluster section from
+With no arguments: the bundled sample (sample preset), on SLURM when a SLURM controller answers,
+else with submitit's LocalExecutor on this machine. cluster.profile=NAME|PATH fills the cluster section from
 slurm/NAME.yaml; cluster.kind=auto|slurm|local|debug. See skinhpc/launch.py.
 """
 

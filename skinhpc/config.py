@@ -287,8 +287,8 @@ class TrainConfig:
 @dataclass
 class ClusterConfig:
     kind: str = "auto"
-    """auto (slurm when sbatch is on PATH, else local), slurm, local (submitit LocalExecutor) or
-    debug (in-process, for a debugger)."""
+    """auto (slurm when a SLURM controller answers sinfo, else local; --dry-run shows the SLURM
+    scripts), slurm, local (submitit LocalExecutor) or debug (in-process, for a debugger)."""
     profile: str = ""
     """Cluster profile: a name under slurm/ (e.g. local) or a YAML path; its keys fill this section."""
     nodes: int = 1
@@ -318,7 +318,8 @@ class ClusterConfig:
     signal_delay_s: int = 120
     """Seconds before the time limit at which SLURM sends USR2 so the task can save and requeue."""
     max_requeues: int = 10
-    """Requeues after preemption or timeout before a task is given up."""
+    """Requeues at the time limit before a task is given up (submitit counts those only: a
+    preempted task always requeues)."""
     ensemble_cpus: int = 4
     """CPU cores of the ensemble job."""
     ensemble_time_min: int = 60

@@ -172,6 +172,9 @@ def check_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
     except (ConfigError, ValueError) as e:
         raise LaunchError(f"{path}: cannot read the saved run config ({e})") from None
     changed = diff_keys(saved, cfg, result_keys(cfg))
+    procs = [c.nodes * c.gpus_per_node for c in (saved.cluster, cfg.cluster)]
+    if procs[0] != procs[1]:  # train.batch_size is per process: the global batch, and checkpoints, differ
+        changed.append(f"processes per task (cluster.nodes x cluster.gpus_per_node): {procs[0]} -> {procs[1]}")
     if changed:
         raise LaunchError(f"{run_dir} was launched with another config; these keys differ (saved -> now): "
                           + "; ".join(changed) + ". Use a new run_dir, or the saved values to continue.")
@@ -521,7 +524,11 @@ def slurm_parameters(cluster: ClusterConfig, *, name: str, nodes: int, tasks_per
         params["mem"] = f"{cluster.mem_gb}GB"
     if dependency:
         params["dependency"] = dependency
-    extra = sbatch_extra(cluster.sbatch_extra)
+    # srun of SLURM 22.05-23.02 does not inherit the job's --cpus-per-task: without this each rank
+    # could be bound to one core and its FFCV decoding threads starved.
+    params["srun_args"] = [f"--cpus-per-task={cpus}"]
+    extra = {"requeue": True} if gpus else {}  # training requeues itself, also where JobRequeue=0
+    extra.update(sbatch_extra(cluster.sbatch_extra))
     if extra:
         params["additional_parameters"] = extra
     # The package must be importable on the nodes; the job runs this very interpreter (the venv's).

@@ -120,6 +120,11 @@ def test_relaunch_with_other_cluster_or_more_backbones_is_accepted(tmp_path: Pat
     now = absolute_paths(load_config([f"run_dir={run_dir}", "split.folds=2", "backbones=[resnet18,resnet34]",
                                       "cluster.time_min=5", "train.log_every=1"]))
     check_compatible(run_dir, now)  # no error
+    # The same number of processes per task in another shape is fine; another number is not.
+    check_compatible(run_dir, load_config([f"run_dir={run_dir}", "split.folds=2", "cluster.nodes=1"]))
+    with pytest.raises(LaunchError, match=r"processes per task \(cluster.nodes x cluster.gpus_per_node\): 1 -> 4"):
+        check_compatible(run_dir, absolute_paths(load_config([f"run_dir={run_dir}", "split.folds=2",
+                                                              "cluster.gpus_per_node=4"])))
     assert "train.lr" in result_keys(now) and "cluster.time_min" not in result_keys(now)
 
 
