@@ -170,7 +170,8 @@ def ensure_split(run_dir: str | Path, df: pd.DataFrame, cfg: SplitConfig) -> dic
         if split.get("n_images") != len(df):
             raise SplitError(f"{path} covers {split.get('n_images')} images but the data has {len(df)}: "
                              "the data changed since the split was made; use a new run_dir")
-        if split.get("data_sha256", data_fingerprint(df)) != data_fingerprint(df):  # absent: an older split
+        fingerprint = data_fingerprint(df)
+        if split.get("data_sha256", fingerprint) != fingerprint:  # absent: an older split
             raise SplitError(f"{path} was made from other data (image ids, lesion ids or classes differ, same "
                              f"number of images): the data changed since the split was made; use a new run_dir")
         return split
