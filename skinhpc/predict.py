@@ -29,8 +29,7 @@ from torch import nn
 
 from skinhpc import CLASSES
 from skinhpc.config import atomic_write_text, available_cores
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+from skinhpc.convert import IMAGE_SUFFIXES  # the images the conversion takes, in any case
 
 
 class PredictError(ValueError):
