@@ -17,7 +17,8 @@ may change: ``train.epochs`` (the cosine schedule is recomputed for the new leng
 rate jumps), ``early_stop_patience``, ``log_every``, checkpoint frequency, ``num_workers``.
 
 Preemption: SIGUSR2 and SIGTERM only raise a flag. At the next optimizer-step boundary all ranks agree
-(all-reduce MAX), save a checkpoint on every rank, and then:
+(all-reduce MAX), save a checkpoint on every rank, and then (a signal during the last epoch's
+validation is acted on after it, with the loop's last checkpoint, before the final predictions):
 
 - SIGUSR2 (SLURM's warning signal, sent by submitit): the previously installed handler is called when
   it is a Python callable (submitit's requeues the job and exits on rank 0); then ``train_fold``
@@ -480,8 +481,12 @@ class FoldTrainer:
         try:
             while self.state["epoch"] < self.tcfg.epochs and not self.state["stop_reason"]:
                 if not self._train_epoch():
-                    return {"status": "preempted", "epoch": self.state["epoch"], "step": self.state["step"]}
+                    return self._preempted()
                 self._end_epoch()
+            # A signal during the last validation found no step boundary to act on; the checkpoint
+            # of the loop's end is saved, so it is acted on here, before our handlers are removed.
+            if self._act_on_signal():
+                return self._preempted()
         finally:
             self.flag.uninstall()
             if self.writer is not None:
@@ -687,15 +692,25 @@ class FoldTrainer:
         if not code and not periodic:
             return False
         self._save(st["epoch"], st["step"], self._loop_state(loss_sum, tally))
+        return bool(code) and self._act_on_signal(code)
+
+    def _act_on_signal(self, code: int | None = None) -> bool:
+        """Once a checkpoint of the current state is saved: hand a recorded signal (any rank's) to the
+        handler installed before ours; True = stop now. ``code`` is the agreed one when known."""
+        code = distributed.max_int(self.env, self.flag.code) if code is None else code
         if not code:
             return False
         self.flag.code = 0
+        st = self.state
         signum = signal.SIGUSR2 if code == _SIGNAL_CODES[signal.SIGUSR2] else signal.SIGTERM
         _say(f"{signal.Signals(signum).name}: checkpoint saved at epoch {st['epoch']} step {st['step']}", self.env)
         called = self.flag.call_previous(signum)
         if signum == signal.SIGTERM and called:
             return False  # submitit ignores SIGTERM: USR2 (requeue) or the kill follows
         return True
+
+    def _preempted(self) -> dict:
+        return {"status": "preempted", "epoch": self.state["epoch"], "step": self.state["step"]}
 
     def _save(self, epoch: int, step: int, state: dict) -> None:
         rank_state = {k: state[k] for k in self.RANK_KEYS}

@@ -26,7 +26,7 @@ from skinhpc.config import ConfigError, SplitConfig, TrainConfig, load_config
 from skinhpc.convert import read_index
 from skinhpc.split import SPLIT_NAME
 from skinhpc.models import backbone_and_head_params, create_model
-from skinhpc.train import (KILL_ENV, PREEMPT_ENV, PreemptionFlag, class_weights, fold_dir, lr_at, make_criterion, time_box_reached,
+from skinhpc.train import (KILL_ENV, PREEMPT_ENV, FoldTrainer, PreemptionFlag, class_weights, fold_dir, lr_at, make_criterion, time_box_reached,
                            train_accuracies, train_fold, upgrade_loop_state)
 
 PYTHON = sys.executable
@@ -209,6 +209,36 @@ def test_preempted_mid_epoch_run_resumes_bit_identical(tmp_path: Path, data_dir:
     capsys.readouterr()
     assert train_fold(cfg)["status"] == "done"
     assert "resuming from epoch 1 step 1" in capsys.readouterr().out
+    assert_same_run(uninterrupted, out)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_requeue_signal_during_the_last_validation_is_handed_on_and_the_rerun_only_finishes(
+        tmp_path: Path, data_dir: Path, uninterrupted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_tiny_split(tmp_path, data_dir)
+    cfg = load_config(overrides(tmp_path, data_dir, *EXACT))
+    validate = FoldTrainer._predict
+
+    def signal_during_last_validation(self: FoldTrainer, loader: object) -> object:
+        if self.state["epoch"] + 1 == self.tcfg.epochs and loader is self.val_loader:
+            os.kill(os.getpid(), signal.SIGUSR2)  # SLURM's warning, while the last epoch validates
+        return validate(self, loader)
+
+    calls: list[int] = []
+    monkeypatch.setattr(FoldTrainer, "_predict", signal_during_last_validation)
+    saved = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))  # submitit's place
+    try:
+        result = train_fold(cfg)
+    finally:
+        signal.signal(signal.SIGUSR2, saved)
+    assert result == {"status": "preempted", "epoch": 3, "step": 0}
+    assert calls == [signal.SIGUSR2]  # submitit would requeue the task here
+    out = fold_dir(cfg)
+    assert not (out / "metrics.json").exists()
+
+    monkeypatch.setattr(FoldTrainer, "_predict", validate)
+    assert train_fold(cfg)["status"] == "done"
     assert_same_run(uninterrupted, out)
 
 
