@@ -376,6 +376,7 @@ class FoldTrainer:
         self.ddp: nn.Module | None = None
         self.scaler: Any = None
         self.backbone_trainable = True
+        self._zero_grad_hooks: list[Any] = []
         self._prepare_data()
         self._prepare_model()
         # Loop state: everything here goes into checkpoints.
@@ -451,10 +452,18 @@ class FoldTrainer:
         """Freeze/unfreeze the backbone; DDP is rebuilt because it registers trainable params when built.
 
         DeepSpeed's partitioned optimizer cannot take parameters in later, so there the backbone
-        keeps requires_grad and gets learning rate 0 while frozen (its weights do not move).
+        keeps requires_grad and gets learning rate 0 while frozen (its weights do not move), and its
+        gradients are zeroed as they are computed: they would otherwise count in the global-norm
+        clipping (shrinking the head's steps) and fill the optimizer's moments before the unfreeze.
         """
-        from skinhpc.models import set_backbone_trainable
+        from skinhpc.models import backbone_and_head_params, set_backbone_trainable
         self.backbone_trainable = flag
+        for hook in self._zero_grad_hooks:
+            hook.remove()
+        self._zero_grad_hooks = []
+        if self.engine is not None and not flag:
+            # A tensor hook runs before the gradient is accumulated, so before DeepSpeed's own hooks.
+            self._zero_grad_hooks = [p.register_hook(torch.zeros_like) for p in backbone_and_head_params(self.raw)[0]]
         if self.engine is None:
             set_backbone_trainable(self.raw, flag)
             if self.env.world_size > 1:

@@ -11,8 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from skinhpc import REPO_DIR
+from skinhpc.config import load_config
+from skinhpc.models import create_model
 from skinhpc.distributed import read_ranks
 from test_train import EXACT, NO_AUG, PREEMPT_ENV, assert_same_run, overrides, run_job, write_tiny_split
 
@@ -90,6 +93,30 @@ def test_two_process_preempted_run_resumes_bit_identical(strategy: str, tmp_path
     assert res.returncode == 0, res.stderr[-4000:]
     assert "resuming from epoch 1 step 1" in res.stdout
     assert_same_run(ref / "resnet18" / "fold0", run / "resnet18" / "fold0")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_frozen_backbone_under_deepspeed_leaves_the_head_the_same_clipped_steps_as_plain_training(
+        tmp_path: Path, data_dir: Path) -> None:
+    # Tight clipping: under DeepSpeed the frozen backbone keeps requires_grad (lr 0); its gradients
+    # must not count in the norm, or the head's steps come out smaller than plain training's.
+    frozen = ["train.epochs=1", "model.freeze_epochs=1", "train.max_steps_per_epoch=2", "train.grad_clip=0.05",
+              "model.drop_rate=0", *NO_AUG]
+    heads = {}
+    for name, strategy in (("plain", "train.strategy=ddp"), ("zero1", "train.strategy=deepspeed")):
+        write_tiny_split(tmp_path / name, data_dir)
+        res = run_job(overrides(tmp_path / name, data_dir, *frozen, strategy), timeout=300)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+        weights = torch.load(tmp_path / name / "resnet18" / "fold0" / "model_best.pt", weights_only=True)["state_dict"]
+        heads[name] = {k: v for k, v in weights.items() if k.startswith("fc.")}
+    cfg = load_config(overrides(tmp_path, data_dir))
+    torch.manual_seed(cfg.train.seed)
+    initial = create_model(cfg.model)
+    assert heads["plain"] and heads["plain"].keys() == heads["zero1"].keys()
+    for key, value in heads["plain"].items():
+        assert not torch.allclose(value, initial.state_dict()[key])  # the head did learn
+        torch.testing.assert_close(heads["zero1"][key], value, rtol=1e-4, atol=1e-6)
 
 
 def _no_slurm() -> str:
