@@ -308,11 +308,15 @@ class ClusterConfig:
     qos: str = ""
     """SLURM quality of service."""
     constraint: str = ""
-    """SLURM constraint (e.g. a GPU type)."""
+    """SLURM constraint of the training jobs (e.g. a GPU type); the CPU-only jobs get none."""
+    cpu_partition: str = ""
+    """Partition of the CPU-only jobs (conversion, ensemble); empty: ``partition``."""
     use_gpus: bool = True
     """Request GPUs with --gpus-per-node (false on CPU-only clusters such as the local test one)."""
     sbatch_extra: list[str] = field(default_factory=list)
-    """Extra sbatch directives, e.g. ['--exclusive'] or ['--reservation=x']."""
+    """Extra sbatch directives of every job, e.g. ['--mail-type=FAIL'] or ['--reservation=x']."""
+    train_sbatch_extra: list[str] = field(default_factory=list)
+    """Extra sbatch directives of the training jobs only, e.g. ['--exclusive'] for whole GPU nodes."""
     setup: list[str] = field(default_factory=list)
     """Shell lines run before each task (module load ..., source venv/bin/activate)."""
     signal_delay_s: int = 120

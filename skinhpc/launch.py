@@ -510,16 +510,18 @@ def dependency_never_satisfied(info: JobInfo | None) -> bool:
 
 def slurm_parameters(cluster: ClusterConfig, *, name: str, nodes: int, tasks_per_node: int, cpus: int,
                      time_min: int, gpus: bool, dependency: str = "") -> dict[str, Any]:
-    """submitit SlurmExecutor parameters (its own names) for one kind of job."""
+    """submitit SlurmExecutor parameters (its own names) for one kind of job: the training jobs
+    (``gpus``) or the CPU-only ones, which take no constraint nor train_sbatch_extra and run in
+    cpu_partition when it is set."""
     params: dict[str, Any] = {
         "job_name": name, "time": time_min, "nodes": nodes, "ntasks_per_node": tasks_per_node,
         "cpus_per_task": cpus, "signal_delay_s": cluster.signal_delay_s,
     }
     if gpus and cluster.use_gpus:
         params["gpus_per_node"] = cluster.gpus_per_node
-    for key in ("partition", "account", "qos", "constraint"):
-        if getattr(cluster, key):
-            params[key] = getattr(cluster, key)
+    values = {"partition": cluster.partition if gpus else (cluster.cpu_partition or cluster.partition),
+              "account": cluster.account, "qos": cluster.qos, "constraint": cluster.constraint if gpus else ""}
+    params.update({key: value for key, value in values.items() if value})
     if cluster.mem_gb:
         params["mem"] = f"{cluster.mem_gb}GB"
     if dependency:
@@ -529,6 +531,8 @@ def slurm_parameters(cluster: ClusterConfig, *, name: str, nodes: int, tasks_per
     params["srun_args"] = [f"--cpus-per-task={cpus}"]
     extra = {"requeue": True} if gpus else {}  # training requeues itself, also where JobRequeue=0
     extra.update(sbatch_extra(cluster.sbatch_extra))
+    if gpus:
+        extra.update(sbatch_extra(cluster.train_sbatch_extra, "cluster.train_sbatch_extra"))
     if extra:
         params["additional_parameters"] = extra
     # The package must be importable on the nodes; the job runs this very interpreter (the venv's).
@@ -536,7 +540,7 @@ def slurm_parameters(cluster: ClusterConfig, *, name: str, nodes: int, tasks_per
     return params
 
 
-def sbatch_extra(lines: list[str]) -> dict[str, Any]:
+def sbatch_extra(lines: list[str], key: str = "cluster.sbatch_extra") -> dict[str, Any]:
     """``['--exclusive', '--mail-type=FAIL']`` → submitit's additional_parameters."""
     extra: dict[str, Any] = {}
     for line in lines:
@@ -544,7 +548,7 @@ def sbatch_extra(lines: list[str]) -> dict[str, Any]:
         if opt.startswith("#SBATCH"):
             opt = opt[len("#SBATCH"):].strip()
         if not opt.startswith("--"):
-            raise ConfigError(f"cluster.sbatch_extra: {line!r} must be a long sbatch option such as --exclusive or --key=value")
+            raise ConfigError(f"{key}: {line!r} must be a long sbatch option such as --exclusive or --key=value")
         key, sep, value = opt[2:].partition("=")
         extra[key] = value if sep else True
     return extra

@@ -20,12 +20,14 @@ from skinhpc.launch import (
     TrainTask,
     absolute_paths,
     check_compatible,
+    ensemble_parameters,
     launch_lock,
     load_launch_config,
     read_jobs,
     result_keys,
     sbatch_extra,
     slot_devices,
+    task_parameters,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -67,6 +69,18 @@ def test_golden_training_array_requests_nodes_gpus_and_profile_settings() -> Non
                  "#SBATCH --time=720", "#SBATCH --mem=64GB", "module load cuda/12.4",
                  "export PYTHONPATH=<REPO>"):
         assert line in array, line
+
+
+@pytest.mark.timeout(60)
+def test_cpu_only_jobs_take_neither_the_gpu_constraint_nor_training_only_options() -> None:
+    text = (GOLDEN / "dry_run_gpu_cluster.txt").read_text()
+    for job in ("conversion", "ensemble"):
+        script = text.split(f"----- sbatch script: {job}")[1].split("-----")[0]
+        assert "#SBATCH --mail-type=FAIL" in script and "#SBATCH --partition=gpu" in script, job
+        for line in ("--constraint", "--exclusive", "--gpus-per-node", "--requeue"):
+            assert line not in script, (job, line)
+    cfg, _ = load_launch_config(["cluster.profile=example-gpu-cluster", "cluster.cpu_partition=cpu"])
+    assert ensemble_parameters(cfg)["partition"] == "cpu" and task_parameters(cfg)["partition"] == "gpu"
 
 
 @pytest.mark.timeout(60)
