@@ -553,21 +553,34 @@ def result_keys(cfg: Any) -> list[str]:
     return [k for k in walk(cfg, "") if k not in NEUTRAL_KEYS and not k.startswith("cluster.")]
 
 
-def fold_config_conflicts(fold_dir: str | Path, cfg: Any) -> str:
-    """Why ``cfg`` may not resume or reuse the fold in ``fold_dir`` ("" when it may): the fold's
-    saved config.yaml differs in a key that changes results. A fold never mixes two configs."""
-    path = Path(fold_dir) / "config.yaml"
+def saved_config_changes(path: Path, cfg: Any, keys: list[str]) -> tuple[Any, list[str]]:
+    """The config saved at ``path`` (None when there is none) and its differences from ``cfg``
+    over ``keys`` ("key: saved -> now"); an unreadable file is a ConfigError naming it."""
     if not path.is_file():
-        return ""
+        return None, []
     try:
         saved = from_yaml_file(path)
     except Exception as e:  # OmegaConf and validation errors alike: name the file
-        return f"{path}: cannot read the fold's saved config ({e})"
-    changed = diff_keys(saved, cfg, [k for k in result_keys(cfg) if k not in PATH_KEYS])
-    if not changed:
-        return ""
-    return (f"{fold_dir} was trained with another config; these keys differ (saved -> now): {'; '.join(changed)}. "
+        raise ConfigError(f"{path}: cannot read the saved config ({e})") from None
+    return saved, diff_keys(saved, cfg, keys)
+
+
+def mixed_config_refusal(where: str | Path, done: str, changed: list[str]) -> str:
+    """Why results made under another config may not be continued or mixed with ``cfg``'s."""
+    return (f"{where} was {done} with another config; these keys differ (saved -> now): {'; '.join(changed)}. "
             "Use a new run_dir, or the saved values to continue.")
+
+
+def fold_config_conflicts(fold_dir: str | Path, cfg: Any) -> str:
+    """Why ``cfg`` may not resume or reuse the fold in ``fold_dir`` ("" when it may): the fold's
+    saved config.yaml differs in a key that changes results. A fold never mixes two configs.
+    Paths may differ (a moved run or data folder is the same fold)."""
+    try:
+        _, changed = saved_config_changes(Path(fold_dir) / "config.yaml", cfg,
+                                          [k for k in result_keys(cfg) if k not in PATH_KEYS])
+    except ConfigError as e:
+        return str(e)
+    return mixed_config_refusal(fold_dir, "trained", changed) if changed else ""
 
 
 def diff_keys(a: Any, b: Any, keys: list[str]) -> list[str]:

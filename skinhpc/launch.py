@@ -67,9 +67,10 @@ from skinhpc.config import (
     ConfigError,
     ExperimentConfig,
     atomic_write_text,
-    diff_keys,
     fold_config_conflicts,
+    mixed_config_refusal,
     result_keys,
+    saved_config_changes,
     from_yaml_file,
     load_config,
     pretrained_source,
@@ -164,20 +165,17 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def check_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
     """Refuse a launch whose results could not be mixed with those already in ``run_dir``."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return
     try:
-        saved = from_yaml_file(path)
-    except (ConfigError, ValueError) as e:
-        raise LaunchError(f"{path}: cannot read the saved run config ({e})") from None
-    changed = diff_keys(saved, cfg, result_keys(cfg))
+        saved, changed = saved_config_changes(run_dir / "config.yaml", cfg, result_keys(cfg))
+    except ConfigError as e:
+        raise LaunchError(str(e)) from None
+    if saved is None:
+        return
     procs = [c.nodes * c.gpus_per_node for c in (saved.cluster, cfg.cluster)]
     if procs[0] != procs[1]:  # train.batch_size is per process: the global batch, and checkpoints, differ
         changed.append(f"processes per task (cluster.nodes x cluster.gpus_per_node): {procs[0]} -> {procs[1]}")
     if changed:
-        raise LaunchError(f"{run_dir} was launched with another config; these keys differ (saved -> now): "
-                          + "; ".join(changed) + ". Use a new run_dir, or the saved values to continue.")
+        raise LaunchError(mixed_config_refusal(run_dir, "launched", changed))
 
 
 def slurm_answers(timeout_s: float = 10.0) -> bool:
