@@ -394,8 +394,10 @@ class FoldTrainer:
         _main_rank_first(env, lambda: ensure_converted(cfg.data, cfg.data_dir))
         self.index = read_index(cfg.data_dir)
         self.manifest = read_manifest(cfg.data_dir)
-        _main_rank_first(env, lambda: ensure_split(cfg.run_dir, self.index, cfg.split))
-        self.rows = fold_rows(ensure_split(cfg.run_dir, self.index, cfg.split), self.index, cfg.fold)
+        made: list[dict] = []  # rank 0's split; the other ranks read (and check) the saved one
+        _main_rank_first(env, lambda: made.append(ensure_split(cfg.run_dir, self.index, cfg.split)))
+        split = made[0] if made else ensure_split(cfg.run_dir, self.index, cfg.split)
+        self.rows = fold_rows(split, self.index, cfg.fold)
         label_of = dict(zip(self.index["row"].to_numpy(), self.index["label"].to_numpy()))
         self.train_labels = np.array([label_of[r] for r in self.rows.train], dtype=np.int64)
         tc = self.tcfg
