@@ -3,7 +3,7 @@
 python jobs/predict.py --run RUN IMAGE_OR_DIR [...] [--tta | --no-tta] [--out FILE.csv] [--batch-size N]
 
 Writes a CSV (image, one probability column per class, prediction) to --out or stdout. Folders
-contribute every *.jpg/*.jpeg/*.png inside. An unreadable image is named on stderr, the others are
+contribute every *.jpg/*.jpeg/*.png inside (what else they hold is counted in a warning). An unreadable image is named on stderr, the others are
 still predicted, and the exit status is 1. See skinhpc/predict.py.
 """
 

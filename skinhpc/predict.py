@@ -60,8 +60,9 @@ class PredictResult:
 
 # --------------------------------------------------------------------------- models
 
-def finished_model_files(run_dir: str | Path) -> list[tuple[str, int, Path]]:
-    """(backbone, fold, model_best.pt) of every finished fold (metrics.json says done)."""
+def finished_model_files(run_dir: str | Path, warn: Callable[[str], None] | None = None) -> list[tuple[str, int, Path]]:
+    """(backbone, fold, model_best.pt) of every finished fold (metrics.json says done); a finished
+    fold without its model_best.pt is named to ``warn`` (the report counts it, predict cannot)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise PredictError(f"{run_dir}: no such run directory")
@@ -76,6 +77,8 @@ def finished_model_files(run_dir: str | Path) -> list[tuple[str, int, Path]]:
             done = False
         if done and (fold_dir / "model_best.pt").is_file():
             found.append((fold_dir.parent.name, int(fold_dir.name[4:]), fold_dir / "model_best.pt"))
+        elif done and warn is not None:
+            warn(f"{fold_dir}: finished but has no model_best.pt; predicting without this fold model")
     if not found:
         raise PredictError(f"{run_dir}: no finished fold with a model_best.pt "
                            "(looked for <backbone>/fold<k>/metrics.json with status done)")
@@ -94,13 +97,16 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_fold_models(run_dir: str | Path, device: torch.device | str | None = None) -> list[FoldModel]:
+def load_fold_models(run_dir: str | Path, device: torch.device | str | None = None,
+                     warn: Callable[[str], None] | None = None) -> list[FoldModel]:
     """Load every finished fold model of the run, in eval mode, on ``device`` (GPU if present)."""
     from skinhpc.models import load_model_file
 
     device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PredictError(f"device {device}: no CUDA GPU is available here; use --device cpu")
     models = []
-    for backbone, fold, path in finished_model_files(run_dir):
+    for backbone, fold, path in finished_model_files(run_dir, warn):
         model, meta = load_model_file(path, map_location="cpu")
         classes = list(meta.get("classes", CLASSES))
         if classes != list(CLASSES):
@@ -113,17 +119,25 @@ def load_fold_models(run_dir: str | Path, device: torch.device | str | None = No
 
 # --------------------------------------------------------------------------- images
 
-def expand_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
+def expand_inputs(inputs: Sequence[str | Path],
+                  warn: Callable[[str], None] | None = None) -> tuple[list[Path], list[str]]:
     """Image files named directly or found in folders (*.jpg, *.jpeg, *.png, any case, not recursive),
-    and an error message for each input that is neither."""
+    and an error message for each input that is neither. What a folder holds besides is counted
+    to ``warn`` (a file named directly is always tried)."""
     paths: list[Path] = []
     errors: list[str] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            entries = sorted(p.iterdir())
+            found = [f for f in entries if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
             if not found:
                 errors.append(f"{p}: folder holds no {'/'.join(IMAGE_SUFFIXES)} images")
+            skipped = [f for f in entries if f not in found and not f.name.startswith(".")]
+            if skipped and warn is not None:
+                warn(f"{p}: skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} that are not "
+                     f"{'/'.join(IMAGE_SUFFIXES)} files (e.g. {skipped[0].name}; subfolders are not searched); "
+                     "name such a file directly to try it")
             paths += found
         elif p.is_file():
             paths.append(p)
@@ -245,12 +259,15 @@ def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, tta: bool 
     def warn(message: str) -> None:
         print(f"error: {message}", file=sys.stderr, flush=True)
 
+    def note(message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
     if out is not None:
         _check_out(out)
-    paths, input_errors = expand_inputs(inputs)
+    paths, input_errors = expand_inputs(inputs, note)
     for message in input_errors:
         warn(message)
-    models = load_fold_models(run_dir, device)
+    models = load_fold_models(run_dir, device, note)
     print(f"predicting {len(paths)} images with {len(models)} fold models "
           f"({', '.join(sorted({m.backbone for m in models}))}) on {next(models[0].model.parameters()).device}"
           f"{_tta_said(models, tta)}", file=sys.stderr)

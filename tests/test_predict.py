@@ -174,9 +174,32 @@ def test_folders_contribute_their_images_and_empty_ones_are_reported(tmp_path):
     (tmp_path / "a" / "x.PNG").write_bytes(b"")
     (tmp_path / "a" / "y.jpeg").write_bytes(b"")
     (tmp_path / "empty").mkdir()
-    paths, errors = expand_inputs([tmp_path / "a", tmp_path / "empty"])
+    (tmp_path / "a" / "z.tif").write_bytes(b"")
+    (tmp_path / "a" / "sub").mkdir()
+    warnings: list[str] = []
+    paths, errors = expand_inputs([tmp_path / "a", tmp_path / "empty"], warnings.append)
     assert [p.name for p in paths] == ["x.PNG", "y.jpeg"]
     assert len(errors) == 1 and "empty" in errors[0]
+    # What a folder holds besides its images is not predicted, and the user is told so.
+    assert len(warnings) == 1 and "skipped 2 entries" in warnings[0] and str(tmp_path / "a") in warnings[0]
+
+
+@pytest.mark.timeout(120)
+def test_a_finished_fold_without_its_model_file_is_named_not_silently_dropped(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "resnet18" / "fold1" / "model_best.pt").unlink()
+    warnings: list[str] = []
+    models = load_fold_models(run, "cpu", warnings.append)
+    assert [(m.backbone, m.fold) for m in models] == [("mobilenetv3_small_050", 0), ("resnet18", 0)]
+    assert len(warnings) == 1 and "resnet18/fold1" in warnings[0] and "model_best.pt" in warnings[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+@pytest.mark.timeout(60)
+def test_asking_for_a_gpu_where_there_is_none_is_a_clear_error(run_dir):
+    with pytest.raises(PredictError, match="no CUDA GPU"):
+        load_fold_models(run_dir, "cuda")
 
 
 @pytest.mark.slow
