@@ -698,7 +698,7 @@ def evaluate_run(scan: RunScan, *, n_boot: int = 1000, seed: int = 0,
     bootstrap, paired = _test_intervals(entries, best_entry, test_labels, test_lesions, n_boot, seed)
     n_common = len(oof_ens["ensemble_mean"])
     results = _plain({
-        "run_dir": str(scan.run_dir),
+        "run_dir": str(Path(scan.run_dir).absolute()),  # the report is read from elsewhere than the shell
         "classes": list(CLASSES),
         "expected": {"backbones": scan.backbones, "folds": scan.num_folds},
         "finished": [{"backbone": f.backbone, "fold": f.fold} for f in scan.finished],
@@ -733,7 +733,7 @@ def run_ensemble(run_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, plot
     test = scan.finished[0].test
     refs = {name: read_reference(path, test) for name, path in (references or {}).items()}
     results, arrays = evaluate_run(scan, n_boot=n_boot, seed=seed, references=refs)
-    results["references"] = {f"reference/{name}": str(path) for name, path in (references or {}).items()}
+    results["references"] = {f"reference/{name}": str(Path(path).absolute()) for name, path in (references or {}).items()}
     out_dir = Path(run_dir) / "ensemble"
     out_dir.mkdir(parents=True, exist_ok=True)
     results["plots"] = report.make_plots(results, arrays, scan, out_dir) if plots else []
@@ -752,22 +752,21 @@ def summary(results: dict[str, Any]) -> str:
     lines = [f"finished folds: {len(results['finished'])} of {len(exp['backbones']) * exp['folds']}"]
     for m in results["missing"]:
         lines.append(f"missing: {m['backbone']} fold {m['fold']} ({m['reason']})")
+    from skinhpc.report import ensemble_names, paired_comparisons
+
     lines.append(f"test set: {results['n_test']} images, {results['n_test_lesions']} lesions")
+    shown = set(ensemble_names(results))  # with one backbone its fold ensemble, not its two copies
     for name, m in results["test"].items():
-        if m["kind"] == "fold":
+        if m["kind"] == "fold" or (m["kind"] == "ensemble" and name not in shown):
             continue
         ci = results.get("bootstrap", {}).get(name, {}).get("ci", {}).get("balanced_accuracy")
         ci_text = f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
         nums = "  ".join(f"{k} {_num(m.get(k))}" for k in ("top1", "top2", "auroc_macro"))
         lines.append(f"{name:<32} balanced_accuracy {_num(m.get('balanced_accuracy'))}{ci_text}  {nums}")
-    from skinhpc.report import ensemble_names
-
-    shown = set(ensemble_names(results))  # with one backbone its fold ensemble, not its two copies
-    for other, versus in results.get("paired", {}).items():
-        for name, d in ((n, d) for n, d in versus.items() if n in shown):
-            parts = [f"{k} {d['diff'][k]:+.4f} [{d['ci'][k][0]:+.4f}, {d['ci'][k][1]:+.4f}]"
-                     for k in ("balanced_accuracy", "auroc_macro") if d["diff"][k] is not None and d["ci"][k]]
-            lines.append(f"{name} minus {other}: " + "  ".join(parts))
+    for name, other, d in paired_comparisons(results):
+        parts = [f"{k} {d['diff'][k]:+.4f} [{d['ci'][k][0]:+.4f}, {d['ci'][k][1]:+.4f}]"
+                 for k in ("balanced_accuracy", "auroc_macro") if d["diff"][k] is not None and d["ci"][k]]
+        lines.append(f"{name} minus {other}: " + "  ".join(parts))
     weights = ", ".join(f"{b}={w:.3f}" for b, w in results["weights"]["backbones"].items())
     lines.append(f"OOF weights: {weights}")
     out = Path(results["run_dir"]) / "ensemble"

@@ -8,7 +8,7 @@ Figures are PNGs drawn with matplotlib's Agg backend (no display needed) and wri
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -34,6 +34,19 @@ def cross_backbone_names(results: dict[str, Any]) -> tuple[str, ...]:
 def ensemble_names(results: dict[str, Any]) -> list[str]:
     """Every ensemble the report shows: each backbone's fold ensemble, then the cross-backbone ones."""
     return [f"{b}/ensemble" for b in results["cv"]] + list(cross_backbone_names(results))
+
+
+def paired_comparisons(results: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(ensemble, other model, paired difference) of every comparison worth showing: shown
+    ensembles only, and not a one-fold ensemble against its own fold model (the same model)."""
+    shown = set(ensemble_names(results))
+    for other, versus in (results.get("paired") or {}).items():
+        for name, d in versus.items():
+            backbone = name.split("/")[0]
+            alone = (name == f"{backbone}/ensemble" and results["cv"][backbone]["val"]["n_folds"] == 1
+                     and other.split("/")[0] == backbone)
+            if name in shown and not alone:
+                yield name, other, d
 
 
 # --------------------------------------------------------------------------- markdown
@@ -128,16 +141,12 @@ PAIRED = (("balanced_accuracy", "Δ balanced acc. (points)"), ("auroc_macro", "�
 
 
 def _paired_section(results: dict[str, Any]) -> list[str]:
-    paired = results.get("paired") or {}
-    shown = set(ensemble_names(results))
     rows = []
-    for other, versus in paired.items():
+    for name, other, d in paired_comparisons(results):
         label = f"best single model ({other})" if other == results["best_single"] else other
-        for name, d in versus.items():
-            if name in shown:
-                rows.append([f"{name} − {label}"] + [fmt_diff(k, d) for k, _ in PAIRED]
-                            + [f"{d['frac_a_better']['balanced_accuracy'] * 100:.0f}%"
-                               if d["frac_a_better"].get("balanced_accuracy") is not None else "—"])
+        rows.append([f"{name} − {label}"] + [fmt_diff(k, d) for k, _ in PAIRED]
+                    + [f"{d['frac_a_better']['balanced_accuracy'] * 100:.0f}%"
+                       if d["frac_a_better"].get("balanced_accuracy") is not None else "—"])
     if not rows:
         return []
     return (["## Is the ensemble better? Paired differences on the test set", "",

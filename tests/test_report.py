@@ -122,6 +122,27 @@ def test_one_backbone_report_shows_its_fold_ensemble_once(tmp_path):
 
 
 @pytest.mark.timeout(180)
+def test_one_backbone_console_summary_names_its_fold_ensemble_once(tmp_path):
+    from skinhpc.ensemble import summary
+    run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=3, n_lesions=150)
+    run.fill({"resnet18": 2.0})
+    text = summary(run_ensemble(run.root, n_boot=20, plots=False))
+    assert "resnet18/ensemble " in text and "ensemble_mean" not in text and "ensemble_weighted" not in text
+    assert text.count("minus resnet18/fold") == 1  # the fold ensemble minus the best single model
+
+
+@pytest.mark.timeout(180)
+def test_a_one_fold_ensemble_is_not_compared_with_its_own_fold_model(tmp_path):
+    from skinhpc.ensemble import summary
+    run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=3, n_lesions=150)
+    run.fill({"resnet18": 2.0}, skip={("resnet18", 1), ("resnet18", 2)})
+    results = run_ensemble(run.root, n_boot=20, plots=False)
+    text = (run.root / "ensemble" / "report.md").read_text()
+    assert "Paired differences" not in text and " − best single model" not in text
+    assert " minus " not in summary(results)
+
+
+@pytest.mark.timeout(180)
 def test_a_later_ensemble_removes_the_figures_it_no_longer_draws(tmp_path):
     run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=2, n_lesions=120)
     run.fill({"resnet18": 2.0})
