@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import datetime
 import fcntl
+import functools
 import hashlib
 import json
 import multiprocessing as mp
@@ -322,16 +323,30 @@ def _fingerprint(plan: _Plan, settings: dict[str, Any]) -> dict[str, Any]:
             "settings": settings}
 
 
+@functools.cache
+def ffcv_import_error() -> str:
+    """Why FFCV cannot be imported here ("" when it can): then the conversion writes no .beton
+    and the loaders read the source images with PIL."""
+    try:
+        import ffcv.loader  # noqa: F401
+        import ffcv.writer  # noqa: F401
+        return ""
+    except Exception as e:  # ImportError, or a broken native library (OSError)
+        return f"{type(e).__name__}: {e}"
+
+
 def _matches(out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-    """The manifest when out_dir holds a complete conversion of exactly these inputs and settings."""
+    """The manifest when out_dir holds a complete conversion of exactly these inputs and settings
+    (one made without FFCV counts only while FFCV is still missing: it has no .beton)."""
     try:
         manifest = read_manifest(out_dir)
         same_inputs = (manifest["metadata"]["sha256"] == fingerprint["metadata_sha256"]
                        and manifest["images"]["sha256"] == fingerprint["images_sha256"]
                        and manifest["ffcv"] == fingerprint["settings"])
-        if not same_inputs:
+        if not same_inputs or (manifest["beton"] is None and not ffcv_import_error()):
             return None
-        for name, key in ((BETON_NAME, "beton"), (INDEX_NAME, "index")):
+        files = ((BETON_NAME, "beton"), (INDEX_NAME, "index")) if manifest["beton"] is not None else ((INDEX_NAME, "index"),)
+        for name, key in files:
             path = out_dir / name
             if path.stat().st_size != manifest[key]["size"] or _sha256_file(path) != manifest[key]["sha256"]:
                 return None
@@ -604,7 +619,7 @@ def _counts(plan: _Plan) -> dict[str, int]:
 
 
 def _manifest(plan: _Plan, fingerprint: dict[str, Any], stored_size: list[int], sizes: Counter[tuple[int, int]],
-              n_resized: int, beton: Path, index: Path, seconds: float, write_rate: float,
+              n_resized: int, beton: Path | None, index: Path, seconds: float, write_rate: float,
               workers: int) -> dict[str, Any]:
     n = len(plan.records)
     return {
@@ -619,7 +634,8 @@ def _manifest(plan: _Plan, fingerprint: dict[str, Any], stored_size: list[int], 
                    "sha256": fingerprint["images_sha256"]},
         "ffcv": fingerprint["settings"],
         "fields": {"image": "RGBImageField", "label": "IntField", "row": "IntField"},
-        "beton": {"name": BETON_NAME, "size": beton.stat().st_size, "sha256": _sha256_file(beton)},
+        "beton": ({"name": BETON_NAME, "size": beton.stat().st_size, "sha256": _sha256_file(beton)}
+                  if beton is not None else None),  # None: converted without FFCV (PIL reads the sources)
         "index": {"name": INDEX_NAME, "size": index.stat().st_size, "sha256": _sha256_file(index)},
         "skinhpc_version": skinhpc.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -673,6 +689,10 @@ def convert(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str
         return _up_to_date_result(manifest, out_dir, start, plan.warnings)
 
     sizes = Counter(_check_images(plan, workers))
+    if ffcv_import_error():
+        print(f"warning: FFCV cannot be imported ({ffcv_import_error()}); writing {INDEX_NAME} and {MANIFEST_NAME} "
+              f"only, and the PIL loader will read the source images (install FFCV and rerun for the .beton)",
+              file=sys.stderr, flush=True)
     with _termination_as_exception():
         manifest = _write_outputs(plan, fingerprint, sizes, out_dir, workers, start)
     seconds = time.monotonic() - start
@@ -680,6 +700,9 @@ def convert(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str
         return _up_to_date_result(read_manifest(out_dir), out_dir, start, plan.warnings)
     result = _result_from(manifest, "converted", out_dir, seconds, plan.warnings)
     h, w = result.stored_size
+    if manifest["beton"] is None:
+        _say(f"{out_dir}: indexed {result.n_images} images (no .beton without FFCV) in {seconds:.1f} s")
+        return result
     _say(f"{out_dir}: converted {result.n_images} images to {h}x{w} {write_mode} in {seconds:.1f} s"
          f" ({result.images_per_s:.0f} img/s overall, writing {result.write_images_per_s:.0f} img/s;"
          f" {workers} workers; {result.n_resized} resized from other sizes)")
@@ -703,15 +726,19 @@ def _write_outputs(plan: _Plan, fingerprint: dict[str, Any], sizes: Counter[tupl
         if locked:
             _remove_stale_temps(out_dir)
         beton_tmp, index_tmp = _temp(out_dir, BETON_NAME), _temp(out_dir, INDEX_NAME)
+        with_beton = not ffcv_import_error()
         try:
-            write_rate = _write_beton(plan, stored_size, beton_tmp, settings, workers)
+            write_rate = _write_beton(plan, stored_size, beton_tmp, settings, workers) if with_beton else 0.0
             _index_frame(plan).to_csv(index_tmp, index=False)
-            manifest = _manifest(plan, fingerprint, stored_size, sizes, n_resized, beton_tmp, index_tmp,
-                                 time.monotonic() - start, write_rate, workers)
+            manifest = _manifest(plan, fingerprint, stored_size, sizes, n_resized, beton_tmp if with_beton else None,
+                                 index_tmp, time.monotonic() - start, write_rate, workers)
             # Manifest gone first: between the renames the folder reads as "not converted", never
             # as a new .beton described by an old manifest.
             (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-            os.replace(beton_tmp, out_dir / BETON_NAME)
+            if with_beton:
+                os.replace(beton_tmp, out_dir / BETON_NAME)
+            else:
+                (out_dir / BETON_NAME).unlink(missing_ok=True)  # an older one would not match this index
             os.replace(index_tmp, out_dir / INDEX_NAME)
             atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
         finally:

@@ -342,18 +342,28 @@ class FoldLoader:
             self._pool = None
 
 
-def _ffcv_importable(data_cfg: DataConfig) -> bool:
+def _use_ffcv(data_cfg: DataConfig, data_dir: Path, manifest: dict[str, Any]) -> bool:
+    """FFCV unless data.loader=pil, FFCV cannot be imported, or the data was converted without it
+    (no .beton); data.loader=ffcv insists (an error instead of the one-line warning)."""
+    from skinhpc.convert import ffcv_import_error
     if data_cfg.loader == "pil":
         return False
-    try:
-        import ffcv.loader  # noqa: F401
+    why = ffcv_import_error()
+    if why:
+        why = f"FFCV cannot be imported ({why})"
+    elif manifest.get("beton", {}) is None:
+        why = f"{data_dir} was converted without FFCV (no .beton; rerun jobs/convert.py to write it)"
+    if not why:
         return True
-    except Exception as e:  # ImportError, or a broken native library (OSError)
-        if data_cfg.loader == "ffcv":
-            raise LoaderError(f"data.loader=ffcv but FFCV cannot be imported ({type(e).__name__}: {e})") from None
-        print(f"warning: FFCV cannot be imported ({type(e).__name__}: {e}); using the slower PIL loader",
-              file=sys.stderr, flush=True)
-        return False
+    if data_cfg.loader == "ffcv":
+        raise LoaderError(f"data.loader=ffcv but {why}")
+    if why not in _WARNED:  # once per job, not once per loader (train, val, test)
+        _WARNED.add(why)
+        print(f"warning: {why}; using the slower PIL loader", file=sys.stderr, flush=True)
+    return False
+
+
+_WARNED: set[str] = set()
 
 
 def _checked_rows(rows: Sequence[int] | np.ndarray, n_samples: int, data_dir: Path) -> np.ndarray:
@@ -390,7 +400,7 @@ def build_loader(data_dir: str | Path, rows: Sequence[int] | np.ndarray, *, trai
         raise LoaderError(f"{len(rows)} training images ({per_rank} per process) are fewer than one batch of"
                           f" {batch_size}; lower train.batch_size")
     common = dict(train=train, batch_size=batch_size, data_cfg=data_cfg, seed=seed, distributed=distributed)
-    if _ffcv_importable(data_cfg):
+    if _use_ffcv(data_cfg, data_dir, manifest):
         source: _Source = _FFCVSource(data_dir / BETON_NAME, rows, device=device, **common)
         kind = "ffcv"
     else:

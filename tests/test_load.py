@@ -268,6 +268,42 @@ def test_without_ffcv_the_pil_loader_is_used_after_one_warning_line(data_dir: Pa
     assert len(warnings) == 1 and "FFCV cannot be imported" in warnings[0] and "PIL" in warnings[0]
 
 
+_TRAIN_WITHOUT_FFCV = """
+import runpy, sys
+sys.modules["ffcv"] = None  # as if FFCV were not installed
+sys.argv = ["jobs/train.py", *sys.argv[1:]]
+runpy.run_path("jobs/train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_without_ffcv_a_fresh_machine_converts_the_sample_and_trains_on_the_pil_loader(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from skinhpc import REPO_DIR, SAMPLE_IMAGES, SAMPLE_METADATA
+    from skinhpc.convert import BETON_NAME, convert, is_up_to_date, read_manifest
+
+    data = tmp_path / "data"
+    args = [f"run_dir={tmp_path / 'run'}", f"data.dir={data}", f"data.images=[{SAMPLE_IMAGES}]",
+            f"data.metadata={SAMPLE_METADATA}", "model.backbone=resnet18", "model.image_size=32", "train.epochs=1", "train.max_steps_per_epoch=2",
+            "train.batch_size=8", "data.num_workers=1", "split.folds=2", "fold=0"]
+    done = subprocess.run([sys.executable, "-c", _TRAIN_WITHOUT_FFCV, *args], capture_output=True, text=True,
+                          timeout=280, cwd=REPO_DIR)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "resnet18" / "fold0" / "metrics.json").read_text())["status"] == "done"
+    assert done.stderr.count("FFCV cannot be imported") == 2, done.stderr  # the conversion's line, the loaders' line
+    assert "Traceback" not in done.stderr
+    assert not (data / BETON_NAME).exists() and read_manifest(data)["beton"] is None
+    # Where FFCV can be imported, that conversion is not up to date: a rerun writes the .beton.
+    settings = dict(max_resolution=256, write_mode="jpg", jpeg_quality=90)
+    assert not is_up_to_date([SAMPLE_IMAGES], SAMPLE_METADATA, data, **settings)
+    assert convert([SAMPLE_IMAGES], SAMPLE_METADATA, data, workers=2, **settings).status == "converted"
+    assert (data / BETON_NAME).is_file() and is_up_to_date([SAMPLE_IMAGES], SAMPLE_METADATA, data, **settings)
+
+
 def test_more_decoding_threads_than_this_machine_has_still_loads(data_dir: Path) -> None:
     # A config written for a 64-core node; numba alone would refuse it with "between 1 and N".
     loader = build_loader(data_dir, np.arange(32), train=False, batch_size=BATCH, image_size=SIZE,
