@@ -106,12 +106,19 @@ def make_split(df: pd.DataFrame, cfg: SplitConfig) -> dict:
     if cfg.folds > rest_lesions:
         raise SplitError(f"split.folds={cfg.folds} is more than the {rest_lesions} lesions left after the test set")
     rare = _warn_rare_classes(lesion_dx[lesion_dx.index.isin(rest["lesion_id"])], cfg.folds)
+    strata = rest["dx"].to_numpy()
+    if rest["dx"].value_counts().max() < cfg.folds:
+        # scikit-learn refuses to stratify when every class has fewer images than folds: the folds
+        # stay lesion-grouped (the same greedy assignment, over one stratum).
+        warnings.warn(f"every class has fewer images than folds ({cfg.folds}); the folds are lesion-grouped "
+                      "but not stratified by class", stacklevel=2)
+        strata = np.zeros(len(rest), dtype=np.int64)
     sgkf = StratifiedGroupKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed)
     ids = rest["image_id"].to_numpy()
     folds = []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The least populated class")  # warned above, by name
-        for train_idx, val_idx in sgkf.split(ids, rest["dx"].to_numpy(), rest["lesion_id"].to_numpy()):
+        for train_idx, val_idx in sgkf.split(ids, strata, rest["lesion_id"].to_numpy()):
             folds.append({"train": sorted(ids[train_idx].tolist()), "val": sorted(ids[val_idx].tolist())})
     return {
         "seed": cfg.seed,

@@ -87,6 +87,20 @@ def test_rare_class_gets_a_warning_naming_it_not_a_crash():
     assert len(split["folds"]) == 5
 
 
+def test_more_folds_than_any_class_has_images_still_gives_lesion_grouped_folds():
+    df = read_metadata(SAMPLE_METADATA)
+    small = df.groupby("dx").head(8)  # at most 8 images of each class; 10 folds
+    with pytest.warns(UserWarning, match="not stratified"):
+        split = make_split(small, SplitConfig(folds=10, test_fraction=0.1))
+    lesion = dict(zip(small["image_id"], small["lesion_id"]))
+    test = {lesion[i] for i in split["test"]}
+    assert len(split["folds"]) == 10
+    for fold in split["folds"]:
+        train, val = {lesion[i] for i in fold["train"]}, {lesion[i] for i in fold["val"]}
+        assert val and not (train & val) and not (val & test) and not (train & test)
+    assert sorted(i for f in split["folds"] for i in f["val"]) == sorted(set(small["image_id"]) - set(split["test"]))
+
+
 def test_bad_split_settings_give_clear_errors():
     df = read_metadata(SAMPLE_METADATA)
     with pytest.raises(ConfigError, match="at least 2"):
