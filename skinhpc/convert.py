@@ -165,6 +165,14 @@ class _Progress:
 
 # --------------------------------------------------------------------------- the CSV and the folders
 
+class _RecordError(ValueError):
+    """The CSV cannot be parsed from the record starting at ``line`` on."""
+
+    def __init__(self, line: int, error: Exception) -> None:
+        super().__init__(f"line {line}: {error}")
+        self.line, self.error = line, error
+
+
 def _read_csv(metadata: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and (line as shown in an editor, cells) of each non-blank record."""
     with open(metadata, newline="", encoding="utf-8-sig") as f:
@@ -172,8 +180,14 @@ def _read_csv(metadata: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
         header = [name.strip() for name in next(reader, [])]
         records = []
         previous_end = reader.line_num
-        for cells in reader:
+        while True:
             line = previous_end + 1  # a record may span lines (quoted newlines): name its first
+            try:
+                cells = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise _RecordError(line, e) from None
             previous_end = reader.line_num
             if cells and any(c.strip() for c in cells):
                 records.append((line, cells))
@@ -220,6 +234,9 @@ def _checked_csv(metadata: Path, columns: Sequence[str]) -> tuple[list[dict[str,
         return [], [], [f"{metadata}: metadata CSV not found"]
     try:
         header, raw = _read_csv(metadata)
+    except _RecordError as e:
+        return [], [], [f"{metadata}:{e.line}: cannot read the CSV from this record on ({e.error}); an unmatched "
+                        'double quote (") there makes the rest of the file one field']
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         return [], [], [f"{metadata}: cannot read the CSV ({e})"]
     return _check_records(metadata, header, raw, columns)

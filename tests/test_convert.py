@@ -204,6 +204,18 @@ def test_bad_csv_is_reported_with_file_and_line_and_nothing_is_written(tmp_path:
 
 
 @pytest.mark.timeout(60)
+def test_an_unmatched_quote_is_reported_at_its_line(tmp_path: Path) -> None:
+    from skinhpc.convert import read_metadata_rows
+    header = "lesion_id,image_id,dx,dx_type,age,sex,localization\n"
+    rows = [f"HAM_{i:07d},ISIC_{i:07d},nv,histo,40.0,male,back\n" for i in range(4000)]  # > csv's field limit
+    rows[2] = '"' + rows[2]  # line 4: its quote swallows the rest of the file
+    path = tmp_path / "meta.csv"
+    path.write_text(header + "".join(rows))
+    with pytest.raises(InputError, match=rf"{path}:4: .*unmatched double quote"):
+        read_metadata_rows(path)
+
+
+@pytest.mark.timeout(60)
 def test_missing_image_names_the_file_the_csv_line_and_the_folders(tmp_path: Path) -> None:
     dirs, csv_path, ids = make_raw(tmp_path, two_folders=True)
     _find(dirs, ids[10]).unlink()
