@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # the output folder cannot be made or written (checked inputs raise InputError)
+        print(f"error: {args.out}: cannot write the conversion there ({e.strerror or e}); nothing was written",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130

@@ -26,10 +26,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = SplitConfig(folds=args.folds, test_fraction=args.test_fraction, seed=args.seed)
         df = read_metadata(args.metadata)
         split = make_split(df, cfg)
+        save_split(split, args.out)
     except (ConfigError, SplitError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    save_split(split, args.out)
+    except OSError as e:  # --out in a missing or read-only folder, or naming a folder
+        print(f"error: --out {args.out}: cannot write ({e.strerror or e})", file=sys.stderr)
+        return 2
     print(format_class_counts(class_counts(split, df)))
     print(f"wrote {args.out}: {len(split['test'])} test images, {cfg.folds} folds")
     return 0

@@ -82,6 +82,7 @@ class SplitConfig:
     def __post_init__(self) -> None:
         _check(self.folds >= 2, f"split.folds must be at least 2, not {self.folds}")
         _check(0 < self.test_fraction <= 0.5, f"split.test_fraction must be in (0, 0.5], not {self.test_fraction}")
+        _check(self.seed >= 0, f"split.seed must be >= 0, not {self.seed}")
 
 
 @dataclass

@@ -294,7 +294,7 @@ def _plan(image_dirs: Sequence[str | Path], metadata: str | Path) -> _Plan:
         where = found.get(image_id, [])
         if not where:
             problems.append(f"{metadata}:{line}: image {image_id}.jpg not found in {folders}"
-                            f" (any of {'/'.join(IMAGE_SUFFIXES)}, in any case, would do)")
+                            f" (the name as in the CSV; its suffix may be any of {'/'.join(IMAGE_SUFFIXES)}, in any case)")
             continue
         if len(where) > 1:
             duplicated.append(f"{image_id}: using {where[0]}, not {', '.join(map(str, where[1:]))}")
@@ -495,7 +495,8 @@ class _BetonSource:
             self.errors.put(f"{self.paths[i]}: unreadable or corrupt image ({type(e).__name__}: {e})")
             image = np.zeros((*self.stored_size, 3), dtype=np.uint8)
         # write_mode=proportion draws np.random.rand() while encoding this sample, in whichever
-        # worker got it: seeding by row makes that choice, and so the file, reproducible.
+        # worker got it: seeding by row makes that choice, and so every decoded image, reproducible
+        # (the file's bytes may still differ between runs: workers fill pages in their own order).
         np.random.seed(i)
         with self.counter.get_lock():
             self.counter.value += 1
@@ -622,6 +623,22 @@ def _remove_stale_temps(out_dir: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def _remove_stale_temps_if_idle(out_dir: Path) -> None:
+    """An up-to-date folder may still hold a killed conversion's temp files: removed unless another
+    conversion holds the folder's lock now (its temps are live)."""
+    try:
+        fd = os.open(out_dir, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _remove_stale_temps(out_dir)
+    except OSError:
+        pass  # busy, or a filesystem without locks: leave them
+    finally:
+        os.close(fd)
+
+
 def _index_frame(plan: _Plan) -> Any:
     import pandas as pd
     frame = pd.DataFrame(plan.records, columns=list(REQUIRED_COLUMNS))
@@ -691,10 +708,12 @@ def convert(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str
     start = time.monotonic()
     if write_mode not in WRITE_MODES:
         raise InputError([f"write_mode must be one of {', '.join(WRITE_MODES)}, not {write_mode!r}"])
-    if not 1 <= jpeg_quality <= 100 or max_resolution < 1:
-        raise InputError([f"need 1 <= jpeg_quality <= 100 and max_resolution >= 1"
+    if not 1 <= jpeg_quality <= 100 or max_resolution < 32:  # 32: as data.max_resolution
+        raise InputError([f"need 1 <= jpeg_quality <= 100 and max_resolution >= 32"
                           f" (got {jpeg_quality}, {max_resolution})"])
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError([f"{out_dir}: exists and is not a folder; the output must be a folder"])
     workers = _workers(workers)
     plan = _plan(image_dirs, metadata)
     for warning in plan.warnings:
@@ -703,6 +722,7 @@ def convert(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str
     fingerprint = _fingerprint(plan, settings)
     manifest = _matches(out_dir, fingerprint)
     if manifest is not None:
+        _remove_stale_temps_if_idle(out_dir)
         return _up_to_date_result(manifest, out_dir, start, plan.warnings)
 
     sizes = Counter(_check_images(plan, workers))

@@ -298,10 +298,11 @@ def test_rerun_is_a_no_op_and_a_failed_rerun_keeps_the_good_output(tmp_path: Pat
     assert manifest["ffcv"]["write_mode"] == "jpg" and manifest["ffcv"]["page_size"] == 2 << 20
     capsys.readouterr()
 
+    (out / f".{BETON_NAME}.tmp-99999").write_bytes(b"half")  # left by a conversion killed with -9
     again = convert(dirs, csv_path, out, workers=2)
     assert again.status == "up-to-date"
     assert "up to date" in capsys.readouterr().out
-    assert _files(out) == good
+    assert _files(out) == good and not list(out.glob(".*tmp*"))
     assert is_up_to_date(dirs, csv_path, out)
     assert not is_up_to_date(dirs, csv_path, out, jpeg_quality=80)  # other settings: not this conversion
 
@@ -360,6 +361,11 @@ def test_cli_bad_input_exits_non_zero_with_a_clean_message(tmp_path: Path, repo_
     assert proc.stderr.startswith(f"error: {csv_path}:3: image_id")
     assert "unknown dx 'nevus'" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "data").exists()
+    _edit_csv(csv_path, _set_cell(3, "dx", "nv"))
+    (tmp_path / "afile").write_text("mine")
+    proc = subprocess.run(cmd[:-1] + [str(tmp_path / "afile")], capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 1 and "afile: exists and is not a folder" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and (tmp_path / "afile").read_text() == "mine"
 
 
 # --------------------------------------------------------------------------- the session's converted sample

@@ -150,6 +150,11 @@ def test_split_cli_writes_json_and_rejects_bad_metadata(tmp_path):
                           "--out", str(tmp_path / "x.json")], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 2 and "bad.csv:3: 4 fields, the header has 3" in res.stderr
     assert "Traceback" not in res.stderr
+    for args, said in ((["--seed", "-1"], "split.seed must be >= 0"),
+                       (["--out", str(tmp_path / "bad.csv" / "x.json")], "cannot write")):  # under a file
+        res = subprocess.run([sys.executable, "jobs/split.py", "--metadata", str(SAMPLE_METADATA), "--folds", "2",
+                              "--out", str(tmp_path / "y.json"), *args], cwd=REPO, capture_output=True, text=True)
+        assert res.returncode == 2 and said in res.stderr and "Traceback" not in res.stderr, res.stderr
 
 
 def test_metadata_is_read_as_the_conversion_reads_it_so_stray_spaces_do_not_split_a_lesion(tmp_path):
