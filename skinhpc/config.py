@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import os
@@ -527,6 +528,19 @@ def pretrained_source(value: str) -> str:
     return "" if v.lower() in ("false", "no", "0", "") else v
 
 
+def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Paths made absolute, so that jobs find them whatever directory they start in."""
+    def absolute(p: str) -> str:
+        return str(Path(p).expanduser().resolve()) if p else p
+    data = dataclasses.replace(cfg.data, dir=absolute(cfg.data.dir), metadata=absolute(cfg.data.metadata),
+                               images=[absolute(p) for p in cfg.data.images])
+    ds = dataclasses.replace(cfg.train.deepspeed, config=absolute(cfg.train.deepspeed.config))
+    train = dataclasses.replace(cfg.train, deepspeed=ds)
+    source = pretrained_source(cfg.model.pretrained)
+    model = dataclasses.replace(cfg.model, pretrained=absolute(source)) if source not in ("", "hub") else cfg.model
+    return dataclasses.replace(cfg, run_dir=absolute(cfg.run_dir), data=data, train=train, model=model)
+
+
 # Config keys that do not change a task's results: everything else must match the saved run config.
 NEUTRAL_KEYS = {
     "run_dir", "fold", "backbones", "preset", "model.backbone",
@@ -535,9 +549,42 @@ NEUTRAL_KEYS = {
     "train.device",
     "train.compile", "train.cudnn_benchmark",
 }
-# Paths, written relative by hand and absolute by the launcher: a fold compares them no further
-# (the data is pinned by the split's data_sha256, and the run's config by the launcher).
+# Paths, written relative by hand and absolute by the launcher: a fold does not compare them as
+# text. The data is pinned by the split's data_sha256; the input files (FILE_KEYS) are compared by
+# what they name (same_input_file).
 PATH_KEYS = {"data.images", "data.metadata", "train.deepspeed.config", "model.pretrained"}
+FILE_KEYS = ("model.pretrained", "train.deepspeed.config")
+
+
+def _dotted(cfg: Any, key: str) -> Any:
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def same_input_file(saved: str, now: str, key: str) -> bool:
+    """Do two values of a FILE_KEYS key give the same input? The same kind (none, hub, file), and
+    for files the same path, else the same content; when the saved file is gone (a moved run) the
+    same file name is all that can be checked."""
+    if key == "model.pretrained":
+        saved, now = pretrained_source(saved), pretrained_source(now)
+    saved, now = saved.strip(), now.strip()
+    if saved == now:
+        return True
+    if not saved or not now or (key == "model.pretrained" and "hub" in (saved, now)):
+        return False
+    a, b = Path(saved).expanduser().resolve(), Path(now).expanduser().resolve()
+    if a == b:
+        return True
+    if a.is_file() and b.is_file():
+        return a.stat().st_size == b.stat().st_size and _sha256(a) == _sha256(b)
+    return not a.exists() and a.name == b.name
 
 
 def result_keys(cfg: Any) -> list[str]:
@@ -577,10 +624,13 @@ def fold_config_conflicts(fold_dir: str | Path, cfg: Any) -> str:
     saved config.yaml differs in a key that changes results. A fold never mixes two configs.
     Paths may differ (a moved run or data folder is the same fold)."""
     try:
-        _, changed = saved_config_changes(Path(fold_dir) / "config.yaml", cfg,
-                                          [k for k in result_keys(cfg) if k not in PATH_KEYS])
+        saved, changed = saved_config_changes(Path(fold_dir) / "config.yaml", cfg,
+                                              [k for k in result_keys(cfg) if k not in PATH_KEYS])
     except ConfigError as e:
         return str(e)
+    if saved is not None:
+        changed += [f"{k}: {_dotted(saved, k)!r} -> {_dotted(cfg, k)!r}" for k in FILE_KEYS
+                    if not same_input_file(_dotted(saved, k), _dotted(cfg, k), k)]
     return mixed_config_refusal(fold_dir, "trained", changed) if changed else ""
 
 

@@ -66,6 +66,7 @@ from skinhpc.config import (
     ClusterConfig,
     ConfigError,
     ExperimentConfig,
+    absolute_paths,
     atomic_write_text,
     fold_config_conflicts,
     mixed_config_refusal,
@@ -73,7 +74,6 @@ from skinhpc.config import (
     saved_config_changes,
     from_yaml_file,
     load_config,
-    pretrained_source,
     save_config,
     uses_sample,
 )
@@ -148,19 +148,6 @@ def load_launch_config(overrides: list[str], config_file: str | None = None,
         notes.append("no data configured: using the sample preset (bundled 426-image HAM10000 sample, "
                      f"{', '.join(cfg.backbones)}, {cfg.model.image_size} px, {cfg.train.epochs} epochs)")
     return absolute_paths(cfg), notes
-
-
-def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Paths made absolute, so that jobs find them whatever directory they start in."""
-    def absolute(p: str) -> str:
-        return str(Path(p).expanduser().resolve()) if p else p
-    data = dataclasses.replace(cfg.data, dir=absolute(cfg.data.dir), metadata=absolute(cfg.data.metadata),
-                               images=[absolute(p) for p in cfg.data.images])
-    ds = dataclasses.replace(cfg.train.deepspeed, config=absolute(cfg.train.deepspeed.config))
-    train = dataclasses.replace(cfg.train, deepspeed=ds)
-    source = pretrained_source(cfg.model.pretrained)
-    model = dataclasses.replace(cfg.model, pretrained=absolute(source)) if source not in ("", "hub") else cfg.model
-    return dataclasses.replace(cfg, run_dir=absolute(cfg.run_dir), data=data, train=train, model=model)
 
 
 def check_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:

@@ -11,10 +11,12 @@ running loss sums, best metric, early-stop counter and every rank's RNG states. 
 same batches for (seed, epoch, step, rank) and the learning rate is a pure function of the optimizer
 step, so a run interrupted anywhere and resumed ends bit-identical (on CPU) to one that never stopped.
 
-Settings that change the trajectory cannot change on resume (``resume_keys``: backbone, batch size,
-accumulation, strategy, ZeRO stage, seed, world size, image size); a clear error names them. Others
-may change: ``train.epochs`` (the cosine schedule is recomputed for the new length, so the learning
-rate jumps), ``early_stop_patience``, ``log_every``, checkpoint frequency, ``num_workers``.
+A fold never mixes two configs: resuming (or reusing a finished fold) under settings that change
+results is refused, naming the keys (``config.fold_config_conflicts``: every result key, and the
+pretrained weights and DeepSpeed config files by what they name); the checkpoint also records what a
+resume needs (``resume_keys``: backbone, batch size, accumulation, strategy, ZeRO stage, seed, world
+size, image size). Neutral keys may change: ``log_every``, checkpoint frequency, ``num_workers``,
+``data.dir``, ``train.compile`` and the like (``config.NEUTRAL_KEYS``).
 
 Preemption: SIGUSR2 and SIGTERM only raise a flag. At the next optimizer-step boundary all ranks agree
 (all-reduce MAX), save a checkpoint on every rank, and then (a signal during the last epoch's
@@ -59,8 +61,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from skinhpc import CLASSES, checkpoint, distributed
-from skinhpc.config import (ConfigError, ExperimentConfig, TrainConfig, atomic_write_text, fold_config_conflicts,
-                            pretrained_source, save_config)
+from skinhpc.config import (ConfigError, ExperimentConfig, TrainConfig, absolute_paths, atomic_write_text,
+                            fold_config_conflicts, pretrained_source, save_config)
 from skinhpc.distributed import DistEnv
 from skinhpc.rundir import LOG_NAME, METRICS_NAME, finished_metrics, read_log
 
@@ -86,6 +88,7 @@ def train_fold(cfg: ExperimentConfig) -> dict:
     from its newest valid checkpoint.
     """
     _log_to_stdout()
+    cfg = absolute_paths(cfg)  # the fold's config.yaml names its input files wherever it was started
     out = fold_dir(cfg)
     conflicts = fold_config_conflicts(out, cfg)
     if conflicts:

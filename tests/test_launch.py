@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from skinhpc import REPO_DIR
-from skinhpc.config import ConfigError, load_config, save_config
+from skinhpc.config import ConfigError, ExperimentConfig, load_config, save_config
 from skinhpc.launch import (
     FAIL_ENV,
     LaunchError,
@@ -336,6 +336,31 @@ def test_a_fold_trained_with_other_settings_is_refused_not_resumed_or_counted(tm
     by_hand = load_config([f"run_dir={run_dir}", "fold=0", "data.metadata=rel.csv", "data.images=[rel]"])
     save_config(absolute_paths(by_hand), run_dir / "resnet18" / "fold0" / "config.yaml")
     assert fold_config_conflicts(run_dir / "resnet18" / "fold0", by_hand) == ""
+
+
+@pytest.mark.timeout(120)
+def test_a_fold_trained_from_other_weights_is_refused_but_the_same_weights_moved_are_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from skinhpc.config import fold_config_conflicts
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "a.pth").write_bytes(b"A" * 100)
+    (tmp_path / "weights" / "b.pth").write_bytes(b"B" * 100)
+    run_dir, fold = tmp_path / "exp", tmp_path / "exp" / "resnet18" / "fold0"
+
+    def cfg(*extra: str) -> ExperimentConfig:
+        return load_config([f"run_dir={run_dir}", "fold=0", *extra])
+
+    save_config(absolute_paths(cfg("model.pretrained=weights/a.pth")), fold / "config.yaml")  # by hand
+    assert fold_config_conflicts(fold, cfg("model.pretrained=weights/a.pth")) == ""
+    for other in ("false", "true", "weights/b.pth"):
+        assert "model.pretrained" in fold_config_conflicts(fold, cfg(f"model.pretrained={other}")), other
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "a2.pth").write_bytes(b"A" * 100)  # the same weights, elsewhere
+    assert fold_config_conflicts(fold, cfg(f"model.pretrained={tmp_path / 'copy' / 'a2.pth'}")) == ""
+    (tmp_path / "ds.json").write_text("{}")
+    assert "train.deepspeed.config" in fold_config_conflicts(fold, cfg("model.pretrained=weights/a.pth",
+                                                                       "train.deepspeed.config=ds.json"))
 
 
 @pytest.mark.timeout(30)
