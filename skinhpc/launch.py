@@ -609,7 +609,8 @@ class Plan:
             out.append(f"  submit {t.key}")
         for key, job in self.active.items():
             out.append(f"  keep   {key} (job {job})")
-        ens = {"submit": "ensemble job after all training tasks (afterok)",
+        after = "(afterok)" if self.kind == "slurm" else "(once they all finished)"
+        ens = {"submit": f"ensemble job after all training tasks {after}",
                "skip": "ensemble done, nothing to do"}.get(self.ensemble, f"ensemble job {self.ensemble[5:]} already waiting")
         out.append(f"ensemble: {ens}")
         return out
@@ -940,7 +941,13 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
         lines.append(f"conversion: job {conv['job_id']} {conv_state}"
                      + (f", log {conv.get('log', '')}" if conv_state in ("failed", "cancelled") else ""))
     lines.append(f"ensemble: job {ens_job or '-'} {ens_state}")
-    if dependency_never_satisfied(ens_info) or (failed and ens_state in ACTIVE):
+    if dependency_never_satisfied(ens_info) and not failed:
+        # SLURM recorded a training job as failed although its fold finished (e.g. a signal that
+        # came after the fold had written its metrics.json): afterok never fires.
+        lines.append("  the ensemble job can never start (DependencyNeverSatisfied): SLURM recorded a training "
+                     "job as failed although its fold finished; relaunch (the same jobs/launch.py command) "
+                     "to submit a new ensemble job")
+    elif dependency_never_satisfied(ens_info) or (failed and ens_state in ACTIVE):
         lines.append("  the ensemble job can never start (DependencyNeverSatisfied): a training task it waits "
                      "for did not finish:")
     for r in failed:

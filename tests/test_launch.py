@@ -271,6 +271,25 @@ def test_relaunch_resubmits_failed_task_and_replaces_ensemble_that_can_never_sta
 
 
 @pytest.mark.timeout(60)
+def test_status_says_why_an_ensemble_waits_forever_when_slurm_failed_a_finished_fold(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import skinhpc.launch as launch_mod
+    from skinhpc.launch import JobInfo, status, write_jobs
+
+    # A USR2 that came after the fold had finished: SLURM says FAILED, the fold says done.
+    infos = {"6_0": JobInfo("COMPLETED"), "6_1": JobInfo("FAILED"),
+             "7": JobInfo("PENDING", "DependencyNeverSatisfied", live=True)}
+    _plan_for(tmp_path, infos, {}, converted=True, done=(0, 1))
+    cfg, _ = load_launch_config([f"run_dir={tmp_path / 'exp'}", "backbones=[resnet18]"], None, 2)
+    write_jobs(tmp_path / "exp", {"tasks": {"resnet18/fold0": {"job_id": "6_0"}, "resnet18/fold1": {"job_id": "6_1"}},
+                                  "ensemble": {"job_id": "7"}})
+    monkeypatch.setattr(launch_mod, "query_jobs", lambda ids: infos)
+    text, summary = status(cfg)
+    assert summary["failed"] == [] and "although its fold finished; relaunch" in text, text
+    assert "did not finish:" not in text
+
+
+@pytest.mark.timeout(60)
 def test_relaunch_after_failed_conversion_cancels_blocked_tasks_and_resubmits_everything(tmp_path: Path) -> None:
     from skinhpc.launch import JobInfo
 
