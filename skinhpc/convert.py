@@ -340,10 +340,22 @@ def _fingerprint(plan: _Plan, settings: dict[str, Any]) -> dict[str, Any]:
             "settings": settings}
 
 
+def ffcv_installed() -> bool:
+    """Is FFCV installed? Without it the conversion writes no .beton and the loaders read the source
+    images with PIL. (Only looked up, not imported: importing takes seconds, and the writer process
+    imports it anyway; a broken install fails there, naming itself.)"""
+    import importlib.util
+    try:
+        return importlib.util.find_spec("ffcv") is not None
+    except ValueError:  # in sys.modules without a spec: not a usable install
+        return False
+
+
 @functools.cache
 def ffcv_import_error() -> str:
-    """Why FFCV cannot be imported here ("" when it can): then the conversion writes no .beton
-    and the loaders read the source images with PIL."""
+    """Why FFCV cannot be imported here ("" when it can): the loaders then fall back to PIL."""
+    if not ffcv_installed():
+        return "ModuleNotFoundError: No module named 'ffcv'"
     try:
         import ffcv.loader  # noqa: F401
         import ffcv.writer  # noqa: F401
@@ -360,7 +372,7 @@ def _matches(out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | Non
         same_inputs = (manifest["metadata"]["sha256"] == fingerprint["metadata_sha256"]
                        and manifest["images"]["sha256"] == fingerprint["images_sha256"]
                        and manifest["ffcv"] == fingerprint["settings"])
-        if not same_inputs or (manifest["beton"] is None and not ffcv_import_error()):
+        if not same_inputs or (manifest["beton"] is None and ffcv_installed()):
             return None
         files = ((BETON_NAME, "beton"), (INDEX_NAME, "index")) if manifest["beton"] is not None else ((INDEX_NAME, "index"),)
         for name, key in files:
@@ -726,8 +738,8 @@ def convert(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str
         return _up_to_date_result(manifest, out_dir, start, plan.warnings)
 
     sizes = Counter(_check_images(plan, workers))
-    if ffcv_import_error():
-        print(f"warning: FFCV cannot be imported ({ffcv_import_error()}); writing {INDEX_NAME} and {MANIFEST_NAME} "
+    if not ffcv_installed():
+        print(f"warning: FFCV is not installed; writing {INDEX_NAME} and {MANIFEST_NAME} "
               f"only, and the PIL loader will read the source images (install FFCV and rerun for the .beton)",
               file=sys.stderr, flush=True)
     with _termination_as_exception():
@@ -763,7 +775,7 @@ def _write_outputs(plan: _Plan, fingerprint: dict[str, Any], sizes: Counter[tupl
         if locked:
             _remove_stale_temps(out_dir)
         beton_tmp, index_tmp = _temp(out_dir, BETON_NAME), _temp(out_dir, INDEX_NAME)
-        with_beton = not ffcv_import_error()
+        with_beton = ffcv_installed()
         try:
             write_rate = _write_beton(plan, stored_size, beton_tmp, settings, workers) if with_beton else 0.0
             _index_frame(plan).to_csv(index_tmp, index=False)
