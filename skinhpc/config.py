@@ -560,10 +560,11 @@ def _dotted(cfg: Any, key: str) -> Any:
     return functools.reduce(getattr, key.split("."), cfg)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes, read in blocks (weights files and betons are large)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
 
@@ -583,7 +584,7 @@ def same_input_file(saved: str, now: str, key: str) -> bool:
     if a == b:
         return True
     if a.is_file() and b.is_file():
-        return a.stat().st_size == b.stat().st_size and _sha256(a) == _sha256(b)
+        return a.stat().st_size == b.stat().st_size and sha256_file(a) == sha256_file(b)
     return not a.exists() and a.name == b.name
 
 

@@ -42,7 +42,7 @@ from PIL import Image, ImageFile
 
 import skinhpc
 from skinhpc import CLASS_TO_LABEL, CLASSES
-from skinhpc.config import DataConfig, atomic_write_text, available_cores
+from skinhpc.config import DataConfig, atomic_write_text, available_cores, sha256_file
 
 BETON_NAME = "ham10000.beton"
 INDEX_NAME = "index.csv"
@@ -313,14 +313,6 @@ def _plan(image_dirs: Sequence[str | Path], metadata: str | Path) -> _Plan:
 
 # --------------------------------------------------------------------------- fingerprint, up to date
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _images_hash(paths: Sequence[Path]) -> str:
     """Hash of the sorted list of used image files with their sizes and mtimes (no pixels read)."""
     digest = hashlib.sha256()
@@ -336,7 +328,7 @@ def _settings(max_resolution: int, write_mode: str, jpeg_quality: int) -> dict[s
 
 
 def _fingerprint(plan: _Plan, settings: dict[str, Any]) -> dict[str, Any]:
-    return {"metadata_sha256": _sha256_file(plan.metadata), "images_sha256": _images_hash(plan.paths),
+    return {"metadata_sha256": sha256_file(plan.metadata), "images_sha256": _images_hash(plan.paths),
             "settings": settings}
 
 
@@ -377,7 +369,7 @@ def _matches(out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | Non
         files = ((BETON_NAME, "beton"), (INDEX_NAME, "index")) if manifest["beton"] is not None else ((INDEX_NAME, "index"),)
         for name, key in files:
             path = out_dir / name
-            if path.stat().st_size != manifest[key]["size"] or _sha256_file(path) != manifest[key]["sha256"]:
+            if path.stat().st_size != manifest[key]["size"] or sha256_file(path) != manifest[key]["sha256"]:
                 return None
     except (OSError, KeyError, TypeError, ValueError, InputError):
         return None
@@ -680,9 +672,9 @@ def _manifest(plan: _Plan, fingerprint: dict[str, Any], stored_size: list[int], 
                    "sha256": fingerprint["images_sha256"]},
         "ffcv": fingerprint["settings"],
         "fields": {"image": "RGBImageField", "label": "IntField", "row": "IntField"},
-        "beton": ({"name": BETON_NAME, "size": beton.stat().st_size, "sha256": _sha256_file(beton)}
+        "beton": ({"name": BETON_NAME, "size": beton.stat().st_size, "sha256": sha256_file(beton)}
                   if beton is not None else None),  # None: converted without FFCV (PIL reads the sources)
-        "index": {"name": INDEX_NAME, "size": index.stat().st_size, "sha256": _sha256_file(index)},
+        "index": {"name": INDEX_NAME, "size": index.stat().st_size, "sha256": sha256_file(index)},
         "skinhpc_version": skinhpc.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "conversion": {"seconds": round(seconds, 2), "images_per_s": round(n / max(seconds, 1e-9), 1),
