@@ -117,6 +117,9 @@ class _Plan:
     paths: list[Path]
     image_dirs: list[Path]
     warnings: list[str]
+    missing: list[str] = field(default_factory=list)
+    """Rows whose image was not found (``paths``/``lines`` hold the others): reported together
+    with the pixel check of the images that were found, so that one run lists every problem."""
 
 
 # --------------------------------------------------------------------------- messages and progress
@@ -275,7 +278,8 @@ def image_files(image_dirs: Sequence[str | Path]) -> dict[str, list[Path]]:
 
 
 def _plan(image_dirs: Sequence[str | Path], metadata: str | Path) -> _Plan:
-    """Check everything but the pixels; raise InputError listing every problem found."""
+    """Check everything but the pixels; raise InputError listing every problem found, but for
+    missing images (``_Plan.missing``)."""
     metadata = Path(metadata)
     dirs = [Path(d) for d in image_dirs]
     if not dirs:
@@ -286,6 +290,7 @@ def _plan(image_dirs: Sequence[str | Path], metadata: str | Path) -> _Plan:
     if dir_problems or not records:
         raise InputError(problems)
     paths: list[Path] = []
+    path_lines: list[int] = []
     listed, duplicated = set(), []
     folders = ", ".join(str(d) for d in dirs)
     for rec, line in zip(records, lines):
@@ -299,8 +304,10 @@ def _plan(image_dirs: Sequence[str | Path], metadata: str | Path) -> _Plan:
         if len(where) > 1:
             duplicated.append(f"{image_id}: using {where[0]}, not {', '.join(map(str, where[1:]))}")
         paths.append(where[0])
-    if problems:
-        raise InputError(problems)
+        path_lines.append(line)
+    missing = problems
+    if not paths:
+        raise InputError(missing)
     warnings = []
     if duplicated:
         warnings.append("\n".join([f"{len(duplicated)} image(s) have more than one file:"] + _listed(duplicated)))
@@ -308,7 +315,7 @@ def _plan(image_dirs: Sequence[str | Path], metadata: str | Path) -> _Plan:
     if extra:
         warnings.append("\n".join([f"{len(extra)} image(s) in the folders are not in {metadata} and are skipped:"]
                                   + _listed(extra)))
-    return _Plan(metadata, records, lines, paths, dirs, warnings)
+    return _Plan(metadata, records, path_lines, paths, dirs, warnings, missing)
 
 
 # --------------------------------------------------------------------------- fingerprint, up to date
@@ -382,6 +389,8 @@ def is_up_to_date(image_dirs: Sequence[str | Path], metadata: str | Path, out_di
     try:
         plan = _plan(image_dirs, metadata)
     except InputError:
+        return False
+    if plan.missing:
         return False
     fingerprint = _fingerprint(plan, _settings(max_resolution, write_mode, jpeg_quality))
     return _matches(Path(out_dir), fingerprint) is not None
@@ -458,8 +467,9 @@ def _decode_all(paths: Sequence[Path], workers: int) -> Iterator[tuple[str | Non
 
 
 def _check_images(plan: _Plan, workers: int) -> list[tuple[int, int]]:
-    """Decode every image; (width, height) of each, or InputError naming each bad file and its row."""
-    sizes, problems = [], []
+    """Decode every image found; (width, height) of each, or InputError naming each bad file and
+    its row, after the rows whose image is missing."""
+    sizes, problems = [], list(plan.missing)
     progress = _Progress(len(plan.paths), "checked")
     for i, (problem, size) in enumerate(_decode_all(plan.paths, workers)):
         if problem:
@@ -485,9 +495,9 @@ class _BetonSource:
     """
 
     def __init__(self, paths: list[Path], labels: list[int], stored_size: list[int],
-                 counter: Any, errors: Any) -> None:
+                 counter: Any, errors: Any, rows_where: list[str]) -> None:
         self.paths, self.labels, self.stored_size = paths, labels, stored_size
-        self.counter, self.errors = counter, errors
+        self.counter, self.errors, self.rows_where = counter, errors, rows_where
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -496,7 +506,8 @@ class _BetonSource:
         try:
             image = prepare_image(self.paths[i], self.stored_size)
         except Exception as e:
-            self.errors.put(f"{self.paths[i]}: unreadable or corrupt image ({type(e).__name__}: {e})")
+            self.errors.put(f"{self.paths[i]}: unreadable or corrupt image ({type(e).__name__}: {e})"
+                            f" [{self.rows_where[i]}]")
             image = np.zeros((*self.stored_size, 3), dtype=np.uint8)
         # write_mode=proportion draws np.random.rand() while encoding this sample, in whichever
         # worker got it: seeding by row makes that choice, and so every decoded image, reproducible
@@ -515,7 +526,7 @@ def _end_with_parent(parent_pid: int) -> None:
 
 
 def _writer_main(paths: list[Path], labels: list[int], stored_size: list[int], dest: str,
-                 settings: dict[str, Any], workers: int, counter: Any, errors: Any) -> None:
+                 settings: dict[str, Any], workers: int, counter: Any, errors: Any, rows_where: list[str]) -> None:
     """Entry point of the spawned writer process."""
     # Own process group: the parent can end us with FFCV's forked workers in one call, and a
     # Ctrl-C at the terminal reaches only the parent, which then cleans up.
@@ -538,7 +549,7 @@ def _writer_main(paths: list[Path], labels: list[int], stored_size: list[int], d
     }
     writer = ffcv.writer.DatasetWriter(dest, fields, page_size=settings["page_size"], num_workers=workers)
     chunk = max(1, min(100, len(paths) // (workers * 8)))  # small chunks keep the workers balanced
-    writer.from_indexed_dataset(_BetonSource(paths, labels, stored_size, counter, errors), chunksize=chunk)
+    writer.from_indexed_dataset(_BetonSource(paths, labels, stored_size, counter, errors, rows_where), chunksize=chunk)
 
 
 def _stop(proc: mp.process.BaseProcess) -> None:
@@ -560,7 +571,8 @@ def _write_beton(plan: _Plan, stored_size: list[int], dest: Path, settings: dict
     errors = ctx.SimpleQueue()
     labels = [CLASS_TO_LABEL[r["dx"]] for r in plan.records]
     proc = ctx.Process(target=_writer_main, name="skinhpc-convert-writer",
-                       args=(plan.paths, labels, stored_size, str(dest), settings, workers, counter, errors))
+                       args=(plan.paths, labels, stored_size, str(dest), settings, workers, counter, errors,
+                             [f"{plan.metadata}:{line}" for line in plan.lines]))
     progress = _Progress(len(plan.paths), "converted")
     proc.start()
     try:
@@ -724,7 +736,7 @@ def convert(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     settings = _settings(max_resolution, write_mode, jpeg_quality)
     fingerprint = _fingerprint(plan, settings)
-    manifest = _matches(out_dir, fingerprint)
+    manifest = _matches(out_dir, fingerprint) if not plan.missing else None
     if manifest is not None:
         _remove_stale_temps_if_idle(out_dir)
         return _up_to_date_result(manifest, out_dir, start, plan.warnings)

@@ -229,6 +229,20 @@ def test_missing_image_names_the_file_the_csv_line_and_the_folders(tmp_path: Pat
 
 
 @pytest.mark.timeout(120)
+def test_missing_and_corrupt_images_are_reported_in_one_run_each_with_its_row(tmp_path: Path) -> None:
+    dirs, csv_path, ids = make_raw(tmp_path)
+    _find(dirs, ids[10]).unlink()
+    corrupt = _find(dirs, ids[20])
+    corrupt.write_bytes(b"not a jpeg")
+    with pytest.raises(InputError) as info:
+        convert(dirs, csv_path, tmp_path / "data", workers=2)
+    message = str(info.value)
+    assert f"{csv_path}:12: image {ids[10]}.jpg not found" in message
+    assert f"{corrupt}: unreadable or corrupt image" in message and f"[{csv_path}:22]" in message
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.timeout(120)
 def test_images_are_found_whatever_the_case_of_their_suffix(tmp_path: Path) -> None:
     dirs, csv_path, ids = make_raw(tmp_path, two_folders=True)
     for image_id in ids[:3]:
@@ -331,7 +345,7 @@ def test_image_failing_inside_the_ffcv_writer_stops_it_and_leaves_nothing(tmp_pa
     out = tmp_path / "data"
     with pytest.raises(InputError) as info:
         convert(dirs, csv_path, out, workers=2)
-    assert str(victim) in str(info.value)
+    assert str(victim) in str(info.value) and f"[{csv_path}:22]" in str(info.value)  # the file and its row
     assert not out.exists()
 
 
