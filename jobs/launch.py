@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # SplitError, InputError (convert): user errors with file and row
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # cluster.kind=local waits for its tasks: Ctrl-C lands here
+        print("interrupted: finished folds and checkpoints are kept; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
     return 0
 
 
