@@ -117,9 +117,9 @@ class _Plan:
     paths: list[Path]
     image_dirs: list[Path]
     warnings: list[str]
-    missing: list[str] = field(default_factory=list)
-    """Rows whose image was not found (``paths``/``lines`` hold the others): reported together
-    with the pixel check of the images that were found, so that one run lists every problem."""
+    row_problems: list[str] = field(default_factory=list)
+    """Problems of CSV rows (an image not found, an unknown dx, ...; ``paths``/``lines`` hold the
+    images that were found): reported with the pixel check of those, so one run lists them all."""
 
 
 # --------------------------------------------------------------------------- messages and progress
@@ -278,8 +278,8 @@ def image_files(image_dirs: Sequence[str | Path]) -> dict[str, list[Path]]:
 
 
 def _plan(image_dirs: Sequence[str | Path], metadata: str | Path) -> _Plan:
-    """Check everything but the pixels; raise InputError listing every problem found, but for
-    missing images (``_Plan.missing``)."""
+    """Check everything but the pixels; raise InputError when nothing can be checked further,
+    else return the rows' problems with the plan (``_Plan.row_problems``)."""
     metadata = Path(metadata)
     dirs = [Path(d) for d in image_dirs]
     if not dirs:
@@ -305,9 +305,8 @@ def _plan(image_dirs: Sequence[str | Path], metadata: str | Path) -> _Plan:
             duplicated.append(f"{image_id}: using {where[0]}, not {', '.join(map(str, where[1:]))}")
         paths.append(where[0])
         path_lines.append(line)
-    missing = problems
     if not paths:
-        raise InputError(missing)
+        raise InputError(problems)
     warnings = []
     if duplicated:
         warnings.append("\n".join([f"{len(duplicated)} image(s) have more than one file:"] + _listed(duplicated)))
@@ -315,7 +314,7 @@ def _plan(image_dirs: Sequence[str | Path], metadata: str | Path) -> _Plan:
     if extra:
         warnings.append("\n".join([f"{len(extra)} image(s) in the folders are not in {metadata} and are skipped:"]
                                   + _listed(extra)))
-    return _Plan(metadata, records, path_lines, paths, dirs, warnings, missing)
+    return _Plan(metadata, records, path_lines, paths, dirs, warnings, problems)
 
 
 # --------------------------------------------------------------------------- fingerprint, up to date
@@ -390,7 +389,7 @@ def is_up_to_date(image_dirs: Sequence[str | Path], metadata: str | Path, out_di
         plan = _plan(image_dirs, metadata)
     except InputError:
         return False
-    if plan.missing:
+    if plan.row_problems:
         return False
     fingerprint = _fingerprint(plan, _settings(max_resolution, write_mode, jpeg_quality))
     return _matches(Path(out_dir), fingerprint) is not None
@@ -468,8 +467,8 @@ def _decode_all(paths: Sequence[Path], workers: int) -> Iterator[tuple[str | Non
 
 def _check_images(plan: _Plan, workers: int) -> list[tuple[int, int]]:
     """Decode every image found; (width, height) of each, or InputError naming each bad file and
-    its row, after the rows whose image is missing."""
-    sizes, problems = [], list(plan.missing)
+    its row, after the rows' own problems."""
+    sizes, problems = [], list(plan.row_problems)
     progress = _Progress(len(plan.paths), "checked")
     for i, (problem, size) in enumerate(_decode_all(plan.paths, workers)):
         if problem:
@@ -736,7 +735,7 @@ def convert(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     settings = _settings(max_resolution, write_mode, jpeg_quality)
     fingerprint = _fingerprint(plan, settings)
-    manifest = _matches(out_dir, fingerprint) if not plan.missing else None
+    manifest = _matches(out_dir, fingerprint) if not plan.row_problems else None
     if manifest is not None:
         _remove_stale_temps_if_idle(out_dir)
         return _up_to_date_result(manifest, out_dir, start, plan.warnings)
