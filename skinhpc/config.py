@@ -91,7 +91,8 @@ class ModelConfig:
     backbone: str = "resnet152"
     """timm model name, or vgg16_gap (the paper's improved VGG16: 1x1 conv6 + BN + GAP + one FC)."""
     pretrained: str = "false"
-    """true (download from the timm/Hugging Face hub), false, or a path to a local weights file."""
+    """true (download from the timm/Hugging Face hub), false, or a path to a local weights file; with
+    several backbones, ``{backbone}`` in the path names each one's file (weights/{backbone}.pth)."""
     image_size: int = 224
     """Side of the square crops fed to the network."""
     drop_rate: float = 0.5
@@ -526,6 +527,21 @@ def pretrained_source(value: str) -> str:
     if v.lower() in ("true", "yes", "1"):
         return "hub"
     return "" if v.lower() in ("false", "no", "0", "") else v
+
+
+BACKBONE_FIELD = "{backbone}"
+
+
+def backbone_weights(pretrained: str, backbone: str) -> str:
+    """``model.pretrained`` for one backbone: ``{backbone}`` in it is replaced by the backbone's name,
+    so that one setting (weights/{backbone}.pth) names each backbone's own weights file."""
+    return pretrained.replace(BACKBONE_FIELD, backbone)
+
+
+def for_backbone(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config of one training task: its weights file named (``backbone_weights``)."""
+    pretrained = backbone_weights(cfg.model.pretrained, cfg.model.backbone)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=pretrained))
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:

@@ -69,7 +69,9 @@ from skinhpc.config import (
     absolute_paths,
     atomic_write_text,
     fold_config_conflicts,
+    for_backbone,
     mixed_config_refusal,
+    pretrained_source,
     result_keys,
     saved_config_changes,
     from_yaml_file,
@@ -212,9 +214,9 @@ def experiment_tasks(cfg: ExperimentConfig) -> list[Task]:
 
 
 def task_config(cfg: ExperimentConfig, task: Task) -> ExperimentConfig:
-    """The config one training task runs with (its backbone and fold filled in)."""
+    """The config one training task runs with (its backbone, fold and weights file filled in)."""
     model = dataclasses.replace(cfg.model, backbone=task.backbone)
-    return dataclasses.replace(cfg, fold=task.fold, model=model)
+    return for_backbone(dataclasses.replace(cfg, fold=task.fold, model=model))
 
 
 def _under_submitit() -> bool:
@@ -377,6 +379,13 @@ def check_task_configs(cfg: ExperimentConfig, tasks: list[Task]) -> None:
     conflicts = [c for t in tasks if (c := fold_config_conflicts(t.dir(run_dir), task_config(cfg, t)))]
     if conflicts:
         raise LaunchError("\n".join(conflicts))
+    # A missing weights file would fail every task of its backbone on the compute nodes.
+    missing = sorted({f"{t.backbone}: {source}" for t in tasks
+                      if (source := pretrained_source(task_config(cfg, t).model.pretrained)) not in ("", "hub")
+                      and not Path(source).is_file()})
+    if missing:
+        raise LaunchError(f"model.pretrained: weights file(s) not found: {'; '.join(missing)}. With several "
+                          "backbones, name each one's file with {backbone}, e.g. model.pretrained=weights/{backbone}.pth")
 
 
 def data_up_to_date(cfg: ExperimentConfig) -> bool:

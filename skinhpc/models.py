@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from skinhpc import CLASSES
-from skinhpc.config import ModelConfig, atomic_write, pretrained_source
+from skinhpc.config import ModelConfig, atomic_write, backbone_weights, pretrained_source
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class VGG16GAP(nn.Module):
 
 def create_model(model_cfg: ModelConfig, num_classes: int = len(CLASSES)) -> nn.Module:
     """Build ``model_cfg.backbone`` with a fresh ``num_classes``-way head and the configured weights."""
-    source = pretrained_source(model_cfg.pretrained)
+    source = pretrained_source(backbone_weights(model_cfg.pretrained, model_cfg.backbone))
     if source == "hub":
         return _create_from_hub(model_cfg, num_classes)
     model = _build(model_cfg, num_classes)

@@ -62,7 +62,7 @@ from torch import nn
 
 from skinhpc import CLASSES, checkpoint, distributed
 from skinhpc.config import (ConfigError, ExperimentConfig, TrainConfig, absolute_paths, atomic_write_text,
-                            fold_config_conflicts, pretrained_source, save_config)
+                            fold_config_conflicts, for_backbone, pretrained_source, save_config)
 from skinhpc.distributed import DistEnv
 from skinhpc.rundir import LOG_NAME, METRICS_NAME, finished_metrics, read_log
 
@@ -88,7 +88,7 @@ def train_fold(cfg: ExperimentConfig) -> dict:
     from its newest valid checkpoint.
     """
     _log_to_stdout()
-    cfg = absolute_paths(cfg)  # the fold's config.yaml names its input files wherever it was started
+    cfg = absolute_paths(for_backbone(cfg))  # the fold's config.yaml names its own weights file, absolute
     out = fold_dir(cfg)
     conflicts = fold_config_conflicts(out, cfg)
     if conflicts:

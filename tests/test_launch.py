@@ -382,6 +382,26 @@ def test_a_fold_trained_from_other_weights_is_refused_but_the_same_weights_moved
                                                                        "train.deepspeed.config=ds.json"))
 
 
+@pytest.mark.timeout(120)
+def test_each_backbone_gets_its_own_weights_file_and_a_missing_one_is_refused_at_launch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from skinhpc.launch import Task, task_config
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "resnet18.pth").write_bytes(b"r18")
+    args = ["--dry-run", "--folds", "2", f"run_dir={tmp_path / 'exp'}", "backbones=[resnet18,resnet34]",
+            "model.pretrained=weights/{backbone}.pth"]
+    proc = run_launch(args, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"resnet34: {tmp_path / 'weights' / 'resnet34.pth'}" in proc.stderr and "resnet18:" not in proc.stderr
+    (tmp_path / "weights" / "resnet34.pth").write_bytes(b"r34")
+    proc = run_launch(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    cfg, _ = load_launch_config([f"run_dir={tmp_path / 'exp'}", "model.pretrained=weights/{backbone}.pth"], None, 2)
+    for backbone in ("resnet18", "resnet34"):
+        assert task_config(cfg, Task(backbone, 1)).model.pretrained == str(tmp_path / "weights" / f"{backbone}.pth")
+
+
 @pytest.mark.timeout(30)
 def test_a_relative_weights_file_is_made_absolute_for_jobs_started_elsewhere(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:

@@ -110,6 +110,14 @@ def _assert_backbone_loaded(model: nn.Module, source: dict[str, torch.Tensor]) -
 
 
 @pytest.mark.timeout(60)
+def test_a_weights_path_with_the_backbone_field_loads_that_backbones_file(tmp_path: Path) -> None:
+    source = _imagenet_resnet18()
+    torch.save(source, tmp_path / "resnet18.pth")
+    model = create_model(ModelConfig(backbone="resnet18", pretrained=str(tmp_path / "{backbone}.pth")))
+    _assert_backbone_loaded(model, source)
+
+
+@pytest.mark.timeout(60)
 def test_state_dict_file_loads_backbone_and_reinitialises_head(tmp_path, caplog):
     source = _imagenet_resnet18()
     path = tmp_path / "resnet18.pth"
