@@ -230,12 +230,16 @@ def save_best(ckpt_dir: str | Path, state_dict: dict, meta: dict) -> None:
 
 
 def load_best(ckpt_dir: str | Path) -> tuple[dict, dict] | None:
-    """(state_dict, meta) of ``best/``, or None when there is none."""
+    """(state_dict, meta) of ``best/``, or None when there is none or it is damaged (truncated,
+    or unreadable at its recorded size): the caller then says so and uses the last weights."""
     folder = Path(ckpt_dir) / BEST
     meta = _read_meta(folder)
     if meta is None:
         return None
-    return _torch_load(folder / "model.pt"), meta
+    try:
+        return _torch_load(folder / "model.pt"), meta
+    except Exception:  # torch/zip errors of a damaged file have many types
+        return None
 
 
 # --------------------------------------------------------------------------- resume

@@ -826,16 +826,22 @@ class FoldTrainer:
         env, out, st = self.env, self.out, self.state
         distributed.barrier(env)
         best = checkpoint.load_best(self.ckpt_dir)
+        best_epoch, best_metric = st["best_epoch"], st["best_metric"]
         if best is not None:
             self.raw.load_state_dict(best[0])
         else:
-            _say("WARNING: no best checkpoint (val balanced accuracy never defined); using the last weights", env)
+            why = ("is damaged" if (self.ckpt_dir / checkpoint.BEST).exists()
+                   else "was never saved (val balanced accuracy never defined)")
+            best_epoch = st["epoch"] - 1  # what the files below then hold: the last epoch's weights
+            _say(f"WARNING: the best checkpoint {why}; using the last weights (epoch {best_epoch + 1})", env)
         val = self._predict(self.val_loader)
         test = self._predict(self.test_loader) if self.test_loader is not None else None
         val_metrics = self._metrics(val)
         test_metrics = self._metrics(test) if test is not None else None
+        if best is None:
+            best_metric = val_metrics.get("balanced_accuracy")
         result = {"status": "done", "backbone": self.cfg.model.backbone, "fold": self.cfg.fold,
-                  "best_epoch": st["best_epoch"], "epochs_trained": st["epoch"], "epochs": self.tcfg.epochs,
+                  "best_epoch": best_epoch, "epochs_trained": st["epoch"], "epochs": self.tcfg.epochs,
                   "stopped": st["stop_reason"] or None, "world_size": env.world_size,
                   "strategy": self.tcfg.strategy, "val": val_metrics, "test": test_metrics}
         if env.is_main:
@@ -843,10 +849,10 @@ class FoldTrainer:
             if test is not None:
                 save_predictions(out / "predictions_test.npz", test, self.index)
             save_model_file(out / "model_best.pt", self.raw, self.cfg.model, self.manifest["stored_size"],
-                            epoch=st["best_epoch"], val_balanced_accuracy=st["best_metric"])
+                            epoch=best_epoch, val_balanced_accuracy=best_metric)
             atomic_write_text(out / METRICS_NAME, json.dumps(_jsonable(result), indent=1) + "\n")
             from skinhpc.evaluate import format_metrics
-            print(f"fold {self.cfg.fold} {self.cfg.model.backbone} done: best epoch {st['best_epoch'] + 1}; "
+            print(f"fold {self.cfg.fold} {self.cfg.model.backbone} done: best epoch {best_epoch + 1}; "
                   f"val {format_metrics(val_metrics)}", flush=True)
             if test_metrics is not None:
                 print(f"  test {format_metrics(test_metrics)}", flush=True)

@@ -244,6 +244,36 @@ def test_a_requeue_signal_during_the_last_validation_is_handed_on_and_the_rerun_
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
+def test_a_damaged_best_checkpoint_ends_the_fold_on_its_last_weights_and_says_so(
+        tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    write_tiny_split(tmp_path, data_dir)
+    cfg = load_config(overrides(tmp_path, data_dir, *EXACT))
+    validate = FoldTrainer._predict
+
+    def signal_during_last_validation(self: FoldTrainer, loader: object) -> object:
+        if self.state["epoch"] + 1 == self.tcfg.epochs and loader is self.val_loader:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return validate(self, loader)
+
+    monkeypatch.setattr(FoldTrainer, "_predict", signal_during_last_validation)
+    saved_handler = signal.signal(signal.SIGUSR2, lambda signum, frame: None)
+    try:
+        assert train_fold(cfg)["status"] == "preempted"  # every epoch trained; the final files not yet written
+    finally:
+        signal.signal(signal.SIGUSR2, saved_handler)
+    monkeypatch.setattr(FoldTrainer, "_predict", validate)
+    best = fold_dir(cfg) / "checkpoints" / "best" / "model.pt"
+    best.write_bytes(b"\0" * best.stat().st_size)  # unreadable at its recorded size (a disk error)
+    capsys.readouterr()
+    result = train_fold(cfg)
+    assert result["status"] == "done" and result["best_epoch"] == 2  # the weights used: the last epoch's
+    assert "the best checkpoint is damaged; using the last weights (epoch 3)" in capsys.readouterr().out
+    saved = torch.load(fold_dir(cfg) / "model_best.pt", weights_only=True)
+    assert saved["epoch"] == 2 and saved["val_balanced_accuracy"] == result["val"]["balanced_accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_hard_killed_run_resumes_from_last_checkpoint_bit_identical(tmp_path: Path, data_dir: Path,
                                                                    uninterrupted: Path) -> None:
     write_tiny_split(tmp_path, data_dir)
