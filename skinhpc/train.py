@@ -73,6 +73,10 @@ STEP_SLEEP_ENV = "SKINHPC_TEST_STEP_SLEEP"
 RESUME_KEYS = ("model.backbone", "model.image_size", "train.batch_size", "train.accum_steps", "train.strategy",
                "train.seed")
 _SIGNAL_CODES = {signal.SIGTERM: 1, signal.SIGUSR2: 2}
+# What every validated epoch logs (log.jsonl, TensorBoard), each as val_<key>: the headline numbers,
+# then per class (dicts by class name) and the confusion matrix (rows true, columns predicted).
+EPOCH_METRICS = ("loss", "balanced_accuracy", "top1", "top2", "auroc_macro", "f1_macro",
+                 "auroc", "sensitivity", "specificity", "confusion_matrix")
 
 
 def fold_dir(cfg: ExperimentConfig) -> Path:
@@ -762,8 +766,7 @@ class FoldTrainer:
             st["stop_reason"] = "time_limit"
         record = {"epoch": epoch, "lr": self._epoch_stats["lr"], "train_loss": train_loss,
                   "train_acc": train_acc, "train_balanced_accuracy": train_bal_acc,
-                  **{f"val_{k}": (metrics or {}).get(k) for k in ("loss", "balanced_accuracy", "top1", "top2",
-                                                                   "auroc_macro")},
+                  **{f"val_{k}": (metrics or {}).get(k) for k in EPOCH_METRICS},
                   **{k: v for k, v in self._epoch_stats.items() if k != "lr"}}
         if env.is_main:
             self._log_epoch(record, metrics, improved)
@@ -811,6 +814,10 @@ class FoldTrainer:
         for key, value in record.items():
             if key != "epoch" and isinstance(value, (int, float)) and not math.isnan(value):
                 self.writer.add_scalar(f"epoch/{key}", value, g)
+            elif isinstance(value, dict):  # per class: epoch/val_auroc/mel, ...
+                for name, v in value.items():
+                    if isinstance(v, (int, float)) and not math.isnan(v):
+                        self.writer.add_scalar(f"epoch/{key}/{name}", v, g)
         self.writer.flush()
         mark = " *best*" if improved else ""
         val = f"val {format_metrics(metrics)}" if metrics is not None else "(no validation)"

@@ -152,8 +152,11 @@ def test_single_process_fold_learns_and_writes_the_fold_layout(tmp_path: Path, d
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == list(range(10))
     for key in ("epoch", "lr", "train_loss", "val_loss", "val_balanced_accuracy", "val_top1", "val_top2",
-                "val_auroc_macro", "images_per_s", "data_wait_frac", "peak_mem_gb", "time_s"):
+                "val_auroc_macro", "val_f1_macro", "images_per_s", "data_wait_frac", "peak_mem_gb", "time_s"):
         assert key in log[0], key
+    for key in ("val_auroc", "val_sensitivity", "val_specificity"):  # per class, every validated epoch
+        assert list(log[0][key]) == list(CLASSES), key
+    assert len(log[0]["val_confusion_matrix"]) == len(CLASSES) and sum(map(sum, log[0]["val_confusion_matrix"])) == 7
     # 14 images, no augmentation: learned by heart.
     assert log[-1]["train_acc"] == 1.0 and log[-1]["train_balanced_accuracy"] == 1.0, log[-1]
     assert log[-1]["train_loss"] < 0.5 * log[0]["train_loss"]
