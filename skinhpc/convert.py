@@ -118,8 +118,8 @@ class _Plan:
     image_dirs: list[Path]
     warnings: list[str]
     row_problems: list[str] = field(default_factory=list)
-    """Problems of CSV rows (an image not found, an unknown dx, ...; ``paths``/``lines`` hold the
-    images that were found): reported with the pixel check of those, so one run lists them all."""
+    """Rows whose image was not found (``paths``/``lines`` hold the images that were): reported
+    with the pixel check of those, so that one run lists every image problem."""
 
 
 # --------------------------------------------------------------------------- messages and progress
@@ -278,13 +278,14 @@ def image_files(image_dirs: Sequence[str | Path]) -> dict[str, list[Path]]:
 
 
 def _plan(image_dirs: Sequence[str | Path], metadata: str | Path) -> _Plan:
-    """Check everything but the pixels; raise InputError when nothing can be checked further,
-    else return the rows' problems with the plan (``_Plan.row_problems``)."""
+    """Check everything but the pixels; raise InputError listing every problem found, but return
+    rows whose image is missing with the plan (``_Plan.row_problems``) when the CSV itself is good."""
     metadata = Path(metadata)
     dirs = [Path(d) for d in image_dirs]
     if not dirs:
         raise InputError(["no image folder given"])
     records, lines, problems = _checked_csv(metadata, REQUIRED_COLUMNS)
+    csv_problems = bool(problems)
     found, dir_problems = _list_images(dirs)
     problems += dir_problems
     if dir_problems or not records:
@@ -305,7 +306,7 @@ def _plan(image_dirs: Sequence[str | Path], metadata: str | Path) -> _Plan:
             duplicated.append(f"{image_id}: using {where[0]}, not {', '.join(map(str, where[1:]))}")
         paths.append(where[0])
         path_lines.append(line)
-    if not paths:
+    if csv_problems or not paths:  # the CSV's own problems come at once, before any pixel is read
         raise InputError(problems)
     warnings = []
     if duplicated:
@@ -341,7 +342,7 @@ def _fingerprint(plan: _Plan, settings: dict[str, Any]) -> dict[str, Any]:
 def ffcv_installed() -> bool:
     """Is FFCV installed? Without it the conversion writes no .beton and the loaders read the source
     images with PIL. (Only looked up, not imported: importing takes seconds, and the writer process
-    imports it anyway; a broken install fails there, naming itself.)"""
+    imports it anyway; when a broken install fails there, the conversion goes on as without it.)"""
     import importlib.util
     try:
         return importlib.util.find_spec("ffcv") is not None
@@ -370,7 +371,7 @@ def _matches(out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | Non
         same_inputs = (manifest["metadata"]["sha256"] == fingerprint["metadata_sha256"]
                        and manifest["images"]["sha256"] == fingerprint["images_sha256"]
                        and manifest["ffcv"] == fingerprint["settings"])
-        if not same_inputs or (manifest["beton"] is None and ffcv_installed()):
+        if not same_inputs or (manifest["beton"] is None and not ffcv_import_error()):
             return None
         files = ((BETON_NAME, "beton"), (INDEX_NAME, "index")) if manifest["beton"] is not None else ((INDEX_NAME, "index"),)
         for name, key in files:
@@ -778,9 +779,19 @@ def _write_outputs(plan: _Plan, fingerprint: dict[str, Any], sizes: Counter[tupl
         if locked:
             _remove_stale_temps(out_dir)
         beton_tmp, index_tmp = _temp(out_dir, BETON_NAME), _temp(out_dir, INDEX_NAME)
-        with_beton = ffcv_installed()
+        with_beton, write_rate = ffcv_installed(), 0.0
         try:
-            write_rate = _write_beton(plan, stored_size, beton_tmp, settings, workers) if with_beton else 0.0
+            if with_beton:
+                try:
+                    write_rate = _write_beton(plan, stored_size, beton_tmp, settings, workers)
+                except ConversionError:
+                    if not ffcv_import_error():
+                        raise
+                    # Installed but broken (e.g. a missing libturbojpeg): as without FFCV.
+                    print(f"warning: FFCV cannot be imported ({ffcv_import_error()}); writing {INDEX_NAME} and "
+                          f"{MANIFEST_NAME} only, and the PIL loader will read the source images", file=sys.stderr,
+                          flush=True)
+                    with_beton = False
             _index_frame(plan).to_csv(index_tmp, index=False)
             manifest = _manifest(plan, fingerprint, stored_size, sizes, n_resized, beton_tmp if with_beton else None,
                                  index_tmp, time.monotonic() - start, write_rate, workers)

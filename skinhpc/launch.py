@@ -534,7 +534,7 @@ def slurm_parameters(cluster: ClusterConfig, *, name: str, nodes: int, tasks_per
     return params
 
 
-def sbatch_extra(lines: list[str], key: str = "cluster.sbatch_extra") -> dict[str, Any]:
+def sbatch_extra(lines: list[str], setting: str = "cluster.sbatch_extra") -> dict[str, Any]:
     """``['--exclusive', '--mail-type=FAIL']`` → submitit's additional_parameters."""
     extra: dict[str, Any] = {}
     for line in lines:
@@ -542,7 +542,7 @@ def sbatch_extra(lines: list[str], key: str = "cluster.sbatch_extra") -> dict[st
         if opt.startswith("#SBATCH"):
             opt = opt[len("#SBATCH"):].strip()
         if not opt.startswith("--"):
-            raise ConfigError(f"{key}: {line!r} must be a long sbatch option such as --exclusive or --key=value")
+            raise ConfigError(f"{setting}: {line!r} must be a long sbatch option such as --exclusive or --key=value")
         key, sep, value = opt[2:].partition("=")
         extra[key] = value if sep else True
     return extra
@@ -950,7 +950,7 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
         lines.append(f"conversion: job {conv['job_id']} {conv_state}"
                      + (f", log {conv.get('log', '')}" if conv_state in ("failed", "cancelled") else ""))
     lines.append(f"ensemble: job {ens_job or '-'} {ens_state}")
-    if dependency_never_satisfied(ens_info) and not failed:
+    if dependency_never_satisfied(ens_info) and all(r.state == "done" for r in rows):
         # SLURM recorded a training job as failed although its fold finished (e.g. a signal that
         # came after the fold had written its metrics.json): afterok never fires.
         lines.append("  the ensemble job can never start (DependencyNeverSatisfied): SLURM recorded a training "

@@ -133,7 +133,8 @@ def expand_inputs(inputs: Sequence[str | Path],
             found = [f for f in entries if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
             if not found:
                 errors.append(f"{p}: folder holds no {'/'.join(IMAGE_SUFFIXES)} images")
-            skipped = [f for f in entries if f not in found and not f.name.startswith(".")]
+            taken = set(found)  # a set: folders of a whole download hold 10,000 images
+            skipped = [f for f in entries if f not in taken and not f.name.startswith(".")]
             if skipped and warn is not None:
                 warn(f"{p}: skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} that are not "
                      f"{'/'.join(IMAGE_SUFFIXES)} files (e.g. {skipped[0].name}; subfolders are not searched); "

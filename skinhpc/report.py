@@ -38,14 +38,13 @@ def ensemble_names(results: dict[str, Any]) -> list[str]:
 
 def paired_comparisons(results: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
     """(ensemble, other model, paired difference) of every comparison worth showing: shown
-    ensembles only, and not a one-fold ensemble against its own fold model (the same model)."""
+    ensembles only, and none whose predictions equal the other's (every difference exactly 0: a
+    one-fold ensemble and its fold model, or weights that put everything on it)."""
     shown = set(ensemble_names(results))
     for other, versus in (results.get("paired") or {}).items():
         for name, d in versus.items():
-            backbone = name.split("/")[0]
-            alone = (name == f"{backbone}/ensemble" and results["cv"][backbone]["val"]["n_folds"] == 1
-                     and other.split("/")[0] == backbone)
-            if name in shown and not alone:
+            same = all(v is None or v == 0 for v in d["diff"].values())
+            if name in shown and not same:
                 yield name, other, d
 
 

@@ -63,3 +63,31 @@ def test_saved_config_round_trips(tmp_path):
 def test_diff_keys_names_what_changed():
     a, b = load_config(["data.dir=/x"]), load_config(["data.dir=/x", "split.seed=3"])
     assert diff_keys(a, b, ["split.seed", "split.folds"]) == ["split.seed: 0 -> 3"]
+
+
+@pytest.mark.timeout(30)
+def test_default_yaml_lists_every_config_key() -> None:
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from skinhpc import CONFIG_DIR
+
+    listed = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "default.yaml"))
+
+    def keys(obj: object, prefix: str = "") -> list[str]:
+        out = []
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            out += keys(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]
+        return out
+
+    def present(key: str) -> bool:
+        node = listed
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    assert [k for k in keys(ExperimentConfig()) if not present(k)] == []

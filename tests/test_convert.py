@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import signal
 import subprocess
@@ -347,6 +348,22 @@ def test_image_failing_inside_the_ffcv_writer_stops_it_and_leaves_nothing(tmp_pa
         convert(dirs, csv_path, out, workers=2)
     assert str(victim) in str(info.value) and f"[{csv_path}:22]" in str(info.value)  # the file and its row
     assert not out.exists()
+
+
+@pytest.mark.timeout(240)
+def test_a_broken_ffcv_install_converts_without_the_beton_as_a_missing_one(tmp_path: Path, repo_dir: Path) -> None:
+    dirs, csv_path, _ = make_raw(tmp_path)
+    fake = tmp_path / "site" / "ffcv"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('libturbojpeg.so.0: cannot open shared object file')\n")
+    env = {**os.environ, "PYTHONPATH": f"{fake.parent}{os.pathsep}{repo_dir}"}
+    out = tmp_path / "data"
+    cmd = [sys.executable, str(repo_dir / "jobs" / "convert.py"), "--images", *map(str, dirs),
+           "--metadata", str(csv_path), "--out", str(out), "--workers", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FFCV cannot be imported (ImportError: libturbojpeg" in proc.stderr
+    assert read_manifest(out)["beton"] is None and not (out / BETON_NAME).exists() and (out / INDEX_NAME).is_file()
 
 
 @pytest.mark.timeout(240)

@@ -113,6 +113,8 @@ def test_sbatch_extra_lines_become_sbatch_flags() -> None:
         "exclusive": True, "reservation": "x", "mail-type": "FAIL"}
     with pytest.raises(ConfigError, match="long sbatch option"):
         sbatch_extra(["-p gpu"])
+    with pytest.raises(ConfigError, match=r"^cluster\.train_sbatch_extra: 'reservation=x'"):
+        sbatch_extra(["--mail-type=FAIL", "reservation=x"], "cluster.train_sbatch_extra")
 
 
 @pytest.mark.timeout(60)
