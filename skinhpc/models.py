@@ -157,7 +157,16 @@ def _build(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
         hint = f" Similar timm names: {', '.join(close)}." if close else ""
         raise ValueError(f"model.backbone={model_cfg.backbone!r} is neither a timm model nor vgg16_gap.{hint}")
     return timm.create_model(model_cfg.backbone, pretrained=False, num_classes=num_classes,
-                             drop_rate=model_cfg.drop_rate)
+                             drop_rate=model_cfg.drop_rate, **_size_kwargs(model_cfg))
+
+
+def _size_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
+    """Transformers (ViT, Swin, DeiT, LeViT, ...) are built for one input size: give them ours."""
+    try:
+        fixed = timm.models.get_pretrained_cfg_value(model_cfg.backbone, "fixed_input_size")
+    except Exception:  # a name without a pretrained config
+        fixed = False
+    return {"img_size": model_cfg.image_size} if fixed else {}
 
 
 def _download_hint(name: str) -> str:
@@ -184,7 +193,7 @@ def _create_from_hub(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
         with _hub_offline(offline):
             if hub == name:
                 model = timm.create_model(name, pretrained=True, num_classes=num_classes,
-                                          drop_rate=model_cfg.drop_rate)
+                                          drop_rate=model_cfg.drop_rate, **_size_kwargs(model_cfg))
                 log.info("loaded the timm hub weights of %s; head re-initialised for %d classes", name, num_classes)
                 return model
             source = timm.create_model(hub, pretrained=True)
@@ -381,7 +390,9 @@ def head_modules(model: nn.Module) -> list[nn.Module]:
     (Plain vgg16's FC6/FC7 come with the ImageNet weights, so they count as backbone.)
     """
     model = unwrap(model)
-    modules = [model.get_classifier()]
+    classifier = model.get_classifier()
+    # Distilled models (DeiT, LeViT) have two heads: the class token's and the distillation token's.
+    modules = list(classifier) if isinstance(classifier, tuple) else [classifier]
     if isinstance(model, VGG16GAP):
         modules += [model.conv6, model.bn6]
     return modules

@@ -53,6 +53,17 @@ def test_paper_backbone_builds_and_trains_one_step_at_64px(backbone):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backbone", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_transformers_take_the_configured_image_size_and_every_head_counts_as_head(backbone):
+    model = create_model(ModelConfig(backbone=backbone, image_size=64, pretrained="false"), num_classes=7)
+    assert _forward_backward(model).shape == (2, 7)  # built for 64 px, not its native 224
+    _, head = backbone_and_head_params(model)
+    classifier = model.get_classifier()
+    heads = classifier if isinstance(classifier, tuple) else (classifier,)  # distilled: two heads
+    assert {id(p) for m in heads for p in m.parameters()} == {id(p) for p in head}
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("filters", [128, 256])
 def test_vgg16_gap_has_conv6_with_configured_filters_bn_and_global_pooling(filters):
