@@ -58,6 +58,7 @@ from typing import Any
 
 import submitit
 from omegaconf import OmegaConf
+from submitit.core.utils import FailedJobError
 from submitit.slurm.slurm import _make_sbatch_string
 
 from skinhpc import REPO_DIR, SAMPLE_METADATA
@@ -713,7 +714,8 @@ def _launch_slurm(cfg: ExperimentConfig, echo: Callable[[str], None]) -> Plan:
         _run(["scancel", plan.cancel_ensemble])
         echo(f"cancelled stale ensemble job {plan.cancel_ensemble}")
     if plan.convert == "submit":
-        job = slurm_executor(cfg, convert_parameters(cfg)).submit(ConvertTask(cfg))
+        with _sbatch("the conversion job", run_dir):
+            job = slurm_executor(cfg, convert_parameters(cfg)).submit(ConvertTask(cfg))
         convert_job = job.job_id
         jobs["convert"] = {"job_id": job.job_id, "log": str(job.paths.stderr), "submitted": time.time()}
         write_jobs(run_dir, jobs)
@@ -721,7 +723,7 @@ def _launch_slurm(cfg: ExperimentConfig, echo: Callable[[str], None]) -> Plan:
     if plan.submit:
         dep = f"afterok:{convert_job}" if convert_job else ""
         ex = slurm_executor(cfg, task_parameters(cfg, dep))
-        with ex.batch():
+        with _sbatch("the training array", run_dir), ex.batch():
             submitted = [ex.submit(TrainTask(task_config(cfg, t))) for t in plan.submit]
         for t, job in zip(plan.submit, submitted):
             jobs["tasks"][t.key] = {"job_id": job.job_id, "log": str(job.paths.stdout),
@@ -733,7 +735,8 @@ def _launch_slurm(cfg: ExperimentConfig, echo: Callable[[str], None]) -> Plan:
     if plan.ensemble == "submit":
         deps = sorted(set(plan.active.values()) | ({convert_job} if convert_job and not plan.active else set()))
         dep = "afterok:" + ":".join(deps) if deps else ""
-        job = slurm_executor(cfg, ensemble_parameters(cfg, dep)).submit(EnsembleTask(str(run_dir)))
+        with _sbatch("the ensemble job", run_dir):
+            job = slurm_executor(cfg, ensemble_parameters(cfg, dep)).submit(EnsembleTask(str(run_dir)))
         jobs["ensemble"] = {"job_id": job.job_id, "log": str(job.paths.stdout), "err": str(job.paths.stderr),
                             "depends_on": deps, "submitted": time.time()}
         write_jobs(run_dir, jobs)
@@ -742,6 +745,19 @@ def _launch_slurm(cfg: ExperimentConfig, echo: Callable[[str], None]) -> Plan:
         echo("nothing to submit")
     echo(f"follow with: python jobs/launch.py --status run_dir={run_dir}")
     return plan
+
+
+@contextmanager
+def _sbatch(what: str, run_dir: Path) -> Iterator[None]:
+    """sbatch's refusal (a wrong account or partition, a controller down) as a LaunchError that
+    quotes it; what was submitted before is recorded, so a rerun goes on from there."""
+    try:
+        yield
+    except (FailedJobError, subprocess.CalledProcessError, OSError) as e:
+        said = str(getattr(e, "stderr", None) or e).strip()
+        raise LaunchError(f"sbatch refused {what}: {said}\nJobs submitted before it are recorded in "
+                          f"{launch_dir(run_dir) / JOBS_FILE}; fix the cause (e.g. the cluster profile's account "
+                          "or partition) and rerun the same command.") from None
 
 
 def local_gpus() -> list[str]:

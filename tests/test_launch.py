@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -339,6 +340,20 @@ def test_recorded_jobs_are_not_resubmitted_when_squeue_does_not_answer(tmp_path:
         launch_mod.query_jobs(["4242_0"])
     (fake / "squeue").write_text("#!/bin/sh\necho '4242_0|RUNNING|None'\n")  # sacct still failing: accounting off
     assert launch_mod.query_jobs(["4242_0"])["4242_0"].live
+
+
+@pytest.mark.timeout(120)
+def test_sbatch_refusing_a_job_is_a_one_line_error_quoting_it(tmp_path: Path) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: Invalid account or account/partition combination' >&2\n"
+                                 "exit 1\n")
+    (fake / "sbatch").chmod(0o755)
+    proc = run_launch(["cluster.kind=slurm", f"run_dir={tmp_path / 'exp'}"], cwd=tmp_path,
+                      env={"PATH": f"{fake}:{os.environ['PATH']}"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert re.search(r"error: sbatch refused the (conversion job|training array): sbatch: error: Invalid account",
+                     proc.stderr), proc.stderr
 
 
 @pytest.mark.timeout(120)
