@@ -54,6 +54,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if bool(args.images) != bool(args.metadata):
         p.error("--images and --metadata go together")
+    missing = [x for x in args.images if not Path(x).is_dir()] + ([args.metadata] if args.metadata and
+                                                                  not Path(args.metadata).is_file() else [])
+    if missing:
+        p.error(f"not found: {', '.join(missing)}")
     return args
 
 

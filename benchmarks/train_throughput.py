@@ -45,7 +45,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="eager models and/or torch.compile'd ones (compiling takes a minute or more per backbone)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=0, help="FFCV decoding threads (0: every core)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not (Path(args.data) / "manifest.json").is_file():
+        p.error(f"--data {args.data}: no converted data there (manifest.json missing); run jobs/convert.py first")
+    return args
 
 
 def _sync(device: torch.device) -> None:

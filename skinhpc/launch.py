@@ -331,6 +331,30 @@ def write_jobs(run_dir: Path, jobs: dict[str, Any]) -> None:
     atomic_write_text(launch_dir(run_dir) / JOBS_FILE, json.dumps(jobs, indent=1) + "\n")
 
 
+def running_launch(run_dir: Path) -> str:
+    """Who holds the run's launch lock now ("pid N on host"), or "" when no launch is running."""
+    path = launch_dir(run_dir) / LOCK_FILE
+    try:
+        with open(path) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return ""
+            except BlockingIOError:
+                return f.read().strip() or "another process"
+    except OSError:
+        return ""
+
+
+def _local_launch_note(run_dir: Path, jobs: dict[str, Any]) -> str:
+    """A running local launch has no SLURM jobs to show or cancel: say who runs the tasks."""
+    holder = running_launch(run_dir)
+    if not holder or jobs.get("kind") == "slurm":
+        return ""
+    pid = holder.split()[1] if holder.startswith("pid ") else "its process"
+    return (f"a local launch ({holder}) is running this run's tasks itself: stop it with Ctrl-C in its "
+            f"terminal or `kill {pid}`; what finished is kept")
+
+
 @contextmanager
 def launch_lock(run_dir: Path) -> Iterator[None]:
     """Exclusive, non-blocking lock of the run: a second launch stops instead of double-submitting."""
@@ -946,7 +970,7 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     head = ("backbone", "fold", "job", "state", "epoch", "best val bacc", "log")
     table = [head] + [(r.task.backbone, str(r.task.fold), r.job_id, r.state, r.epoch, r.best_val_bacc, r.log) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
-    lines = [f"run dir: {run_dir}"]
+    lines = [f"run dir: {run_dir}" + ("" if run_dir.is_dir() else " (does not exist: nothing launched there yet)")]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1] for row in table]
     ens_entry = jobs.get("ensemble", {})
     ens_job = ens_entry.get("job_id", "")
@@ -966,6 +990,8 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
         lines.append(f"conversion: job {conv['job_id']} {conv_state}"
                      + (f", log {conv.get('log', '')}" if conv_state in ("failed", "cancelled") else ""))
     lines.append(f"ensemble: job {ens_job or '-'} {ens_state}")
+    if note := _local_launch_note(run_dir, jobs):
+        lines.append(note)
     if dependency_never_satisfied(ens_info) and all(r.state == "done" for r in rows):
         # SLURM recorded a training job as failed although its fold finished (e.g. a signal that
         # came after the fold had written its metrics.json): afterok never fires.
@@ -1008,6 +1034,8 @@ def cancel(cfg: ExperimentConfig, echo: Callable[[str], None] = print) -> list[s
     if active:
         subprocess.run(["scancel", *active], check=False)
         echo(f"cancelled {len(active)} job(s): {' '.join(active)}")
+    elif note := _local_launch_note(run_dir, jobs):
+        echo(f"no SLURM jobs; {note}")
     else:
         echo("no pending or running jobs")
     return active

@@ -136,7 +136,7 @@ def expand_inputs(inputs: Sequence[str | Path],
             taken = set(found)  # a set: folders of a whole download hold 10,000 images
             skipped = [f for f in entries if f not in taken and not f.name.startswith(".")]
             if skipped and warn is not None:
-                warn(f"{p}: skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} that are not "
+                warn(f"{p}: skipped {len(skipped)} entr{'y that is' if len(skipped) == 1 else 'ies that are'} not "
                      f"{'/'.join(IMAGE_SUFFIXES)} files (e.g. {skipped[0].name}; subfolders are not searched); "
                      "name such a file directly to try it")
             paths += found

@@ -342,6 +342,20 @@ def test_recorded_jobs_are_not_resubmitted_when_squeue_does_not_answer(tmp_path:
     assert launch_mod.query_jobs(["4242_0"])["4242_0"].live
 
 
+@pytest.mark.timeout(60)
+def test_status_and_cancel_name_a_running_local_launch_and_a_run_dir_that_does_not_exist(tmp_path: Path) -> None:
+    from skinhpc.launch import cancel, launch_lock, status
+    cfg, _ = load_launch_config([f"run_dir={tmp_path / 'exp'}", "backbones=[resnet18]"], None, 2)
+    assert "does not exist: nothing launched there yet" in status(cfg)[0]
+    said: list[str] = []
+    with launch_lock(tmp_path / "exp"):  # what a local launch holds while it runs the tasks itself
+        text, _ = status(cfg)
+        cancel(cfg, echo=said.append)
+    assert f"a local launch (pid {os.getpid()} on" in text and f"kill {os.getpid()}" in text
+    assert said and f"kill {os.getpid()}" in said[0]
+    assert "local launch" not in status(cfg)[0]  # once it ended
+
+
 @pytest.mark.timeout(120)
 def test_sbatch_refusing_a_job_is_a_one_line_error_quoting_it(tmp_path: Path) -> None:
     fake = tmp_path / "bin"
