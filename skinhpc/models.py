@@ -261,6 +261,9 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict in a local weights file (see the module docstring for the accepted forms)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise PretrainedWeightsError(f"model.pretrained: {path} is a folder; give the weights file in it "
+                                     f"(.pth/.pt/.bin/.safetensors)")
     if not path.is_file():
         raise PretrainedWeightsError(f"model.pretrained: weights file {path} not found. Pass true, false or the "
                                      f"path of a weights file (.pth/.pt/.bin/.safetensors).")
@@ -331,8 +334,8 @@ def head_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 
 def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load pretrained tensors into ``model``: head layers (``head_modules``) whose shape differs
-    keep their fresh initialisation; a shape mismatch or a backbone tensor the file lacks is an
+    """Load pretrained tensors into ``model``: head layers (``head_modules``) always keep their fresh
+    initialisation (even a 7-class file's); a shape mismatch or a backbone tensor the file lacks is an
     error (weights of a neighbouring architecture or another layout would otherwise leave part of
     the backbone random without a word); one log line lists what was loaded and what was not."""
     if isinstance(model, (VGG16GAP, timm.models.vgg.VGG)) and any(k.startswith("classifier.") for k in state):
@@ -343,10 +346,10 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], sourc
     for key, value in state.items():
         if key not in own:
             continue
-        if own[key].shape == value.shape:
-            loadable[key] = value
-        elif key.startswith(head):
+        if key.startswith(head):  # the classifier is the new task's: never carried over
             reinit.append(key)
+        elif own[key].shape == value.shape:
+            loadable[key] = value
         else:
             mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
     if mismatched:

@@ -140,6 +140,19 @@ def test_state_dict_file_loads_backbone_and_reinitialises_head(tmp_path, caplog)
 
 
 @pytest.mark.timeout(60)
+def test_a_seven_class_file_still_gets_a_fresh_head(tmp_path):
+    torch.manual_seed(5)
+    other_run = timm.create_model("resnet18", pretrained=False, num_classes=7).state_dict()  # e.g. a model_best.pt
+    torch.save(other_run, tmp_path / "r18-7.pth")
+    torch.manual_seed(0)
+    fresh = create_model(ModelConfig(backbone="resnet18", pretrained="false"))
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(backbone="resnet18", pretrained=str(tmp_path / "r18-7.pth")))
+    assert torch.equal(model.state_dict()["layer1.0.conv1.weight"], other_run["layer1.0.conv1.weight"])
+    assert torch.equal(model.fc.weight, fresh.fc.weight) and not torch.equal(model.fc.weight, other_run["fc.weight"])
+
+
+@pytest.mark.timeout(60)
 def test_timm_checkpoint_dict_with_ddp_prefixes_loads(tmp_path):
     source = _imagenet_resnet18()
     path = tmp_path / "checkpoint.pth.tar"
