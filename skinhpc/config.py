@@ -353,7 +353,8 @@ class ExperimentConfig:
     backbones: list[str] = field(default_factory=lambda: list(PAPER_BACKBONES))
     """Backbones the launcher trains on every fold."""
     preset: str = ""
-    """Name of the preset this config came from (e.g. sample); informational."""
+    """Preset the config starts from: ``preset=NAME`` applies configs/NAME.yaml below the other
+    overrides (e.g. scratch-gpu); the sample preset is applied by itself when no data is given."""
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -436,6 +437,8 @@ def load_config(overrides: list[str] | None = None, config_file: str | Path | No
     With ``sample_preset`` and no data configured anywhere, the ``sample`` preset is applied (below
     the file and the overrides), so a bare command runs the small embedded demo.
     """
+    if preset is None:  # preset=NAME on the command line applies configs/NAME.yaml (below the overrides)
+        preset = next((o.split("=", 1)[1].strip() or None for o in overrides or [] if o.startswith("preset=")), None)
     cfg = _load(overrides, config_file, preset)
     if sample_preset and preset is None and uses_sample(cfg):
         cfg = _load(overrides, config_file, "sample")

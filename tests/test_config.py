@@ -91,3 +91,12 @@ def test_default_yaml_lists_every_config_key() -> None:
         return True
 
     assert [k for k in keys(ExperimentConfig()) if not present(k)] == []
+
+
+@pytest.mark.timeout(30)
+def test_preset_on_the_command_line_applies_its_file_below_the_other_overrides() -> None:
+    cfg = load_config(["preset=scratch-gpu", "train.epochs=3"])
+    assert cfg.preset == "scratch-gpu" and cfg.model.image_size == 192 and cfg.train.tta is True
+    assert cfg.train.epochs == 3
+    with pytest.raises(ConfigError, match="no preset 'nope'"):
+        load_config(["preset=nope"])
