@@ -122,13 +122,17 @@ def test_one_backbone_report_shows_its_fold_ensemble_once(tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_one_backbone_console_summary_names_its_fold_ensemble_once(tmp_path):
+def test_one_backbone_console_summary_and_status_name_its_fold_ensemble_once(tmp_path):
     from skinhpc.ensemble import summary
     run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=3, n_lesions=150)
     run.fill({"resnet18": 2.0})
-    text = summary(run_ensemble(run.root, n_boot=20, plots=False))
+    results = run_ensemble(run.root, n_boot=20, plots=False)
+    text = summary(results)
     assert "resnet18/ensemble " in text and "ensemble_mean" not in text and "ensemble_weighted" not in text
     assert text.count("minus resnet18/fold") == 1  # the fold ensemble minus the best single model
+    from skinhpc.launch import ensemble_headline  # what --status shows from metrics.json
+    status = "\n".join(ensemble_headline(json.loads((run.root / "ensemble" / "metrics.json").read_text())))
+    assert "resnet18/ensemble:" in status and "ensemble_mean" not in status and "ensemble_weighted" not in status
 
 
 @pytest.mark.timeout(180)
