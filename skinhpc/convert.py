@@ -742,10 +742,6 @@ def convert(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str
         return _up_to_date_result(manifest, out_dir, start, plan.warnings)
 
     sizes = Counter(_check_images(plan, workers))
-    if not ffcv_installed():
-        print(f"warning: FFCV is not installed; writing {INDEX_NAME} and {MANIFEST_NAME} "
-              f"only, and the PIL loader will read the source images (install FFCV and rerun for the .beton)",
-              file=sys.stderr, flush=True)
     with _termination_as_exception():
         manifest = _write_outputs(plan, fingerprint, sizes, out_dir, workers, start)
     seconds = time.monotonic() - start
@@ -779,22 +775,12 @@ def _write_outputs(plan: _Plan, fingerprint: dict[str, Any], sizes: Counter[tupl
         if locked:
             _remove_stale_temps(out_dir)
         beton_tmp, index_tmp = _temp(out_dir, BETON_NAME), _temp(out_dir, INDEX_NAME)
-        with_beton, write_rate = ffcv_installed(), 0.0
         try:
-            if with_beton:
-                try:
-                    write_rate = _write_beton(plan, stored_size, beton_tmp, settings, workers)
-                except ConversionError:
-                    if not ffcv_import_error():
-                        raise
-                    # Installed but broken (e.g. a missing libturbojpeg): as without FFCV.
-                    print(f"warning: FFCV cannot be imported ({ffcv_import_error()}); writing {INDEX_NAME} and "
-                          f"{MANIFEST_NAME} only, and the PIL loader will read the source images", file=sys.stderr,
-                          flush=True)
-                    with_beton = False
+            write_rate = _beton_if_ffcv(plan, stored_size, beton_tmp, settings, workers)
+            with_beton = write_rate is not None
             _index_frame(plan).to_csv(index_tmp, index=False)
             manifest = _manifest(plan, fingerprint, stored_size, sizes, n_resized, beton_tmp if with_beton else None,
-                                 index_tmp, time.monotonic() - start, write_rate, workers)
+                                 index_tmp, time.monotonic() - start, write_rate or 0.0, workers)
             # Manifest gone first: between the renames the folder reads as "not converted", never
             # as a new .beton described by an old manifest.
             (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
@@ -810,6 +796,25 @@ def _write_outputs(plan: _Plan, fingerprint: dict[str, Any], sizes: Counter[tupl
             if created_dir and not (out_dir / MANIFEST_NAME).exists():
                 _remove_empty_dir(out_dir)
     return manifest
+
+
+def _beton_if_ffcv(plan: _Plan, stored_size: list[int], dest: Path, settings: dict[str, Any],
+                   workers: int) -> float | None:
+    """Write the .beton and return its writing speed, or None where FFCV is missing or broken (say,
+    a missing libturbojpeg): the conversion then writes the index and manifest only, and the
+    loaders read the source images with PIL."""
+    if ffcv_installed():
+        try:
+            return _write_beton(plan, stored_size, dest, settings, workers)
+        except ConversionError:
+            if not ffcv_import_error():
+                raise
+            why = f"FFCV cannot be imported ({ffcv_import_error()})"
+    else:
+        why = "FFCV is not installed"
+    print(f"warning: {why}; writing {INDEX_NAME} and {MANIFEST_NAME} only, and the PIL loader will read the "
+          "source images (install a working FFCV and rerun for the .beton)", file=sys.stderr, flush=True)
+    return None
 
 
 class _Terminated(BaseException):
