@@ -752,13 +752,10 @@ def summary(results: dict[str, Any]) -> str:
     lines = [f"finished folds: {len(results['finished'])} of {len(exp['backbones']) * exp['folds']}"]
     for m in results["missing"]:
         lines.append(f"missing: {m['backbone']} fold {m['fold']} ({m['reason']})")
-    from skinhpc.report import ensemble_names, paired_comparisons
+    from skinhpc.report import paired_comparisons, shown_test_entries
 
     lines.append(f"test set: {results['n_test']} images, {results['n_test_lesions']} lesions")
-    shown = set(ensemble_names(results))  # with one backbone its fold ensemble, not its two copies
-    for name, m in results["test"].items():
-        if m["kind"] == "fold" or (m["kind"] == "ensemble" and name not in shown):
-            continue
+    for name, m in shown_test_entries(results):
         ci = results.get("bootstrap", {}).get(name, {}).get("ci", {}).get("balanced_accuracy")
         ci_text = f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
         nums = "  ".join(f"{k} {_num(m.get(k))}" for k in ("top1", "top2", "auroc_macro"))

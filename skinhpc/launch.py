@@ -1014,19 +1014,11 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
 
 
 def ensemble_headline(metrics: dict[str, Any]) -> list[str]:
-    """One line per ensemble entry of RUN/ensemble/metrics.json: test balanced accuracy first
-    (with one backbone, its fold ensemble once: the cross-backbone ones equal it)."""
-    from skinhpc.report import cross_backbone_names
-    try:
-        shown = set(cross_backbone_names(metrics))
-    except (KeyError, TypeError):  # an older or partial metrics.json: show every entry
-        shown = None
+    """One line per ensemble entry of RUN/ensemble/metrics.json (``report.shown_test_entries``):
+    test balanced accuracy first."""
+    from skinhpc.report import shown_test_entries
     lines = []
-    for name, m in (metrics.get("test") or {}).items():
-        if not isinstance(m, dict) or m.get("kind") == "fold":
-            continue
-        if m.get("kind") == "ensemble" and shown is not None and name not in shown:
-            continue
+    for name, m in shown_test_entries(metrics):
         nums = "  ".join(f"{k} {m[k]:.4f}" for k in ("balanced_accuracy", "top1", "auroc_macro")
                          if isinstance(m.get(k), (int, float)))
         lines.append(f"{name}: {nums}")

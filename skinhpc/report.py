@@ -36,6 +36,16 @@ def ensemble_names(results: dict[str, Any]) -> list[str]:
     return [f"{b}/ensemble" for b in results["cv"]] + list(cross_backbone_names(results))
 
 
+def shown_test_entries(results: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(name, test metrics) of every entry worth a summary line: not the single fold models, and
+    with one backbone not the cross-backbone copies of its fold ensemble. Reads metrics.json of
+    older versions too (without "cv" every entry is shown)."""
+    hidden = set(CROSS_BACKBONE) - set(cross_backbone_names(results)) if "cv" in results else set()
+    for name, m in (results.get("test") or {}).items():
+        if isinstance(m, dict) and m.get("kind") != "fold" and name not in hidden:
+            yield name, m
+
+
 def paired_comparisons(results: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
     """(ensemble, other model, paired difference) of every comparison worth showing: shown
     ensembles only, and none whose predictions equal the other's (every difference exactly 0: a
