@@ -437,8 +437,8 @@ def load_config(overrides: list[str] | None = None, config_file: str | Path | No
     With ``sample_preset`` and no data configured anywhere, the ``sample`` preset is applied (below
     the file and the overrides), so a bare command runs the small embedded demo.
     """
-    if preset is None:  # preset=NAME on the command line applies configs/NAME.yaml (below the overrides)
-        preset = next((o.split("=", 1)[1].strip() or None for o in overrides or [] if o.startswith("preset=")), None)
+    if preset is None and overrides:  # preset=NAME on the command line applies configs/NAME.yaml (below them)
+        preset = OmegaConf.select(parse_overrides(overrides), "preset") or None
     cfg = _load(overrides, config_file, preset)
     if sample_preset and preset is None and uses_sample(cfg):
         cfg = _load(overrides, config_file, "sample")
