@@ -401,12 +401,13 @@ def check_task_configs(cfg: ExperimentConfig, tasks: list[Task]) -> None:
     """Refuse a launch that would resume or reuse a fold trained with other settings (e.g. by hand
     with jobs/train.py in a run directory the launcher has no config of)."""
     run_dir = Path(cfg.run_dir)
-    conflicts = [c for t in tasks if (c := fold_config_conflicts(t.dir(run_dir), task_config(cfg, t)))]
+    configs = {t: task_config(cfg, t) for t in tasks}
+    conflicts = [c for t, c_ in configs.items() if (c := fold_config_conflicts(t.dir(run_dir), c_))]
     if conflicts:
         raise LaunchError("\n".join(conflicts))
     # A missing weights file would fail every task of its backbone on the compute nodes.
-    missing = sorted({f"{t.backbone}: {source}" for t in tasks
-                      if (source := pretrained_source(task_config(cfg, t).model.pretrained)) not in ("", "hub")
+    missing = sorted({f"{t.backbone}: {source}" for t, c in configs.items()
+                      if (source := pretrained_source(c.model.pretrained)) not in ("", "hub")
                       and not Path(source).is_file()})
     if missing:
         raise LaunchError(f"model.pretrained: weights file(s) not found: {'; '.join(missing)}. With several "
