@@ -243,6 +243,23 @@ def train_accuracies(class_correct: Sequence[float], class_seen: Sequence[float]
     return accuracy, balanced
 
 
+def replaces_best(select_metric: str, value: float, best: float, have_best: bool) -> bool:
+    """Does a validation scoring ``value`` on ``select_metric`` replace the kept weights? ``last``:
+    always; loss: when lower; the others: when higher. NaN (a metric undefined on this validation
+    set) never does."""
+    if select_metric == "last":
+        return True
+    if math.isnan(value):
+        return False
+    if not have_best:
+        return True
+    return value < best if select_metric == "loss" else value > best
+
+
+def _as_float(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
 def time_box_reached(elapsed_s: float, epochs_done: int, limit_min: float) -> bool:
     """Whether a job that has trained ``epochs_done`` epochs (the first may have been a resumed
     part) in ``elapsed_s`` seconds must stop rather than start another: one more epoch of its mean
@@ -775,11 +792,10 @@ class FoldTrainer:
             self._save(st["epoch"], 0, dict(st))
         if st["stop_reason"] == "time_limit":
             _say(f"time limit: another epoch would end past train.stop_after_min={self.tcfg.stop_after_min:g}; "
-                 f"stopping after epoch {st['epoch']} of {self.tcfg.epochs} (best val balanced accuracy "
-                 f"{st['best_metric']:.4f} at epoch {st['best_epoch'] + 1})", env)
+                 f"stopping after epoch {st['epoch']} of {self.tcfg.epochs} ({self._best_text()})", env)
         elif st["stop_reason"] == "early_stop":
-            _say(f"early stop: no better val balanced accuracy in {self.tcfg.early_stop_patience} validations "
-                 f"(best {st['best_metric']:.4f} at epoch {st['best_epoch'] + 1})", env)
+            _say(f"early stop: no better val {self.tcfg.select_metric.replace('_', ' ')} in "
+                 f"{self.tcfg.early_stop_patience} validations ({self._best_text()})", env)
 
     def _out_of_time(self) -> bool:
         """Another epoch would end past train.stop_after_min on some rank (every rank then stops here)."""
@@ -790,21 +806,28 @@ class FoldTrainer:
         return distributed.any_rank(self.env, over)
 
     def _track_best(self, epoch: int, metrics: dict) -> bool:
-        """Keep the best weights by val balanced accuracy and count validations without progress."""
-        st = self.state
-        bal = metrics.get("balanced_accuracy")
-        bal = float("nan") if bal is None else float(bal)  # NaN never counts as an improvement
-        improved = bal > st["best_metric"]
+        """Keep the weights of the best validation by train.select_metric; count validations without progress."""
+        st, name = self.state, self.tcfg.select_metric
+        value = _as_float(metrics.get("balanced_accuracy" if name == "last" else name))
+        improved = replaces_best(name, value, st["best_metric"], have_best=st["best_epoch"] >= 0)
         if improved:
-            st["best_metric"], st["best_epoch"], st["bad_epochs"] = bal, epoch, 0
+            st["best_metric"], st["best_epoch"], st["bad_epochs"] = value, epoch, 0
             if self.env.is_main:
                 checkpoint.save_best(self.ckpt_dir, {k: v.detach().cpu() for k, v in self.raw.state_dict().items()},
-                                     {"epoch": epoch, "val_balanced_accuracy": bal})
+                                     {"epoch": epoch, "select_metric": name, "value": value,
+                                      "val_balanced_accuracy": _as_float(metrics.get("balanced_accuracy"))})
         else:
             st["bad_epochs"] += 1
         patience = self.tcfg.early_stop_patience
         st["stop_reason"] = "early_stop" if patience and st["bad_epochs"] >= patience else ""
         return improved
+
+    def _best_text(self) -> str:
+        """The kept epoch, for messages: 'best val loss 0.9928 at epoch 40'."""
+        st, name = self.state, self.tcfg.select_metric
+        if name == "last":
+            return f"keeping the last validated weights, epoch {st['best_epoch'] + 1}"
+        return f"best val {name.replace('_', ' ')} {st['best_metric']:.4f} at epoch {st['best_epoch'] + 1}"
 
     def _log_epoch(self, record: dict, metrics: dict | None, improved: bool) -> None:
         from skinhpc.evaluate import format_metrics
@@ -838,15 +861,15 @@ class FoldTrainer:
             self.raw.load_state_dict(best[0])
         else:
             why = ("is damaged" if (self.ckpt_dir / checkpoint.BEST).exists()
-                   else "was never saved (val balanced accuracy never defined)")
+                   else f"was never saved (val {self.tcfg.select_metric.replace('_', ' ')} never defined)")
             best_epoch = st["epoch"] - 1  # what the files below then hold: the last epoch's weights
             _say(f"WARNING: the best checkpoint {why}; using the last weights (epoch {best_epoch + 1})", env)
         val = self._predict(self.val_loader)
         test = self._predict(self.test_loader) if self.test_loader is not None else None
         val_metrics = self._metrics(val)
         test_metrics = self._metrics(test) if test is not None else None
-        if best is None:
-            best_metric = val_metrics.get("balanced_accuracy")
+        if best is None or self.tcfg.select_metric != "balanced_accuracy":
+            best_metric = val_metrics.get("balanced_accuracy")  # what model_best.pt records
         result = {"status": "done", "backbone": self.cfg.model.backbone, "fold": self.cfg.fold,
                   "best_epoch": best_epoch, "epochs_trained": st["epoch"], "epochs": self.tcfg.epochs,
                   "stopped": st["stop_reason"] or None, "world_size": env.world_size,

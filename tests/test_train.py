@@ -26,8 +26,8 @@ from skinhpc.config import ConfigError, SplitConfig, TrainConfig, load_config
 from skinhpc.convert import read_index
 from skinhpc.split import SPLIT_NAME
 from skinhpc.models import backbone_and_head_params, create_model
-from skinhpc.train import (KILL_ENV, PREEMPT_ENV, FoldTrainer, PreemptionFlag, class_weights, fold_dir, lr_at, make_criterion, time_box_reached,
-                           train_accuracies, train_fold, upgrade_loop_state)
+from skinhpc.train import (KILL_ENV, PREEMPT_ENV, FoldTrainer, PreemptionFlag, class_weights, fold_dir, lr_at, make_criterion,
+                           replaces_best, time_box_reached, train_accuracies, train_fold, upgrade_loop_state)
 
 PYTHON = sys.executable
 TIMING_KEYS = {"images_per_s", "data_wait_frac", "peak_mem_gb", "time_s"}
@@ -277,6 +277,28 @@ def test_a_damaged_best_checkpoint_ends_the_fold_on_its_last_weights_and_says_so
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
+def test_select_metric_keeps_the_epoch_that_metric_picks_and_last_keeps_the_final_weights(
+        tmp_path: Path, data_dir: Path, uninterrupted: Path) -> None:
+    reference = epoch_log(uninterrupted)
+    picks = {}
+    for metric in ("loss", "last"):
+        write_tiny_split(tmp_path / metric, data_dir)
+        cfg = load_config(overrides(tmp_path / metric, data_dir, *EXACT, f"train.select_metric={metric}"))
+        result = train_fold(cfg)
+        out = fold_dir(cfg)
+        assert epoch_log(out) == reference  # the choice of the kept epoch changes no training step
+        picks[metric] = result["best_epoch"]
+        saved = torch.load(out / "model_best.pt", weights_only=True)
+        assert saved["epoch"] == result["best_epoch"]
+        assert saved["val_balanced_accuracy"] == result["val"]["balanced_accuracy"]
+    losses = [r["val_loss"] for r in reference]
+    assert picks["loss"] == losses.index(min(losses))
+    assert picks["last"] == len(reference) - 1
+    assert_same_weights(best_weights(tmp_path / "last" / "resnet18" / "fold0"), last_checkpoint_model(uninterrupted))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_hard_killed_run_resumes_from_last_checkpoint_bit_identical(tmp_path: Path, data_dir: Path,
                                                                    uninterrupted: Path) -> None:
     write_tiny_split(tmp_path, data_dir)
@@ -360,6 +382,24 @@ def test_train_job_reports_a_config_error_without_traceback(tmp_path: Path) -> N
     assert res.returncode == 2
     assert "error: train.precision=fp16 is not supported" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.timeout(30)
+def test_a_validation_replaces_the_kept_weights_when_its_select_metric_is_better() -> None:
+    assert replaces_best("balanced_accuracy", 0.5, 0.4, have_best=True)
+    assert not replaces_best("balanced_accuracy", 0.4, 0.4, have_best=True)  # a tie keeps the earlier epoch
+    assert replaces_best("loss", 0.9, 1.0, have_best=True) and not replaces_best("loss", 1.1, 1.0, have_best=True)
+    assert replaces_best("auroc_macro", 0.1, -1.0, have_best=False)  # the first validation always counts
+    assert not replaces_best("auroc_macro", float("nan"), -1.0, have_best=False)  # undefined never counts
+    assert replaces_best("last", 0.1, 0.9, have_best=True) and replaces_best("last", float("nan"), 0.9, have_best=True)
+
+
+@pytest.mark.timeout(30)
+def test_select_metric_is_checked_when_the_config_is_built() -> None:
+    with pytest.raises(ConfigError, match="train.select_metric must be one of balanced_accuracy, .*, last, not 'auc'"):
+        TrainConfig(select_metric="auc")
+    with pytest.raises(ConfigError, match="early_stop_patience needs a metric to improve"):
+        TrainConfig(select_metric="last", early_stop_patience=3)
 
 
 @pytest.mark.timeout(30)
