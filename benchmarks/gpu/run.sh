@@ -80,10 +80,10 @@ RATE=${RATE:-$(grep -o "real data *[0-9]*" "$LOG" | tail -1 | grep -o "[0-9]*$")
 # References (STAGES containing "ref"): the plain one-split script, one resnet18 per entry
 # of REF_EPOCHS ("cv": as many epochs as the folds), each one more task beside the folds whose
 # images (epochs x ~6,500) come out of the same budget; the comparison after the ensemble needs
-# ~30 s more. A reference keeps its final weights, as a plain script does: it validates only after
-# its last epoch (train.eval_every = its epochs). Picking its best epoch by balanced accuracy on
-# its 725 validation images instead chose a fluke in run 5 (epoch 16 of 40: val 0.616 balanced
-# accuracy but loss 1.49 against 0.99 at the end; test 0.545 / 0.862 against 0.597 / 0.915).
+# ~30 s more. A reference keeps its final weights, as a plain script does
+# (train.select_metric=last). Picking its best epoch by balanced accuracy on its 725 validation
+# images instead chose a fluke in run 5 (epoch 16 of 40: val 0.616 balanced accuracy but loss 1.49
+# against 0.99 at the end; test 0.545 / 0.862 against 0.597 / 0.915).
 RESERVE=$(( $(want compiled && echo 175 || echo 45) + $(want ref && echo 30 || echo 0) ))
 CV_LIMIT=$(( $(left) - RESERVE ))
 STOP_MIN=$($PY -c "print(round(max(1, $CV_LIMIT - 100) / 60, 2))")
@@ -102,7 +102,7 @@ for E in $REF_EPOCHS; do
   say "ref: resnet18, $E epochs on 9 of 10 parts of train+val (split.folds=10 fold=0), final weights, beside the folds"
   timeout --kill-after=10 "$CV_LIMIT" $PY jobs/train.py --config configs/scratch-gpu.yaml run_dir=/tmp/ref-${E}ep \
     data.dir=$DATA model.backbone=resnet18 backbones=[resnet18] split.folds=10 fold=0 train.epochs=$E \
-    train.eval_every=$E train.stop_after_min=$STOP_MIN data.num_workers=$THREADS $CV_EXTRA > "$OUT/ref-${E}ep.log" 2>&1 &
+    train.select_metric=last train.stop_after_min=$STOP_MIN data.num_workers=$THREADS $CV_EXTRA > "$OUT/ref-${E}ep.log" 2>&1 &
   REF_PIDS+=($!)
 done
 say "cv: $CV_BACKBONES x 5 folds, resnet18 real-data rate ${RATE:-?} img/s -> $EPOCHS epochs in ${CV_LIMIT}s (training stops after $STOP_MIN min)"
