@@ -408,12 +408,19 @@ def _unknown_key_error(schema: DictConfig, key: str, origin: str) -> ConfigError
     return ConfigError(f"unknown config key {key!r} ({origin}).{hint} Valid keys: {', '.join(valid)}")
 
 
+def _leaf_written(other: Any, key: str) -> str:
+    """The dotted key as written: OmegaConf names only the first unknown part ('trian' of
+    'trian.epochs'), which neither says what was set nor is close to any valid key."""
+    leaves = _valid_keys(other) if isinstance(other, DictConfig) else []
+    return next((leaf for leaf in leaves if leaf.startswith(key + ".")), key)
+
+
 def _merge_checked(schema: DictConfig, base: DictConfig, other: Any, origin: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except (ConfigKeyError, ConfigAttributeError) as e:
         key = getattr(e, "full_key", None) or str(e)
-        raise _unknown_key_error(schema, key, origin) from None
+        raise _unknown_key_error(schema, _leaf_written(other, key), origin) from None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "") or ""
         msg = str(getattr(e, "msg", None) or e).splitlines()[0]

@@ -30,10 +30,15 @@ def test_misspelled_key_is_rejected_with_the_valid_keys():
     assert "train.epoch" in msg and "Did you mean train.epochs" in msg and "split.test_fraction" in msg
 
 
+def test_misspelled_section_is_reported_with_the_key_as_written_and_its_likely_meaning():
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian\.epochs' \(command line\)\. Did you mean train\.epochs,"):
+        load_config(["trian.epochs=3"])
+
+
 def test_misspelled_key_in_a_yaml_file_names_the_file(tmp_path):
     f = tmp_path / "exp.yaml"
     f.write_text("modle:\n  backbone: vgg16\n")
-    with pytest.raises(ConfigError, match="exp.yaml"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'modle\.backbone' \(.*exp\.yaml\)\. Did you mean model\.backbone"):
         load_config([], config_file=f)
 
 
