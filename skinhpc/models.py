@@ -27,8 +27,9 @@ Pretrained weights (``model.pretrained``):
   never unpickled (a pickle from elsewhere can run code).
 
 When loading weights, a head layer whose shape differs from this model's (ImageNet's 1000 classes vs 7)
-is not loaded and keeps its fresh initialisation; other shape mismatches are an error (a file of a
-different architecture). One log line lists the keys that were re-initialised, missing or unused.
+is not loaded and keeps its fresh initialisation; other shape mismatches, backbone tensors the file
+lacks, and extra blocks inside the model's layers are an error (a file of a different architecture,
+of a smaller or deeper sibling). One log line lists the keys that were re-initialised, missing or unused.
 
 Trained models are stored by ``save_model_file`` as ``model_best.pt`` and read back by
 ``load_model_file`` (format in DESIGN.md).
@@ -368,6 +369,16 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], sourc
                                      f"backbone's {len(own)} tensors ({_short(lacking, 4)}); tensors it has that the "
                                      f"model does not: {_short(unused, 4)} (weights of another architecture or "
                                      f"layout? README, 'Running on a real cluster', shows how to save timm's)")
+    # Extra tensors inside the model's own modules (resnet34's layer1.2.* for resnet18's layer1)
+    # are a deeper sibling's blocks: loading the rest would give a network that was never trained
+    # as such. Extra tensors elsewhere are layers the model replaces (vgg16's FC6/FC7 for
+    # vgg16_gap's 1x1 conv) or has no use for.
+    own_modules = {k.split(".", 1)[0] for k in own if not k.startswith(head)}
+    deeper = [k for k in unused if k.split(".", 1)[0] in own_modules and not k.endswith("num_batches_tracked")]
+    if deeper:
+        raise PretrainedWeightsError(f"{source} does not fit {type(model).__name__}: it has {len(deeper)} tensors "
+                                     f"inside the model's own layers that the model lacks ({_short(deeper, 4)}): "
+                                     f"weights of a deeper variant of the architecture?")
     model.load_state_dict(loadable, strict=False)
     log.info("loaded %d/%d tensors from %s; head re-initialised: %s; fresh (not in the file): %s; "
              "unused: %s", len(loadable), len(own), source, _short(reinit), _short(missing), _short(unused))

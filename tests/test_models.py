@@ -237,6 +237,15 @@ def test_weights_of_a_smaller_sibling_are_refused_not_loaded_in_part(tmp_path):
         create_model(ModelConfig(backbone="resnet34", pretrained=str(path)))
 
 
+@pytest.mark.timeout(60)
+def test_weights_of_a_deeper_sibling_are_refused_not_loaded_in_part(tmp_path):
+    # resnet34's file holds every resnet18 tensor by name and shape, plus more blocks per stage.
+    path = tmp_path / "resnet34.pth"
+    torch.save(timm.create_model("resnet34", pretrained=False).state_dict(), path)
+    with pytest.raises(PretrainedWeightsError, match=r"has \d+ tensors inside the model's own layers .*layer1\.2\."):
+        create_model(ModelConfig(backbone="resnet18", pretrained=str(path)))
+
+
 # --------------------------------------------------------------------------- hub
 
 def _run_isolated(code: str, hf_home: Path) -> subprocess.CompletedProcess:
