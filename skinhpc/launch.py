@@ -180,16 +180,18 @@ def slurm_answers(timeout_s: float = 10.0) -> bool:
 
 def resolve_kind(kind: str) -> str:
     """cluster.kind auto → slurm when a SLURM controller answers, else submitit's local executor."""
+    if kind == "auto" and slurm_answers():
+        kind = "slurm"
     if kind == "auto":
-        if slurm_answers():
-            return "slurm"
         if shutil.which("sbatch"):
             print("note: sbatch is installed but no SLURM controller answers; running locally "
                   "(cluster.kind=local). Start one or set cluster.kind=slurm to insist.", flush=True)
         return "local"
-    if kind == "slurm" and not shutil.which("sbatch"):
-        raise LaunchError("cluster.kind=slurm but sbatch is not on PATH (no SLURM here); "
-                          "use cluster.kind=local or start one with slurm/local/start.sh")
+    # submitit needs srun as well as sbatch (its executor refuses to start without it).
+    missing = [tool for tool in ("sbatch", "srun") if not shutil.which(tool)]
+    if kind == "slurm" and missing:
+        raise LaunchError(f"cluster.kind=slurm but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                          "not on PATH (no SLURM here); use cluster.kind=local or start one with slurm/local/start.sh")
     return kind
 
 

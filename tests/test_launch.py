@@ -363,11 +363,25 @@ def test_sbatch_refusing_a_job_is_a_one_line_error_quoting_it(tmp_path: Path) ->
     (fake / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: Invalid account or account/partition combination' >&2\n"
                                  "exit 1\n")
     (fake / "sbatch").chmod(0o755)
+    (fake / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit looks for it (a machine without SLURM has none)
+    (fake / "srun").chmod(0o755)
     proc = run_launch(["cluster.kind=slurm", f"run_dir={tmp_path / 'exp'}"], cwd=tmp_path,
                       env={"PATH": f"{fake}:{os.environ['PATH']}"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert re.search(r"error: sbatch refused the (conversion job|training array): sbatch: error: Invalid account",
                      proc.stderr), proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_slurm_launch_without_srun_on_path_says_so_without_a_traceback(tmp_path: Path) -> None:
+    only_sbatch = tmp_path / "bin"
+    only_sbatch.mkdir()
+    (only_sbatch / "sbatch").write_text("#!/bin/sh\nexit 1\n")
+    (only_sbatch / "sbatch").chmod(0o755)
+    proc = run_launch(["cluster.kind=slurm", f"run_dir={tmp_path / 'exp'}"], cwd=tmp_path,
+                      env={"PATH": str(only_sbatch)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "error: cluster.kind=slurm but srun is not on PATH (no SLURM here)" in proc.stderr
 
 
 @pytest.mark.timeout(120)
