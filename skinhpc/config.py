@@ -610,6 +610,51 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+INPUTS_NAME = "inputs.json"  # beside a fold's config.yaml: size and sha256 of the input files it used
+
+
+def input_file_path(value: str, key: str) -> Path | None:
+    """The file a FILE_KEYS value names (None for none, the hub or a missing file)."""
+    if key == "model.pretrained":
+        value = pretrained_source(value)
+    value = value.strip()
+    if not value or (key == "model.pretrained" and value == "hub"):
+        return None
+    path = Path(value).expanduser().resolve()
+    return path if path.is_file() else None
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256_file, once per file version (a launch checks every task's weights file)."""
+    return sha256_file(path)
+
+
+def input_file_digests(cfg: Any) -> dict[str, dict[str, Any]]:
+    """{key: {"path", "size", "sha256"}} of each input file the config names (FILE_KEYS)."""
+    out = {}
+    for key in FILE_KEYS:
+        path = input_file_path(_dotted(cfg, key), key)
+        if path is not None:
+            st = path.stat()
+            out[key] = {"path": str(path), "size": st.st_size, "sha256": _sha256_of(path, st.st_size, st.st_mtime_ns)}
+    return out
+
+
+def _edited_inputs(fold_dir: Path, cfg: Any) -> list[str]:
+    """Input files that still have the name a fold trained with but not its content (replaced or
+    edited in place), by the fold's inputs.json; none when it has none (folds from before it)."""
+    try:
+        recorded = json.loads((fold_dir / INPUTS_NAME).read_text())
+    except (OSError, ValueError):
+        return []
+    now = input_file_digests(cfg)
+    return [f"{key}: {now[key]['path']} changed since the fold trained on it (sha256 {rec.get('sha256', '?')[:12]}... "
+            f"-> {now[key]['sha256'][:12]}...)" for key, rec in recorded.items()
+            if isinstance(rec, dict) and key in now and now[key]["path"] == rec.get("path")
+            and now[key]["sha256"] != rec.get("sha256")]
+
+
 def same_input_file(saved: str, now: str, key: str) -> bool:
     """Do two values of a FILE_KEYS key give the same input? The same kind (none, hub, file), and
     for files the same path, else the same content; when the saved file is gone (a moved run) the
@@ -673,6 +718,7 @@ def fold_config_conflicts(fold_dir: str | Path, cfg: Any) -> str:
     if saved is not None:
         changed += [f"{k}: {_dotted(saved, k)!r} -> {_dotted(cfg, k)!r}" for k in FILE_KEYS
                     if not same_input_file(_dotted(saved, k), _dotted(cfg, k), k)]
+        changed += _edited_inputs(Path(fold_dir), cfg)
     return mixed_config_refusal(fold_dir, "trained", changed) if changed else ""
 
 

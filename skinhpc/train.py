@@ -61,8 +61,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from skinhpc import CLASSES, checkpoint, distributed
-from skinhpc.config import (ConfigError, ExperimentConfig, TrainConfig, absolute_paths, atomic_write_text,
-                            fold_config_conflicts, for_backbone, pretrained_source, save_config)
+from skinhpc.config import (INPUTS_NAME, ConfigError, ExperimentConfig, TrainConfig, absolute_paths,
+                            atomic_write_text, fold_config_conflicts, for_backbone, input_file_digests,
+                            pretrained_source, save_config)
 from skinhpc.distributed import DistEnv
 from skinhpc.rundir import LOG_NAME, METRICS_NAME, finished_metrics, read_log
 
@@ -509,6 +510,9 @@ class FoldTrainer:
         self._resume()
         if env.is_main:  # only once a checkpoint, if any, is known to suit these settings
             save_config(self.cfg, out / "config.yaml")
+            # The content of the weights and DeepSpeed files, for a relaunch to compare with
+            # (config.yaml holds their names only, and a file can be replaced under its name).
+            atomic_write_text(out / INPUTS_NAME, json.dumps(input_file_digests(self.cfg), indent=1) + "\n")
         self._open_logs()
         self._t0 = time.monotonic()  # train.stop_after_min counts this job's training, not its set-up
         self._first_epoch = self.state["epoch"]

@@ -427,6 +427,30 @@ def test_a_fold_trained_from_other_weights_is_refused_but_the_same_weights_moved
                                                                        "train.deepspeed.config=ds.json"))
 
 
+@pytest.mark.timeout(60)
+def test_a_weights_or_deepspeed_file_replaced_under_its_name_since_the_fold_trained_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from skinhpc.config import INPUTS_NAME, fold_config_conflicts, input_file_digests
+    monkeypatch.chdir(tmp_path)
+    weights, ds = tmp_path / "a.pth", tmp_path / "ds.json"
+    weights.write_bytes(b"A" * 100)
+    ds.write_text('{"zero_optimization": {"stage": 1}}')
+    fold = tmp_path / "exp" / "resnet18" / "fold0"
+    cfg = absolute_paths(load_config([f"run_dir={tmp_path / 'exp'}", "fold=0", "model.pretrained=a.pth",
+                                      "train.strategy=deepspeed", "train.deepspeed.config=ds.json"]))
+    save_config(cfg, fold / "config.yaml")
+    assert fold_config_conflicts(fold, cfg) == ""  # a fold from before inputs.json: names only
+    (fold / INPUTS_NAME).write_text(json.dumps(input_file_digests(cfg)))  # what train_fold records
+    assert fold_config_conflicts(fold, cfg) == ""
+    weights.write_bytes(b"B" * 100)  # other weights under the same name and size
+    os.utime(weights, ns=(1, 1))
+    assert "model.pretrained: " + str(weights) + " changed since the fold trained on it" in fold_config_conflicts(fold, cfg)
+    weights.write_bytes(b"A" * 100)
+    assert fold_config_conflicts(fold, cfg) == ""
+    ds.write_text('{"zero_optimization": {"stage": 2}}')  # edited in place
+    assert "train.deepspeed.config: " + str(ds) + " changed" in fold_config_conflicts(fold, cfg)
+
+
 @pytest.mark.timeout(120)
 def test_each_backbone_gets_its_own_weights_file_and_a_missing_one_is_refused_at_launch(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -162,6 +162,7 @@ def test_single_process_fold_learns_and_writes_the_fold_layout(tmp_path: Path, d
     assert log[-1]["train_loss"] < 0.5 * log[0]["train_loss"]
     for name in ("config.yaml", "model_best.pt", "predictions_val.npz", "predictions_test.npz", "metrics.json"):
         assert (out / name).is_file(), name
+    assert json.loads((out / "inputs.json").read_text()) == {}  # trained from scratch: no input files
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert (out / "checkpoints" / "best" / "meta.json").is_file()
     assert len(list_checkpoints(out / "checkpoints")) == cfg.train.checkpoint.keep_last
