@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from skinhpc import CONFIG_DIR
@@ -415,9 +415,20 @@ def _leaf_written(other: Any, key: str) -> str:
     return next((leaf for leaf in leaves if leaf.startswith(key + ".")), key)
 
 
+def _one_item_lists(schema: DictConfig, other: Any) -> Any:
+    """A list key given one value (data.images=/data/ham, backbones=vgg16) means a list of it."""
+    if not isinstance(other, DictConfig):
+        return other
+    for key in _valid_keys(other):
+        value = OmegaConf.select(other, key)
+        if isinstance(OmegaConf.select(schema, key), ListConfig) and isinstance(value, (str, int, float)):
+            OmegaConf.update(other, key, [value], merge=False)
+    return other
+
+
 def _merge_checked(schema: DictConfig, base: DictConfig, other: Any, origin: str) -> DictConfig:
     try:
-        return OmegaConf.merge(base, other)
+        return OmegaConf.merge(base, _one_item_lists(schema, other))
     except (ConfigKeyError, ConfigAttributeError) as e:
         key = getattr(e, "full_key", None) or str(e)
         raise _unknown_key_error(schema, _leaf_written(other, key), origin) from None

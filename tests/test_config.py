@@ -23,6 +23,14 @@ def test_overrides_beat_file_beat_preset(tmp_path):
     assert (cfg.train.epochs, cfg.train.batch_size) == (7, 8)
 
 
+def test_a_list_key_given_one_value_is_a_list_of_that_value(tmp_path):
+    cfg = load_config(["data.images=/data/ham/images", "data.metadata=/data/ham/meta.csv", "backbones=vgg16"])
+    assert cfg.data.images == ["/data/ham/images"] and cfg.backbones == ["vgg16"]
+    f = tmp_path / "exp.yaml"
+    f.write_text("data:\n  images: /data/ham/images\n  metadata: /data/ham/meta.csv\n")
+    assert load_config([], config_file=f).data.images == ["/data/ham/images"]
+
+
 def test_misspelled_key_is_rejected_with_the_valid_keys():
     with pytest.raises(ConfigError) as e:
         load_config(["train.epoch=3"])
