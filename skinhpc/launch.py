@@ -451,6 +451,17 @@ def index_rows(cfg: ExperimentConfig, converted: bool) -> Any:
                       "(data.images, data.metadata): nothing to convert")
 
 
+def checked_inputs(cfg: ExperimentConfig, converted: bool) -> Any:
+    """``index_rows``, once every image folder of a pending conversion is known to exist: what the
+    launch reads on the login node, so that a wrong path fails here, not in the conversion job
+    after its wait in the queue."""
+    if not converted:
+        missing = [d for d in cfg.data.images if not Path(d).is_dir()]
+        if missing:
+            raise LaunchError(f"data.images: image folder not found: {', '.join(missing)}")
+    return index_rows(cfg, converted)
+
+
 # --------------------------------------------------------------------------- SLURM queries
 
 def _run(cmd: list[str]) -> str:
@@ -721,7 +732,7 @@ def _prepare_run(cfg: ExperimentConfig, converted: bool) -> None:
     """Split (once) and the run's config, both saved in the run directory before any job starts."""
     from skinhpc.split import ensure_split
 
-    ensure_split(cfg.run_dir, index_rows(cfg, converted), cfg.split)
+    ensure_split(cfg.run_dir, checked_inputs(cfg, converted), cfg.split)
     save_config(cfg, Path(cfg.run_dir) / "config.yaml")
 
 
@@ -902,6 +913,7 @@ def _dry_run(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]) -> P
     run_dir = Path(cfg.run_dir)
     jobs = read_jobs(run_dir)
     plan = make_plan(cfg, kind, jobs, query_jobs(recorded_job_ids(jobs)) if kind == "slurm" else {})
+    checked_inputs(cfg, converted=plan.convert == "skip")  # the real launch's first reads
     echo("DRY RUN: nothing is submitted")
     for line in plan.lines():
         echo(line)

@@ -61,6 +61,20 @@ def test_dry_run_prints_plan_and_sbatch_scripts_matching_golden_file(tmp_path: P
 
 
 @pytest.mark.timeout(60)
+def test_dry_run_checks_the_data_paths_the_launch_would_read(tmp_path: Path) -> None:
+    run_dir = tmp_path / "exp"
+    meta = tmp_path / "meta.csv"
+    proc = run_launch(["--dry-run", f"run_dir={run_dir}", f"data.images={tmp_path / 'nope'}",
+                       f"data.metadata={meta}"], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"error: data.images: image folder not found: {tmp_path / 'nope'}" in proc.stderr
+    proc = run_launch(["--dry-run", f"run_dir={run_dir}", f"data.images={tmp_path}", f"data.metadata={meta}"],
+                      cwd=tmp_path)
+    assert proc.returncode == 2 and f"{meta}: metadata CSV not found" in proc.stderr, proc.stderr
+    assert not run_dir.exists(), "a dry run must not write anything"
+
+
+@pytest.mark.timeout(60)
 def test_golden_training_array_requests_nodes_gpus_and_profile_settings() -> None:
     text = (GOLDEN / "dry_run_gpu_cluster.txt").read_text()
     array = text.split("----- sbatch script: training array")[1].split("-----")[0]
