@@ -62,7 +62,7 @@ from submitit.core.utils import FailedJobError
 from submitit.slurm.slurm import _make_sbatch_string
 
 from skinhpc import REPO_DIR, SAMPLE_METADATA
-from skinhpc.rundir import LOG_NAME, finished_metrics, read_json, read_log
+from skinhpc.rundir import LOG_NAME, finished_metrics, kept_val_balanced_accuracy, read_json, read_log
 from skinhpc.config import (
     ClusterConfig,
     ConfigError,
@@ -963,10 +963,8 @@ def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict
         state = "failed" if state == "completed" else state  # ended without metrics.json
         state = "blocked" if dependency_never_satisfied(infos.get(job)) else state  # its conversion failed
     epoch = f"{max(int(r.get('epoch', 0)) for r in rows) + 1}/{cfg.train.epochs}" if rows else f"0/{cfg.train.epochs}"
-    accs = [r["val_balanced_accuracy"] for r in rows if isinstance(r.get("val_balanced_accuracy"), (int, float))]
-    if metrics and isinstance(metrics.get("val"), dict) and "balanced_accuracy" in metrics["val"]:
-        accs.append(metrics["val"]["balanced_accuracy"])
-    best = f"{max(accs):.4f}" if accs else "-"
+    kept = kept_val_balanced_accuracy(rows, metrics, cfg.train.select_metric)
+    best = f"{kept:.4f}" if kept is not None else "-"
     log = entry.get("err", "") if state in ("failed", "cancelled") else entry.get("log", "")
     return TaskStatus(t, job or "-", state, epoch, best, log or str(t.dir(run_dir) / LOG_NAME))
 
@@ -982,7 +980,7 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
         cfg = dataclasses.replace(cfg, backbones=saved_cfg.backbones, split=saved_cfg.split, train=saved_cfg.train)
     infos = query_jobs(recorded_job_ids(jobs))
     rows = [_task_row(cfg, t, jobs["tasks"].get(t.key, {}), infos) for t in experiment_tasks(cfg)]
-    head = ("backbone", "fold", "job", "state", "epoch", "best val bacc", "log")
+    head = ("backbone", "fold", "job", "state", "epoch", "kept val bacc", "log")
     table = [head] + [(r.task.backbone, str(r.task.fold), r.job_id, r.state, r.epoch, r.best_val_bacc, r.log) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
     lines = [f"run dir: {run_dir}" + ("" if run_dir.is_dir() else " (does not exist: nothing launched there yet)")]

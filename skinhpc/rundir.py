@@ -6,6 +6,7 @@ import it.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +47,34 @@ def read_log(path: Path) -> list[dict[str, Any]]:
         if isinstance(entry, dict) and "epoch" in entry:
             out.append(entry)
     return out
+
+
+def replaces_best(select_metric: str, value: float, best: float, have_best: bool) -> bool:
+    """Does a validation scoring ``value`` on ``select_metric`` (train.select_metric) replace the
+    kept weights? ``last``: always; loss: when lower; the others: when higher. NaN (a metric
+    undefined on this validation set) never does."""
+    if select_metric == "last":
+        return True
+    if math.isnan(value):
+        return False
+    if not have_best:
+        return True
+    return value < best if select_metric == "loss" else value > best
+
+
+def kept_val_balanced_accuracy(rows: list[dict[str, Any]], metrics: dict[str, Any] | None,
+                               select_metric: str) -> float | None:
+    """Val balanced accuracy of the weights a fold keeps: metrics.json's once it is done, else
+    that of the validated epoch in ``rows`` (log.jsonl) that train.select_metric picks so far."""
+    val = (metrics or {}).get("val")
+    if isinstance(val, dict) and isinstance(val.get("balanced_accuracy"), (int, float)):
+        return float(val["balanced_accuracy"])
+    key = "val_balanced_accuracy" if select_metric == "last" else f"val_{select_metric}"
+    kept, best = None, float("nan")
+    for row in rows:
+        if not isinstance(row.get("val_balanced_accuracy"), (int, float)):
+            continue  # an epoch without validation
+        value = float(row[key]) if isinstance(row.get(key), (int, float)) else float("nan")
+        if replaces_best(select_metric, value, best, have_best=kept is not None):
+            kept, best = float(row["val_balanced_accuracy"]), value
+    return kept

@@ -65,7 +65,7 @@ from skinhpc.config import (INPUTS_NAME, ConfigError, ExperimentConfig, TrainCon
                             atomic_write_text, fold_config_conflicts, for_backbone, input_file_digests,
                             pretrained_source, save_config)
 from skinhpc.distributed import DistEnv
-from skinhpc.rundir import LOG_NAME, METRICS_NAME, finished_metrics, read_log
+from skinhpc.rundir import LOG_NAME, METRICS_NAME, finished_metrics, read_log, replaces_best
 
 PREEMPT_ENV = "SKINHPC_TEST_PREEMPT_AT_STEP"
 KILL_ENV = "SKINHPC_TEST_KILL_AT_STEP"
@@ -242,19 +242,6 @@ def train_accuracies(class_correct: Sequence[float], class_seen: Sequence[float]
     accuracy = sum(class_correct) / max(1.0, float(sum(class_seen)))
     balanced = sum(c / n for c, n in seen) / len(seen) if seen else 0.0
     return accuracy, balanced
-
-
-def replaces_best(select_metric: str, value: float, best: float, have_best: bool) -> bool:
-    """Does a validation scoring ``value`` on ``select_metric`` replace the kept weights? ``last``:
-    always; loss: when lower; the others: when higher. NaN (a metric undefined on this validation
-    set) never does."""
-    if select_metric == "last":
-        return True
-    if math.isnan(value):
-        return False
-    if not have_best:
-        return True
-    return value < best if select_metric == "loss" else value > best
 
 
 def _as_float(value: Any) -> float:

@@ -60,6 +60,22 @@ def test_dry_run_prints_plan_and_sbatch_scripts_matching_golden_file(tmp_path: P
     assert not run_dir.exists(), "a dry run must not write anything"
 
 
+@pytest.mark.timeout(30)
+def test_status_shows_the_val_balanced_accuracy_of_the_epoch_the_select_metric_keeps() -> None:
+    from skinhpc.rundir import kept_val_balanced_accuracy
+    rows = [{"epoch": 0, "val_balanced_accuracy": 0.30, "val_loss": 1.2, "val_auroc_macro": 0.80},
+            {"epoch": 1, "val_balanced_accuracy": None, "val_loss": None},  # not validated
+            {"epoch": 2, "val_balanced_accuracy": 0.50, "val_loss": 1.4, "val_auroc_macro": 0.70},
+            {"epoch": 3, "val_balanced_accuracy": 0.40, "val_loss": 1.0, "val_auroc_macro": 0.75}]
+    assert kept_val_balanced_accuracy(rows, None, "balanced_accuracy") == 0.50
+    assert kept_val_balanced_accuracy(rows, None, "loss") == 0.40
+    assert kept_val_balanced_accuracy(rows, None, "auroc_macro") == 0.30
+    assert kept_val_balanced_accuracy(rows, None, "last") == 0.40
+    assert kept_val_balanced_accuracy(rows[:2], None, "last") == 0.30
+    assert kept_val_balanced_accuracy([], None, "loss") is None
+    assert kept_val_balanced_accuracy(rows, {"status": "done", "val": {"balanced_accuracy": 0.45}}, "loss") == 0.45
+
+
 @pytest.mark.timeout(60)
 def test_dry_run_checks_the_data_paths_the_launch_would_read(tmp_path: Path) -> None:
     run_dir = tmp_path / "exp"

@@ -26,8 +26,9 @@ from skinhpc.config import ConfigError, SplitConfig, TrainConfig, load_config
 from skinhpc.convert import read_index
 from skinhpc.split import SPLIT_NAME
 from skinhpc.models import backbone_and_head_params, create_model
+from skinhpc.rundir import replaces_best
 from skinhpc.train import (KILL_ENV, PREEMPT_ENV, FoldTrainer, PreemptionFlag, class_weights, fold_dir, lr_at, make_criterion,
-                           replaces_best, time_box_reached, train_accuracies, train_fold, upgrade_loop_state)
+                           time_box_reached, train_accuracies, train_fold, upgrade_loop_state)
 
 PYTHON = sys.executable
 TIMING_KEYS = {"images_per_s", "data_wait_frac", "peak_mem_gb", "time_s"}
