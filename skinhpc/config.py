@@ -415,20 +415,26 @@ def _leaf_written(other: Any, key: str) -> str:
     return next((leaf for leaf in leaves if leaf.startswith(key + ".")), key)
 
 
-def _one_item_lists(schema: DictConfig, other: Any) -> Any:
-    """A list key given one value (data.images=/data/ham, backbones=vgg16) means a list of it."""
+def _one_item_lists(schema: DictConfig, other: Any, origin: str) -> Any:
+    """A list key given one value (data.images=/data/ham, backbones=vgg16) means a list of it; one
+    value with commas (backbones=resnet18,vgg16) is refused, as it reads as a list without brackets."""
     if not isinstance(other, DictConfig):
         return other
     for key in _valid_keys(other):
         value = OmegaConf.select(other, key)
-        if isinstance(OmegaConf.select(schema, key), ListConfig) and isinstance(value, (str, int, float)):
-            OmegaConf.update(other, key, [value], merge=False)
+        if not isinstance(OmegaConf.select(schema, key), ListConfig) or isinstance(value, bool) \
+                or not isinstance(value, (str, int, float)):
+            continue
+        if isinstance(value, str) and "," in value:
+            raise ConfigError(f"{key} is a list ({origin}): write it in brackets, {key}=[{value}] "
+                              f"(in YAML: {key.rsplit('.', 1)[-1]}: [{value}])")
+        OmegaConf.update(other, key, [value], merge=False)
     return other
 
 
 def _merge_checked(schema: DictConfig, base: DictConfig, other: Any, origin: str) -> DictConfig:
     try:
-        return OmegaConf.merge(base, _one_item_lists(schema, other))
+        return OmegaConf.merge(base, _one_item_lists(schema, other, origin))
     except (ConfigKeyError, ConfigAttributeError) as e:
         key = getattr(e, "full_key", None) or str(e)
         raise _unknown_key_error(schema, _leaf_written(other, key), origin) from None

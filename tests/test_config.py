@@ -29,6 +29,9 @@ def test_a_list_key_given_one_value_is_a_list_of_that_value(tmp_path):
     f = tmp_path / "exp.yaml"
     f.write_text("data:\n  images: /data/ham/images\n  metadata: /data/ham/meta.csv\n")
     assert load_config([], config_file=f).data.images == ["/data/ham/images"]
+    with pytest.raises(ConfigError, match=r"backbones is a list \(command line\): write it in brackets, "
+                                          r"backbones=\[resnet18,resnet34\]"):
+        load_config(["backbones=resnet18,resnet34"])
 
 
 def test_misspelled_key_is_rejected_with_the_valid_keys():
