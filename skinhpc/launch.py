@@ -403,6 +403,12 @@ def check_task_configs(cfg: ExperimentConfig, tasks: list[Task]) -> None:
     """Refuse a launch that would resume or reuse a fold trained with other settings (e.g. by hand
     with jobs/train.py in a run directory the launcher has no config of)."""
     run_dir = Path(cfg.run_dir)
+    if tasks:  # a backbone timm does not know would fail its tasks only after their wait in the queue
+        from skinhpc.models import unknown_backbone  # imports torch and timm: only when there is work
+
+        unknown = [why for b in sorted({t.backbone for t in tasks}) if (why := unknown_backbone(b))]
+        if unknown:
+            raise LaunchError("\n".join(unknown))
     configs = {t: task_config(cfg, t) for t in tasks}
     conflicts = [c for t, c_ in configs.items() if (c := fold_config_conflicts(t.dir(run_dir), c_))]
     if conflicts:

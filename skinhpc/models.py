@@ -149,14 +149,21 @@ def create_model(model_cfg: ModelConfig, num_classes: int = len(CLASSES)) -> nn.
     return model
 
 
+def unknown_backbone(name: str) -> str:
+    """Why ``name`` names no model ("" when it does: vgg16_gap or a timm model), with close names."""
+    if name == "vgg16_gap" or timm.is_model(name):
+        return ""
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Similar timm names: {', '.join(close)}." if close else ""
+    return f"model.backbone={name!r} is neither a timm model nor vgg16_gap.{hint}"
+
+
 def _build(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
     """The randomly initialised network."""
     if model_cfg.backbone == "vgg16_gap":
         return VGG16GAP(num_classes, model_cfg.gap_filters, model_cfg.drop_rate)
-    if not timm.is_model(model_cfg.backbone):
-        close = difflib.get_close_matches(model_cfg.backbone, timm.list_models(), n=5, cutoff=0.6)
-        hint = f" Similar timm names: {', '.join(close)}." if close else ""
-        raise ValueError(f"model.backbone={model_cfg.backbone!r} is neither a timm model nor vgg16_gap.{hint}")
+    if unknown_backbone(model_cfg.backbone):
+        raise ValueError(unknown_backbone(model_cfg.backbone))
     return timm.create_model(model_cfg.backbone, pretrained=False, num_classes=num_classes,
                              drop_rate=model_cfg.drop_rate, **_size_kwargs(model_cfg))
 

@@ -77,6 +77,17 @@ def test_status_shows_the_val_balanced_accuracy_of_the_epoch_the_select_metric_k
 
 
 @pytest.mark.timeout(60)
+def test_a_misspelled_backbone_is_refused_at_launch_not_in_its_jobs(tmp_path: Path) -> None:
+    run_dir = tmp_path / "exp"
+    for args in (["--dry-run"], ["cluster.kind=local"]):
+        proc = run_launch([*args, f"run_dir={run_dir}", "backbones=[resnet81,vgg16_gap]"], cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "error: model.backbone='resnet81' is neither a timm model nor vgg16_gap. Similar timm names: resnet18" \
+            in proc.stderr
+        assert not (run_dir / "launch" / "jobs.json").exists()
+
+
+@pytest.mark.timeout(60)
 def test_dry_run_checks_the_data_paths_the_launch_would_read(tmp_path: Path) -> None:
     run_dir = tmp_path / "exp"
     meta = tmp_path / "meta.csv"
