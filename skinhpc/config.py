@@ -648,9 +648,12 @@ def _sha256_of(path: Path, size: int, mtime_ns: int) -> str:
 
 
 def input_file_digests(cfg: Any) -> dict[str, dict[str, Any]]:
-    """{key: {"path", "size", "sha256"}} of each input file the config names (FILE_KEYS)."""
+    """{key: {"path", "size", "sha256"}} of each input file the config names (FILE_KEYS) and uses
+    (the DeepSpeed file under train.strategy=deepspeed only)."""
     out = {}
     for key in FILE_KEYS:
+        if key == "train.deepspeed.config" and cfg.train.strategy != "deepspeed":
+            continue  # not read under DDP
         path = input_file_path(_dotted(cfg, key), key)
         if path is not None:
             st = path.stat()
@@ -665,11 +668,19 @@ def _edited_inputs(fold_dir: Path, cfg: Any) -> list[str]:
         recorded = json.loads((fold_dir / INPUTS_NAME).read_text())
     except (OSError, ValueError):
         return []
+    if not isinstance(recorded, dict):  # damaged: no record to compare with, as for older folds
+        return []
     now = input_file_digests(cfg)
-    return [f"{key}: {now[key]['path']} changed since the fold trained on it (sha256 {rec.get('sha256', '?')[:12]}... "
+    return [f"{key}: {now[key]['path']} changed since the fold trained on it (sha256 {rec['sha256'][:12]}... "
             f"-> {now[key]['sha256'][:12]}...)" for key, rec in recorded.items()
-            if isinstance(rec, dict) and key in now and now[key]["path"] == rec.get("path")
-            and now[key]["sha256"] != rec.get("sha256")]
+            if isinstance(rec, dict) and isinstance(rec.get("sha256"), str) and key in now
+            and now[key]["path"] == rec.get("path") and now[key]["sha256"] != rec["sha256"]]
+
+
+def input_file_changes(saved: Any, cfg: Any) -> list[str]:
+    """FILE_KEYS whose values in two configs name different inputs ("key: saved -> now")."""
+    return [f"{k}: {_dotted(saved, k)!r} -> {_dotted(cfg, k)!r}" for k in FILE_KEYS
+            if not same_input_file(_dotted(saved, k), _dotted(cfg, k), k)]
 
 
 def same_input_file(saved: str, now: str, key: str) -> bool:
@@ -733,9 +744,7 @@ def fold_config_conflicts(fold_dir: str | Path, cfg: Any) -> str:
     except ConfigError as e:
         return str(e)
     if saved is not None:
-        changed += [f"{k}: {_dotted(saved, k)!r} -> {_dotted(cfg, k)!r}" for k in FILE_KEYS
-                    if not same_input_file(_dotted(saved, k), _dotted(cfg, k), k)]
-        changed += _edited_inputs(Path(fold_dir), cfg)
+        changed += input_file_changes(saved, cfg) + _edited_inputs(Path(fold_dir), cfg)
     return mixed_config_refusal(fold_dir, "trained", changed) if changed else ""
 
 

@@ -65,11 +65,13 @@ from skinhpc import REPO_DIR, SAMPLE_METADATA
 from skinhpc.rundir import LOG_NAME, finished_metrics, kept_val_balanced_accuracy, read_json, read_log
 from skinhpc.config import (
     ClusterConfig,
+    FILE_KEYS,
     ConfigError,
     ExperimentConfig,
     absolute_paths,
     atomic_write_text,
     fold_config_conflicts,
+    input_file_changes,
     for_backbone,
     mixed_config_refusal,
     pretrained_source,
@@ -156,11 +158,15 @@ def load_launch_config(overrides: list[str], config_file: str | None = None,
 def check_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
     """Refuse a launch whose results could not be mixed with those already in ``run_dir``."""
     try:
-        saved, changed = saved_config_changes(run_dir / "config.yaml", cfg, result_keys(cfg))
+        # Input files are compared by what they name (a moved weights file is the same input), as
+        # for each fold; everything else as text.
+        saved, changed = saved_config_changes(run_dir / "config.yaml", cfg,
+                                              [k for k in result_keys(cfg) if k not in FILE_KEYS])
     except ConfigError as e:
         raise LaunchError(str(e)) from None
     if saved is None:
         return
+    changed += input_file_changes(saved, cfg)
     procs = [c.nodes * c.gpus_per_node for c in (saved.cluster, cfg.cluster)]
     if procs[0] != procs[1]:  # train.batch_size is per process: the global batch, and checkpoints, differ
         changed.append(f"processes per task (cluster.nodes x cluster.gpus_per_node): {procs[0]} -> {procs[1]}")
@@ -180,6 +186,7 @@ def slurm_answers(timeout_s: float = 10.0) -> bool:
 
 def resolve_kind(kind: str) -> str:
     """cluster.kind auto → slurm when a SLURM controller answers, else submitit's local executor."""
+    asked = kind
     if kind == "auto" and slurm_answers():
         kind = "slurm"
     if kind == "auto":
@@ -190,8 +197,9 @@ def resolve_kind(kind: str) -> str:
     # submitit needs srun as well as sbatch (its executor refuses to start without it).
     missing = [tool for tool in ("sbatch", "srun") if not shutil.which(tool)]
     if kind == "slurm" and missing:
-        raise LaunchError(f"cluster.kind=slurm but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
-                          "not on PATH (no SLURM here); use cluster.kind=local or start one with slurm/local/start.sh")
+        why = "cluster.kind=slurm" if asked == "slurm" else "a SLURM controller answers (cluster.kind=auto)"
+        raise LaunchError(f"{why} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on PATH "
+                          "(no SLURM here); use cluster.kind=local or start one with slurm/local/start.sh")
     return kind
 
 

@@ -3,6 +3,7 @@ and the local (LocalExecutor) mode end to end. The SLURM integration tests are i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -469,6 +470,23 @@ def test_a_fold_trained_from_other_weights_is_refused_but_the_same_weights_moved
 
 
 @pytest.mark.timeout(60)
+def test_a_relaunch_accepts_the_weights_files_moved_but_not_other_ones(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from skinhpc.launch import LaunchError, check_compatible
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "exp"
+
+    def cfg(pretrained: str) -> ExperimentConfig:
+        return absolute_paths(load_config([f"run_dir={run_dir}", f"model.pretrained={pretrained}"]))
+
+    save_config(cfg("w/{backbone}.pth"), run_dir / "config.yaml")  # as the launch saved it
+    check_compatible(run_dir, cfg("w2/{backbone}.pth"))  # the same files, moved
+    for other in ("w2/{backbone}-in21k.pth", "true", "false"):
+        with pytest.raises(LaunchError, match="model.pretrained"):
+            check_compatible(run_dir, cfg(other))
+
+
+@pytest.mark.timeout(60)
 def test_a_weights_or_deepspeed_file_replaced_under_its_name_since_the_fold_trained_is_refused(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from skinhpc.config import INPUTS_NAME, fold_config_conflicts, input_file_digests
@@ -490,6 +508,11 @@ def test_a_weights_or_deepspeed_file_replaced_under_its_name_since_the_fold_trai
     assert fold_config_conflicts(fold, cfg) == ""
     ds.write_text('{"zero_optimization": {"stage": 2}}')  # edited in place
     assert "train.deepspeed.config: " + str(ds) + " changed" in fold_config_conflicts(fold, cfg)
+    ddp = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, strategy="ddp"))
+    assert list(input_file_digests(ddp)) == ["model.pretrained"]  # DDP never reads the DeepSpeed file
+    for damaged in ("[]", "null", '{"model.pretrained": {"path": "%s", "sha256": null}}' % weights):
+        (fold / INPUTS_NAME).write_text(damaged)
+        assert fold_config_conflicts(fold, cfg) == "", damaged  # no usable record: names only, as for older folds
 
 
 @pytest.mark.timeout(120)
