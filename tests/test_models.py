@@ -228,22 +228,19 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
         create_model(ModelConfig(backbone="resnet18", pretrained=str(path)))
 
 
+# resnet18's tensors all fit resnet34 by name and shape, but cover only half of its blocks;
+# resnet34's file holds every resnet18 tensor, plus more blocks per stage.
 @pytest.mark.timeout(60)
-def test_weights_of_a_smaller_sibling_are_refused_not_loaded_in_part(tmp_path):
-    # resnet18's tensors all fit resnet34 by name and shape, but cover only half of its blocks.
-    path = tmp_path / "resnet18.pth"
-    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
-    with pytest.raises(PretrainedWeightsError, match=r"lacks \d+ of the backbone's .*layer1\.2\."):
-        create_model(ModelConfig(backbone="resnet34", pretrained=str(path)))
-
-
-@pytest.mark.timeout(60)
-def test_weights_of_a_deeper_sibling_are_refused_not_loaded_in_part(tmp_path):
-    # resnet34's file holds every resnet18 tensor by name and shape, plus more blocks per stage.
-    path = tmp_path / "resnet34.pth"
-    torch.save(timm.create_model("resnet34", pretrained=False).state_dict(), path)
-    with pytest.raises(PretrainedWeightsError, match=r"has \d+ tensors inside the model's own layers .*layer1\.2\."):
-        create_model(ModelConfig(backbone="resnet18", pretrained=str(path)))
+@pytest.mark.parametrize("file_arch, model_arch, message", [
+    ("resnet18", "resnet34", r"lacks \d+ of the backbone's .*layer1\.2\."),
+    ("resnet34", "resnet18", r"has \d+ tensors inside the model's own layers .*layer1\.2\."),
+])
+def test_weights_of_a_smaller_or_deeper_sibling_are_refused_not_loaded_in_part(
+        tmp_path, file_arch, model_arch, message):
+    path = tmp_path / f"{file_arch}.pth"
+    torch.save(timm.create_model(file_arch, pretrained=False).state_dict(), path)
+    with pytest.raises(PretrainedWeightsError, match=message):
+        create_model(ModelConfig(backbone=model_arch, pretrained=str(path)))
 
 
 # --------------------------------------------------------------------------- hub
