@@ -373,19 +373,48 @@ def _matches(out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | Non
                        and manifest["ffcv"] == fingerprint["settings"])
         if not same_inputs or (manifest["beton"] is None and not ffcv_import_error()):
             return None
-        files = ((BETON_NAME, "beton"), (INDEX_NAME, "index")) if manifest["beton"] is not None else ((INDEX_NAME, "index"),)
-        for name, key in files:
-            path = out_dir / name
-            if path.stat().st_size != manifest[key]["size"] or sha256_file(path) != manifest[key]["sha256"]:
-                return None
+        return manifest if _files_intact(out_dir, manifest) else None
     except (OSError, KeyError, TypeError, ValueError, InputError):
         return None
-    return manifest
+
+
+def _files_intact(out_dir: Path, manifest: dict[str, Any]) -> bool:
+    """The .beton (when there is one) and index.csv have the size and sha256 the manifest records."""
+    files = ((BETON_NAME, "beton"), (INDEX_NAME, "index")) if manifest["beton"] is not None else ((INDEX_NAME, "index"),)
+    for name, key in files:
+        path = out_dir / name
+        if path.stat().st_size != manifest[key]["size"] or sha256_file(path) != manifest[key]["sha256"]:
+            return False
+    return True
+
+
+def kept_without_sources(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str | Path, *,
+                         max_resolution: int = 256, write_mode: str = "jpg", jpeg_quality: int = 90
+                         ) -> dict[str, Any] | None:
+    """The manifest of ``out_dir``'s conversion when none of the image folders exists any more but
+    the conversion was made with these settings, from this metadata CSV (when it is still there),
+    and holds an intact .beton: a download deleted once converted must not stop a relaunch or a
+    requeued job. None otherwise (without a .beton the loaders read the source images)."""
+    if not image_dirs or any(Path(d).exists() for d in image_dirs):
+        return None
+    try:
+        manifest = read_manifest(out_dir)
+        if manifest["beton"] is None or manifest["ffcv"] != _settings(max_resolution, write_mode, jpeg_quality):
+            return None
+        if Path(metadata).is_file() and sha256_file(Path(metadata)) != manifest["metadata"]["sha256"]:
+            return None
+        return manifest if _files_intact(Path(out_dir), manifest) else None
+    except (OSError, KeyError, TypeError, ValueError, InputError):
+        return None
 
 
 def is_up_to_date(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str | Path, *,
                   max_resolution: int = 256, write_mode: str = "jpg", jpeg_quality: int = 90) -> bool:
-    """Whether ``out_dir`` already holds the conversion of these inputs with these settings."""
+    """Whether ``out_dir`` already holds the conversion of these inputs with these settings (or,
+    their images deleted since, ``kept_without_sources``)."""
+    settings = {"max_resolution": max_resolution, "write_mode": write_mode, "jpeg_quality": jpeg_quality}
+    if kept_without_sources(image_dirs, metadata, out_dir, **settings) is not None:
+        return True
     try:
         plan = _plan(image_dirs, metadata)
     except InputError:
@@ -731,6 +760,13 @@ def convert(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError([f"{out_dir}: exists and is not a folder; the output must be a folder"])
     workers = _workers(workers)
+    kept = kept_without_sources(image_dirs, metadata, out_dir, max_resolution=max_resolution,
+                                write_mode=write_mode, jpeg_quality=jpeg_quality)
+    if kept is not None:
+        warning = (f"image folder(s) not found: {', '.join(str(d) for d in image_dirs)}; {out_dir} holds their "
+                   "conversion (same settings and metadata), used as it is")
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+        return _up_to_date_result(kept, out_dir, start, [warning])
     plan = _plan(image_dirs, metadata)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
@@ -898,5 +934,5 @@ def read_index(data_dir: str | Path) -> Any:
 
 
 __all__ = ["BETON_NAME", "INDEX_NAME", "MANIFEST_NAME", "ConversionError", "ConvertResult", "InputError",
-           "convert", "ensure_converted", "image_files", "is_up_to_date", "prepare_image", "read_index",
+           "convert", "ensure_converted", "image_files", "is_up_to_date", "kept_without_sources", "prepare_image", "read_index",
            "read_manifest", "read_metadata_rows", "stored_size_for"]

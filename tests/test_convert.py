@@ -329,6 +329,27 @@ def test_rerun_is_a_no_op_and_a_failed_rerun_keeps_the_good_output(tmp_path: Pat
 
 
 @pytest.mark.timeout(240)
+def test_a_conversion_whose_images_were_deleted_since_is_used_as_it_is(tmp_path: Path, capsys) -> None:
+    dirs, csv_path, ids = make_raw(tmp_path)
+    out = tmp_path / "data"
+    convert(dirs, csv_path, out, workers=2)
+    good = _files(out)
+    for d in dirs:
+        shutil.rmtree(d)  # the raw download, deleted once converted
+    capsys.readouterr()
+    assert is_up_to_date(dirs, csv_path, out)  # a relaunch plans no conversion
+    again = convert(dirs, csv_path, out, workers=2)  # what a requeued training job runs
+    assert again.status == "up-to-date" and _files(out) == good
+    assert "image folder(s) not found" in capsys.readouterr().err
+    assert not is_up_to_date(dirs, csv_path, out, jpeg_quality=80)  # other settings would need the images
+    csv_path.write_text(csv_path.read_text().replace(ids[0], ids[0] + "x"))  # another metadata CSV
+    assert not is_up_to_date(dirs, csv_path, out)
+    with pytest.raises(InputError, match="image folder not found"):
+        convert(dirs, csv_path, out, workers=2)
+    assert _files(out) == good
+
+
+@pytest.mark.timeout(240)
 def test_image_failing_inside_the_ffcv_writer_stops_it_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
     """A file that breaks between the check and the write must not hang FFCV's writer."""
     import skinhpc.convert as conversion
