@@ -301,12 +301,17 @@ def test_missing_metadata_file_and_image_folder_are_reported(tmp_path: Path) -> 
 # --------------------------------------------------------------------------- re-runs and atomicity
 
 
-@pytest.mark.timeout(240)
-def test_rerun_is_a_no_op_and_a_failed_rerun_keeps_the_good_output(tmp_path: Path, capsys) -> None:
+def converted_raw(tmp_path: Path) -> tuple[list[Path], Path, list[str], Path, dict[str, bytes]]:
+    """make_raw's data converted into tmp_path/data: (dirs, csv, ids, out, its files' bytes)."""
     dirs, csv_path, ids = make_raw(tmp_path)
     out = tmp_path / "data"
     convert(dirs, csv_path, out, workers=2)
-    good = _files(out)
+    return dirs, csv_path, ids, out, _files(out)
+
+
+@pytest.mark.timeout(240)
+def test_rerun_is_a_no_op_and_a_failed_rerun_keeps_the_good_output(tmp_path: Path, capsys) -> None:
+    dirs, csv_path, ids, out, good = converted_raw(tmp_path)
     manifest = read_manifest(out)
     assert set(good) == {BETON_NAME, INDEX_NAME, MANIFEST_NAME}
     assert manifest["n_images"] == len(ids) and manifest["stored_size"] == [150, 200]
@@ -330,10 +335,7 @@ def test_rerun_is_a_no_op_and_a_failed_rerun_keeps_the_good_output(tmp_path: Pat
 
 @pytest.mark.timeout(240)
 def test_a_conversion_whose_images_were_deleted_since_is_used_as_it_is(tmp_path: Path, capsys) -> None:
-    dirs, csv_path, ids = make_raw(tmp_path)
-    out = tmp_path / "data"
-    convert(dirs, csv_path, out, workers=2)
-    good = _files(out)
+    dirs, csv_path, ids, out, good = converted_raw(tmp_path)
     for d in dirs:
         shutil.rmtree(d)  # the raw download, deleted once converted
     capsys.readouterr()
