@@ -62,6 +62,20 @@ def replaces_best(select_metric: str, value: float, best: float, have_best: bool
     return value < best if select_metric == "loss" else value > best
 
 
+def selected_key(select_metric: str) -> str:
+    """The metric a validation is judged by under train.select_metric (``last`` judges none, and
+    records balanced accuracy)."""
+    return "balanced_accuracy" if select_metric == "last" else select_metric
+
+
+def metric_value(entry: dict[str, Any], key: str) -> float:
+    """``entry[key]`` as a float; NaN when it is missing or not a number (an undefined metric)."""
+    try:
+        return float(entry.get(key))
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def kept_val_balanced_accuracy(rows: list[dict[str, Any]], metrics: dict[str, Any] | None,
                                select_metric: str) -> float | None:
     """Val balanced accuracy of the weights a fold keeps: metrics.json's once it is done, else
@@ -69,12 +83,12 @@ def kept_val_balanced_accuracy(rows: list[dict[str, Any]], metrics: dict[str, An
     val = (metrics or {}).get("val")
     if isinstance(val, dict) and isinstance(val.get("balanced_accuracy"), (int, float)):
         return float(val["balanced_accuracy"])
-    key = "val_balanced_accuracy" if select_metric == "last" else f"val_{select_metric}"
+    key = f"val_{selected_key(select_metric)}"
     kept, best = None, float("nan")
     for row in rows:
         if not isinstance(row.get("val_balanced_accuracy"), (int, float)):
             continue  # an epoch without validation
-        value = float(row[key]) if isinstance(row.get(key), (int, float)) else float("nan")
+        value = metric_value(row, key)
         if replaces_best(select_metric, value, best, have_best=kept is not None):
             kept, best = float(row["val_balanced_accuracy"]), value
     return kept

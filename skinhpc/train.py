@@ -65,7 +65,8 @@ from skinhpc.config import (INPUTS_NAME, ConfigError, ExperimentConfig, TrainCon
                             atomic_write_text, fold_config_conflicts, for_backbone, input_file_digests,
                             pretrained_source, save_config)
 from skinhpc.distributed import DistEnv
-from skinhpc.rundir import LOG_NAME, METRICS_NAME, finished_metrics, read_log, replaces_best
+from skinhpc.rundir import (LOG_NAME, METRICS_NAME, finished_metrics, metric_value, read_log, replaces_best,
+                             selected_key)
 
 PREEMPT_ENV = "SKINHPC_TEST_PREEMPT_AT_STEP"
 KILL_ENV = "SKINHPC_TEST_KILL_AT_STEP"
@@ -242,10 +243,6 @@ def train_accuracies(class_correct: Sequence[float], class_seen: Sequence[float]
     accuracy = sum(class_correct) / max(1.0, float(sum(class_seen)))
     balanced = sum(c / n for c, n in seen) / len(seen) if seen else 0.0
     return accuracy, balanced
-
-
-def _as_float(value: Any) -> float:
-    return float("nan") if value is None else float(value)
 
 
 def time_box_reached(elapsed_s: float, epochs_done: int, limit_min: float) -> bool:
@@ -799,14 +796,14 @@ class FoldTrainer:
     def _track_best(self, epoch: int, metrics: dict) -> bool:
         """Keep the weights of the best validation by train.select_metric; count validations without progress."""
         st, name = self.state, self.tcfg.select_metric
-        value = _as_float(metrics.get("balanced_accuracy" if name == "last" else name))
+        value = metric_value(metrics, selected_key(name))
         improved = replaces_best(name, value, st["best_metric"], have_best=st["best_epoch"] >= 0)
         if improved:
             st["best_metric"], st["best_epoch"], st["bad_epochs"] = value, epoch, 0
             if self.env.is_main:
                 checkpoint.save_best(self.ckpt_dir, {k: v.detach().cpu() for k, v in self.raw.state_dict().items()},
                                      {"epoch": epoch, "select_metric": name, "value": value,
-                                      "val_balanced_accuracy": _as_float(metrics.get("balanced_accuracy"))})
+                                      "val_balanced_accuracy": metric_value(metrics, "balanced_accuracy")})
         else:
             st["bad_epochs"] += 1
         patience = self.tcfg.early_stop_patience
