@@ -162,8 +162,9 @@ def _build(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
     """The randomly initialised network."""
     if model_cfg.backbone == "vgg16_gap":
         return VGG16GAP(num_classes, model_cfg.gap_filters, model_cfg.drop_rate)
-    if unknown_backbone(model_cfg.backbone):
-        raise ValueError(unknown_backbone(model_cfg.backbone))
+    why = unknown_backbone(model_cfg.backbone)
+    if why:
+        raise ValueError(why)
     return timm.create_model(model_cfg.backbone, pretrained=False, num_classes=num_classes,
                              drop_rate=model_cfg.drop_rate, **_size_kwargs(model_cfg))
 
