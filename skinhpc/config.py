@@ -630,21 +630,29 @@ def sha256_file(path: Path) -> str:
 INPUTS_NAME = "inputs.json"  # beside a fold's config.yaml: size and sha256 of the input files it used
 
 
+def _input_source(value: str, key: str) -> str:
+    """A FILE_KEYS value read once: "" (none), "hub" (model.pretrained=true) or a file's path."""
+    return pretrained_source(value) if key == "model.pretrained" else value.strip()
+
+
 def input_file_path(value: str, key: str) -> Path | None:
     """The file a FILE_KEYS value names (None for none, the hub or a missing file)."""
-    if key == "model.pretrained":
-        value = pretrained_source(value)
-    value = value.strip()
-    if not value or (key == "model.pretrained" and value == "hub"):
+    source = _input_source(value, key)
+    if not source or (key == "model.pretrained" and source == "hub"):
         return None
-    path = Path(value).expanduser().resolve()
+    path = Path(source).expanduser().resolve()
     return path if path.is_file() else None
 
 
 @functools.lru_cache(maxsize=64)
 def _sha256_of(path: Path, size: int, mtime_ns: int) -> str:
-    """sha256_file, once per file version (a launch checks every task's weights file)."""
     return sha256_file(path)
+
+
+def _cached_sha256(path: Path) -> str:
+    """sha256_file, once per file version (a launch checks every task's weights file)."""
+    st = path.stat()
+    return _sha256_of(path, st.st_size, st.st_mtime_ns)
 
 
 def input_file_digests(cfg: Any) -> dict[str, dict[str, Any]]:
@@ -656,8 +664,7 @@ def input_file_digests(cfg: Any) -> dict[str, dict[str, Any]]:
             continue  # not read under DDP
         path = input_file_path(_dotted(cfg, key), key)
         if path is not None:
-            st = path.stat()
-            out[key] = {"path": str(path), "size": st.st_size, "sha256": _sha256_of(path, st.st_size, st.st_mtime_ns)}
+            out[key] = {"path": str(path), "size": path.stat().st_size, "sha256": _cached_sha256(path)}
     return out
 
 
@@ -687,9 +694,7 @@ def same_input_file(saved: str, now: str, key: str) -> bool:
     """Do two values of a FILE_KEYS key give the same input? The same kind (none, hub, file), and
     for files the same path, else the same content; when the saved file is gone (a moved run) the
     same file name is all that can be checked."""
-    if key == "model.pretrained":
-        saved, now = pretrained_source(saved), pretrained_source(now)
-    saved, now = saved.strip(), now.strip()
+    saved, now = _input_source(saved, key), _input_source(now, key)
     if saved == now:
         return True
     if not saved or not now or (key == "model.pretrained" and "hub" in (saved, now)):
@@ -698,7 +703,7 @@ def same_input_file(saved: str, now: str, key: str) -> bool:
     if a == b:
         return True
     if a.is_file() and b.is_file():
-        return a.stat().st_size == b.stat().st_size and sha256_file(a) == sha256_file(b)
+        return a.stat().st_size == b.stat().st_size and _cached_sha256(a) == _cached_sha256(b)
     return not a.exists() and a.name == b.name
 
 
