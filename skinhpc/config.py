@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Collection, Mapping
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
@@ -668,32 +668,49 @@ def input_file_digests(cfg: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _edited_inputs(fold_dir: Path, cfg: Any) -> list[str]:
-    """Input files that still have the name a fold trained with but not its content (replaced or
-    edited in place), by the fold's inputs.json; none when it has none (folds from before it)."""
+def recorded_inputs(fold_dir: Path) -> dict[str, dict[str, str]]:
+    """{key: {"path", "sha256"}} of the input files a fold trained with, by its inputs.json; empty
+    when it has none (folds from before it) or a damaged one (no record to compare with)."""
     try:
         recorded = json.loads((fold_dir / INPUTS_NAME).read_text())
     except (OSError, ValueError):
-        return []
-    if not isinstance(recorded, dict):  # damaged: no record to compare with, as for older folds
-        return []
+        return {}
+    if not isinstance(recorded, dict):
+        return {}
+    return {key: {"path": str(rec.get("path")), "sha256": rec["sha256"]} for key, rec in recorded.items()
+            if isinstance(rec, dict) and isinstance(rec.get("sha256"), str)}
+
+
+def run_recorded_sha256(run_dir: Path) -> dict[str, set[str]]:
+    """{key: sha256s} of the input files any fold of a run trained with (inputs.json)."""
+    out: dict[str, set[str]] = {}
+    for inputs in sorted(run_dir.glob(f"*/fold*/{INPUTS_NAME}")):
+        for key, rec in recorded_inputs(inputs.parent).items():
+            out.setdefault(key, set()).add(rec["sha256"])
+    return out
+
+
+def _edited_inputs(fold_dir: Path, cfg: Any) -> list[str]:
+    """Input files that still have the name a fold trained with but not its content (replaced or
+    edited in place), by the fold's inputs.json."""
     now = input_file_digests(cfg)
     return [f"{key}: {now[key]['path']} changed since the fold trained on it (sha256 {rec['sha256'][:12]}... "
-            f"-> {now[key]['sha256'][:12]}...)" for key, rec in recorded.items()
-            if isinstance(rec, dict) and isinstance(rec.get("sha256"), str) and key in now
-            and now[key]["path"] == rec.get("path") and now[key]["sha256"] != rec["sha256"]]
+            f"-> {now[key]['sha256'][:12]}...)" for key, rec in recorded_inputs(fold_dir).items()
+            if key in now and now[key]["path"] == rec["path"] and now[key]["sha256"] != rec["sha256"]]
 
 
-def input_file_changes(saved: Any, cfg: Any) -> list[str]:
-    """FILE_KEYS whose values in two configs name different inputs ("key: saved -> now")."""
+def input_file_changes(saved: Any, cfg: Any, recorded: Mapping[str, Collection[str]] | None = None) -> list[str]:
+    """FILE_KEYS whose values in two configs name different inputs ("key: saved -> now");
+    ``recorded``: {key: sha256s} the saved runs used (inputs.json), for files moved since."""
+    recorded = recorded or {}
     return [f"{k}: {_dotted(saved, k)!r} -> {_dotted(cfg, k)!r}" for k in FILE_KEYS
-            if not same_input_file(_dotted(saved, k), _dotted(cfg, k), k)]
+            if not same_input_file(_dotted(saved, k), _dotted(cfg, k), k, recorded.get(k, ()))]
 
 
-def same_input_file(saved: str, now: str, key: str) -> bool:
+def same_input_file(saved: str, now: str, key: str, recorded: Collection[str] = ()) -> bool:
     """Do two values of a FILE_KEYS key give the same input? The same kind (none, hub, file), and
-    for files the same path, else the same content; when the saved file is gone (a moved run) the
-    same file name is all that can be checked."""
+    for files the same path, else the same content. When the saved file is gone (a moved run), the
+    content recorded when it was used (``recorded`` sha256s) decides, else the file name."""
     saved, now = _input_source(saved, key), _input_source(now, key)
     if saved == now:
         return True
@@ -704,7 +721,11 @@ def same_input_file(saved: str, now: str, key: str) -> bool:
         return True
     if a.is_file() and b.is_file():
         return a.stat().st_size == b.stat().st_size and _cached_sha256(a) == _cached_sha256(b)
-    return not a.exists() and a.name == b.name
+    if a.exists():
+        return False
+    if recorded and b.is_file():
+        return _cached_sha256(b) in recorded
+    return a.name == b.name
 
 
 def result_keys(cfg: Any) -> list[str]:
@@ -749,7 +770,8 @@ def fold_config_conflicts(fold_dir: str | Path, cfg: Any) -> str:
     except ConfigError as e:
         return str(e)
     if saved is not None:
-        changed += input_file_changes(saved, cfg) + _edited_inputs(Path(fold_dir), cfg)
+        recorded = {k: {rec["sha256"]} for k, rec in recorded_inputs(Path(fold_dir)).items()}
+        changed += input_file_changes(saved, cfg, recorded) + _edited_inputs(Path(fold_dir), cfg)
     return mixed_config_refusal(fold_dir, "trained", changed) if changed else ""
 
 

@@ -72,6 +72,7 @@ from skinhpc.config import (
     atomic_write_text,
     fold_config_conflicts,
     input_file_changes,
+    run_recorded_sha256,
     for_backbone,
     mixed_config_refusal,
     pretrained_source,
@@ -166,7 +167,7 @@ def check_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
         raise LaunchError(str(e)) from None
     if saved is None:
         return
-    changed += input_file_changes(saved, cfg)
+    changed += input_file_changes(saved, cfg, run_recorded_sha256(run_dir))
     procs = [c.nodes * c.gpus_per_node for c in (saved.cluster, cfg.cluster)]
     if procs[0] != procs[1]:  # train.batch_size is per process: the global batch, and checkpoints, differ
         changed.append(f"processes per task (cluster.nodes x cluster.gpus_per_node): {procs[0]} -> {procs[1]}")

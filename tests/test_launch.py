@@ -515,6 +515,38 @@ def test_a_weights_or_deepspeed_file_replaced_under_its_name_since_the_fold_trai
         assert fold_config_conflicts(fold, cfg) == "", damaged  # no usable record: names only, as for older folds
 
 
+@pytest.mark.timeout(60)
+def test_once_the_trained_on_weights_file_is_gone_its_recorded_content_decides_a_moved_or_renamed_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from skinhpc.config import INPUTS_NAME, fold_config_conflicts, input_file_digests
+    from skinhpc.launch import LaunchError, check_compatible
+    monkeypatch.chdir(tmp_path)
+    run_dir, fold = tmp_path / "exp", tmp_path / "exp" / "resnet18" / "fold0"
+    original = tmp_path / "old" / "resnet18.pth"
+    original.parent.mkdir()
+    original.write_bytes(b"A" * 100)
+
+    def cfg(pretrained: Path | str) -> ExperimentConfig:
+        return absolute_paths(load_config([f"run_dir={run_dir}", "fold=0", f"model.pretrained={pretrained}"]))
+
+    save_config(cfg(original), fold / "config.yaml")  # what train_fold writes
+    (fold / INPUTS_NAME).write_text(json.dumps(input_file_digests(cfg(original))))
+    save_config(cfg(original.parent / "{backbone}.pth"), run_dir / "config.yaml")  # the launch's
+    original.unlink()
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "r18-imagenet.pth").write_bytes(b"A" * 100)  # the same weights, renamed
+    (new / "resnet18.pth").write_bytes(b"B" * 100)  # the old name, other weights
+    assert fold_config_conflicts(fold, cfg(new / "r18-imagenet.pth")) == ""
+    assert "model.pretrained" in fold_config_conflicts(fold, cfg(new / "resnet18.pth"))
+    check_compatible(run_dir, cfg(new / "r18-imagenet.pth"))
+    with pytest.raises(LaunchError, match="model.pretrained"):
+        check_compatible(run_dir, cfg(new / "resnet18.pth"))
+    (fold / INPUTS_NAME).unlink()  # a fold from before inputs.json: the file name is all there is
+    assert "model.pretrained" in fold_config_conflicts(fold, cfg(new / "r18-imagenet.pth"))
+    assert fold_config_conflicts(fold, cfg(new / "resnet18.pth")) == ""
+
+
 @pytest.mark.timeout(120)
 def test_each_backbone_gets_its_own_weights_file_and_a_missing_one_is_refused_at_launch(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
