@@ -8,13 +8,14 @@ Layout under ``<fold>/checkpoints/``::
         deepspeed/...            DeepSpeed: engine.save_checkpoint on every rank (train state inside)
         rank{r}.pt               per rank: RNG states (python, numpy, torch CPU, CUDA) and the rank's
                                  own loop state (e.g. its running loss sum)
-        meta.json                written last: tag, position, resume keys, size of every file
+        meta.json                written last: tag, position, resume keys, size and sha256 of every file
     best/                        weights of the best epoch (model.pt + meta.json)
 
 Every checkpoint is written into ``.tmp-<tag>/`` and renamed when complete, so a killed job never
 leaves a half-written folder under a real tag; a folder counts only when its ``meta.json`` parses and
 every file it lists has the recorded size. Loading walks from the newest valid checkpoint backwards:
-one that cannot be read (truncated, corrupt) is skipped with a warning. Loads use
+one that cannot be read (truncated, corrupt) or whose bytes no longer have the recorded sha256 (a
+flipped bit, which ``torch.load`` reads without complaint) is skipped with a warning. Loads use
 ``torch.load(weights_only=True)``; DeepSpeed's own files go through ``engine.load_checkpoint``.
 """
 
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from skinhpc import distributed
-from skinhpc.config import atomic_write_text
+from skinhpc.config import atomic_write_text, sha256_file
 from skinhpc.distributed import DistEnv
 
 META = "meta.json"
@@ -114,9 +115,25 @@ def _torch_load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _file_sizes(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != META}
+def _files(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != META]
+
+
+def _file_record(folder: Path) -> dict[str, dict[str, Any]]:
+    """meta.json's "files" (size of each file) and "sha256" (of each file's bytes, read back
+    from the page cache just after the write)."""
+    files = _files(folder)
+    return {"files": {str(p.relative_to(folder)): p.stat().st_size for p in files},
+            "sha256": {str(p.relative_to(folder)): sha256_file(p) for p in files}}
+
+
+def _corrupt_files(folder: Path, meta: dict) -> list[str]:
+    """Files of a checkpoint whose bytes differ from the sha256 in its meta.json; none for
+    checkpoints of older skinhpc, which recorded sizes only."""
+    digests = meta.get("sha256")
+    if not isinstance(digests, dict):
+        return []
+    return [n for n, d in digests.items() if not (folder / n).is_file() or sha256_file(folder / n) != d]
 
 
 def _read_meta(folder: Path) -> dict | None:
@@ -199,7 +216,7 @@ def save_checkpoint(ckpt_dir: str | Path, epoch: int, step: int, *, env: DistEnv
         meta = {"tag": tag, "epoch": epoch, "step": step, "global_step": train_state.get("global_step"),
                 "world_size": env.world_size, "strategy": "deepspeed" if engine is not None else "ddp",
                 "resume_keys": resume_keys, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "files": _file_sizes(tmp)}
+                **_file_record(tmp)}
         atomic_write_text(tmp / META, json.dumps(meta, indent=1) + "\n")
         _swap_in(tmp, final)
         prune(ckpt_dir, keep_last)
@@ -225,16 +242,16 @@ def save_best(ckpt_dir: str | Path, state_dict: dict, meta: dict) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     _torch_save(state_dict, tmp / "model.pt")
-    atomic_write_text(tmp / META, json.dumps({**meta, "files": _file_sizes(tmp)}, indent=1) + "\n")
+    atomic_write_text(tmp / META, json.dumps({**meta, **_file_record(tmp)}, indent=1) + "\n")
     _swap_in(tmp, ckpt_dir / BEST)
 
 
 def load_best(ckpt_dir: str | Path) -> tuple[dict, dict] | None:
     """(state_dict, meta) of ``best/``, or None when there is none or it is damaged (truncated,
-    or unreadable at its recorded size): the caller then says so and uses the last weights."""
+    other bytes than recorded, or unreadable): the caller then says so and uses the last weights."""
     folder = Path(ckpt_dir) / BEST
     meta = _read_meta(folder)
-    if meta is None:
+    if meta is None or _corrupt_files(folder, meta):
         return None
     try:
         return _torch_load(folder / "model.pt"), meta
@@ -254,7 +271,13 @@ def check_resume_keys(saved: dict, current: dict, where: Path) -> None:
 
 
 def _preload(info: CheckpointInfo, env: DistEnv, deepspeed: bool) -> dict | None:
-    """Read this rank's files of a checkpoint into memory; None when any is unreadable."""
+    """Read this rank's files of a checkpoint into memory; None when any is unreadable or, checked by
+    rank 0 for every file (DeepSpeed's included), has other bytes than it had when saved."""
+    corrupt = _corrupt_files(info.path, info.meta) if env.is_main else []
+    if corrupt:
+        print(f"rank {env.rank}: {info.path}: {', '.join(corrupt)} changed since saved (sha256 differs)",
+              file=sys.stderr, flush=True)
+        return None
     try:
         loaded = {"rank": _torch_load(info.path / _rank_file(env.rank))}
         if not deepspeed:

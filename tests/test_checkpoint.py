@@ -107,6 +107,45 @@ def test_corrupt_newest_checkpoint_of_the_right_size_falls_back_with_a_warning(
     assert "WARNING" in err and "e000-s000003 is unreadable; falling back" in err
 
 
+def flip_a_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the tensor data: torch.load reads it without complaint
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.timeout(60)
+def test_a_flipped_bit_in_a_checkpoint_is_caught_by_its_sha256_and_an_older_one_is_used(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model, opt = make_objects()
+    save(tmp_path, model, opt, 0, 2)
+    older = {k: v.clone() for k, v in model.state_dict().items()}
+    train_steps(model, opt, 1)
+    newest = save(tmp_path, model, opt, 0, 3)
+    checkpoint.save_best(tmp_path, model.state_dict(), {"epoch": 0})
+    flip_a_bit(newest / "state.pt")
+    flip_a_bit(tmp_path / "best" / "model.pt")
+    torch.load(newest / "state.pt", weights_only=True)  # the damage this guards against is silent
+
+    model2, opt2 = make_objects(seed=5)
+    info, _ = load_latest(tmp_path, env=ENV, resume_keys=KEYS, model=model2, optimizer=opt2)
+    assert info.path.name == "e000-s000002"
+    assert all(torch.equal(v, older[k]) for k, v in model2.state_dict().items())
+    err = capsys.readouterr().err
+    assert "state.pt changed since saved (sha256 differs)" in err and "e000-s000003 is unreadable" in err
+    assert checkpoint.load_best(tmp_path) is None  # the caller says so and keeps the last weights
+
+
+@pytest.mark.timeout(60)
+def test_a_checkpoint_of_an_older_skinhpc_without_sha256_still_resumes(tmp_path: Path) -> None:
+    model, opt = make_objects()
+    newest = save(tmp_path, model, opt, 0, 3)
+    meta = json.loads((newest / "meta.json").read_text())
+    del meta["sha256"]
+    (newest / "meta.json").write_text(json.dumps(meta))
+    info, _ = load_latest(tmp_path, env=ENV, resume_keys=KEYS, model=model, optimizer=opt)
+    assert info.path.name == "e000-s000003"
+
+
 @pytest.mark.timeout(60)
 def test_only_the_newest_checkpoints_and_best_are_kept(tmp_path: Path) -> None:
     model, opt = make_objects()
