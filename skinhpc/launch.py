@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import submitit
 from omegaconf import OmegaConf
@@ -342,6 +342,12 @@ def write_jobs(run_dir: Path, jobs: dict[str, Any]) -> None:
     atomic_write_text(launch_dir(run_dir) / JOBS_FILE, json.dumps(jobs, indent=1) + "\n")
 
 
+def _lock_holder(f: IO[str]) -> str:
+    """What the holder of a launch lock wrote in it ("pid N on host")."""
+    f.seek(0)
+    return f.read().strip() or "another process"
+
+
 def running_launch(run_dir: Path) -> str:
     """Who holds the run's launch lock now ("pid N on host"), or "" when no launch is running."""
     path = launch_dir(run_dir) / LOCK_FILE
@@ -351,7 +357,7 @@ def running_launch(run_dir: Path) -> str:
                 fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 return ""
             except BlockingIOError:
-                return f.read().strip() or "another process"
+                return _lock_holder(f)
     except OSError:
         return ""
 
@@ -375,9 +381,7 @@ def launch_lock(run_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise LaunchError(f"another launch of {run_dir} is in progress ({holder}, lock {path}); "
+            raise LaunchError(f"another launch of {run_dir} is in progress ({_lock_holder(f)}, lock {path}); "
                               "nothing submitted — check with --status when it is done") from None
         f.seek(0)
         f.truncate()
