@@ -29,7 +29,9 @@ Pretrained weights (``model.pretrained``):
 When loading weights, a head layer whose shape differs from this model's (ImageNet's 1000 classes vs 7)
 is not loaded and keeps its fresh initialisation; other shape mismatches, backbone tensors the file
 lacks, and extra blocks inside the model's layers are an error (a file of a different architecture,
-of a smaller or deeper sibling). One log line lists the keys that were re-initialised, missing or unused.
+of a smaller or deeper sibling). A ViT-style file's position embeddings, made for its own image size,
+are resampled to the model's patch grid, as timm's hub loader does. One log line lists the keys that
+were re-initialised, missing or unused.
 
 Trained models are stored by ``save_model_file`` as ``model_best.pt`` and read back by
 ``load_model_file`` (format in DESIGN.md).
@@ -40,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import os
 import socket
 import urllib.parse
@@ -349,6 +352,7 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], sourc
     the backbone random without a word); one log line lists what was loaded and what was not."""
     if isinstance(model, (VGG16GAP, timm.models.vgg.VGG)) and any(k.startswith("classifier.") for k in state):
         state = _torchvision_vgg_to_timm(state)
+    state = _resampled_pos_embed(model, state, source)
     own = model.state_dict()
     head = head_prefixes(model)
     reinit, mismatched, loadable = [], [], {}
@@ -390,6 +394,26 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], sourc
     model.load_state_dict(loadable, strict=False)
     log.info("loaded %d/%d tensors from %s; head re-initialised: %s; fresh (not in the file): %s; "
              "unused: %s", len(loadable), len(own), source, _short(reinit), _short(missing), _short(unused))
+
+
+def _resampled_pos_embed(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """A ViT-style file's absolute position embeddings (``pos_embed``, made for its own image size,
+    e.g. 224 px) resampled to the model's patch grid (e.g. 12x12 at 192 px), bicubic as timm's hub
+    loader does; prefix tokens (class, distillation) are kept as they are. Other files unchanged."""
+    own, theirs = getattr(model, "pos_embed", None), state.get("pos_embed")
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if (not isinstance(own, torch.Tensor) or theirs is None or grid is None or theirs.shape == own.shape
+            or theirs.ndim != 3 or own.ndim != 3 or theirs.shape[-1] != own.shape[-1]):
+        return state
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    side = math.isqrt(theirs.shape[1] - prefix)
+    if side * side != theirs.shape[1] - prefix or own.shape[1] != prefix + grid[0] * grid[1]:
+        return state  # not a square grid of patches plus the model's prefix: the shape check names it
+    from timm.layers import resample_abs_pos_embed
+
+    log.info("%s: position embeddings resampled from a %dx%d to a %dx%d patch grid", source, side, side, *grid)
+    resampled = resample_abs_pos_embed(theirs.float(), new_size=list(grid), num_prefix_tokens=prefix)
+    return {**state, "pos_embed": resampled.to(theirs.dtype)}
 
 
 def _short(keys: list[str], limit: int = 8) -> str:

@@ -243,6 +243,21 @@ def test_weights_of_a_smaller_or_deeper_sibling_are_refused_not_loaded_in_part(
         create_model(ModelConfig(backbone=model_arch, pretrained=str(path)))
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backbone", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_a_transformer_file_made_at_224_px_loads_at_another_size_with_position_embeddings_resampled_as_timm_does(
+        tmp_path, backbone):
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    path = tmp_path / f"{backbone}.pth"
+    state = timm.create_model(backbone, pretrained=False).state_dict()  # 224 px: a 14x14 grid
+    torch.save(state, path)
+    model = create_model(ModelConfig(backbone=backbone, image_size=64, pretrained=str(path)), num_classes=7)
+    expected = checkpoint_filter_fn(dict(state), model)["pos_embed"]  # timm's own loader, 4x4 grid
+    assert model.pos_embed.shape == expected.shape and torch.allclose(model.pos_embed, expected)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
+    assert _forward_backward(model).shape == (2, 7)
+
+
 # --------------------------------------------------------------------------- hub
 
 def _run_isolated(code: str, hf_home: Path) -> subprocess.CompletedProcess:
