@@ -5,7 +5,8 @@
     srun python jobs/train.py ...                                              # one SLURM task per GPU
 
 Exit codes: 0 finished (or already finished), 0 after a preemption signal once the checkpoint is
-saved (rerun the same command to resume), 2 for a configuration or input error.
+saved (rerun the same command to resume), 130 after Ctrl-C (the checkpoint of the step it stopped at
+is saved once training has started), 2 for a configuration or input error.
 """
 
 from __future__ import annotations
@@ -37,10 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if result.get("status") == "preempted":
-        print(f"preempted at epoch {result.get('epoch')} step {result.get('step')}: checkpoint saved; "
+    except KeyboardInterrupt:  # Ctrl-C before the training loop (set-up): nothing new to keep
+        print("interrupted before training started; run the same command again to start", file=sys.stderr)
+        return 130
+    if result.get("status") in ("preempted", "interrupted"):
+        print(f"{result['status']} at epoch {result.get('epoch')} step {result.get('step')}: checkpoint saved; "
               "run the same command again to resume", file=sys.stderr)
-    return 0
+    return 130 if result.get("status") == "interrupted" else 0
 
 
 if __name__ == "__main__":

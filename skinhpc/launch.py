@@ -40,15 +40,18 @@ No torch import here (the dinov2 pattern): the training code is imported inside 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -242,10 +245,63 @@ class ConvertTask:
         self.cfg = cfg
 
     def __call__(self) -> str:
+        _interruptible()
         from skinhpc.convert import ensure_converted
 
         result = ensure_converted(self.cfg.data, self.cfg.data_dir)
         return str(getattr(result, "status", result))
+
+
+def _interruptible() -> None:
+    """Ctrl-C stops a job callable again: a local launch starts its jobs with SIGINT ignored
+    (``_sigint_ignored``), so that submitit's controller keeps waiting for its task instead of
+    killing it mid-save, and the task itself decides how to stop (the trainer: checkpoint first)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while a local job starts: its processes inherit that (see ``_interruptible``)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _task_pids(controller_pid: int) -> list[int]:
+    """The processes a submitit local controller started (its tasks); none once it is gone."""
+    try:
+        return [int(p) for p in Path(f"/proc/{controller_pid}/task/{controller_pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def stop_local_jobs(jobs: list[Any], echo: Callable[[str], None], wait_s: float = 120.0) -> None:
+    """After Ctrl-C in a local launch: ask each running job's tasks to stop (SIGINT: a training task
+    saves a checkpoint at its next step first) and wait for them, asking again every 2 s (a task that
+    was still starting had SIGINT ignored). A second Ctrl-C leaves them to it."""
+    running = [job for job in jobs if not job.done()]
+    if not running:
+        return
+    echo(f"Ctrl-C: stopping {len(running)} running job(s); a training task saves a checkpoint at its next "
+         "step first (Ctrl-C again not to wait)")
+    deadline = time.monotonic() + wait_s
+    while running and time.monotonic() < deadline:
+        for job in running:
+            for pid in _task_pids(int(job.job_id)):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGINT)
+        end = time.monotonic() + 2.0
+        while running and time.monotonic() < end:
+            time.sleep(0.1)
+            running = [job for job in running if not job.done()]
+    if running:
+        echo(f"still running after {wait_s:.0f} s: local job(s) {', '.join(str(j.job_id) for j in running)}")
 
 
 KEEP_DEVICES = "<keep>"
@@ -280,6 +336,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         return Task(self.cfg.model.backbone, self.cfg.fold).key
 
     def __call__(self) -> dict:
+        _interruptible()
         _restore_visible_devices(getattr(self, "visible_devices", KEEP_DEVICES))
         failing = [k.strip() for k in os.environ.get(FAIL_ENV, "").split(",") if k.strip()]
         if self.key in failing:
@@ -291,6 +348,8 @@ class TrainTask(submitit.helpers.Checkpointable):
         from skinhpc.train import train_fold
 
         result = train_fold(self.cfg)
+        if result.get("status") == "interrupted":  # Ctrl-C: its checkpoint is saved; stop, as Ctrl-C does
+            raise KeyboardInterrupt
         if result.get("status") != "done" and os.environ.get("RANK", "0") == "0":
             # Stopped without finishing (a signal and no submitit handler to requeue): a failed job,
             # so that the ensemble's afterok does not start on missing folds; a relaunch resumes it.
@@ -313,6 +372,7 @@ class EnsembleTask:
         self.run_dir = run_dir
 
     def __call__(self) -> dict:
+        _interruptible()
         from skinhpc.ensemble import run_ensemble
 
         run_ensemble(self.run_dir)
@@ -851,10 +911,14 @@ def _launch_inline(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]
         echo(line)
     folder = submitit_folder(run_dir)
 
+    started: list[Any] = []
+
     def submit(name: str, fn: Callable[[], Any], tasks_per_node: int = 1) -> Any:
         ex = submitit.LocalExecutor(folder=folder, max_num_timeout=cfg.cluster.max_requeues)
         ex.update_parameters(timeout_min=cfg.cluster.time_min, tasks_per_node=tasks_per_node, nodes=1)
-        job = ex.submit(fn)
+        with _sigint_ignored():
+            job = ex.submit(fn)
+        started.append(job)
         echo(f"{name}: local job {job.job_id}, log {job.paths.stdout}")
         return job
 
@@ -867,15 +931,19 @@ def _launch_inline(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]
     def run(name: str, fn: Callable[[], Any]) -> Any:
         return fn() if kind == "debug" else result(name, submit(name, fn))
 
-    if plan.convert == "submit":
-        echo(f"conversion: {run('conversion', ConvertTask(cfg))}")
-    if kind == "debug":
-        for t in plan.submit:
-            TrainTask(task_config(cfg, t))()
-    else:
-        _run_local_tasks(cfg, plan.submit, submit, result, echo)
-    if plan.ensemble == "submit":
-        run("ensemble", EnsembleTask(str(run_dir)))
+    try:
+        if plan.convert == "submit":
+            echo(f"conversion: {run('conversion', ConvertTask(cfg))}")
+        if kind == "debug":
+            for t in plan.submit:
+                TrainTask(task_config(cfg, t))()
+        else:
+            _run_local_tasks(cfg, plan.submit, submit, result, echo)
+        if plan.ensemble == "submit":
+            run("ensemble", EnsembleTask(str(run_dir)))
+    except KeyboardInterrupt:
+        stop_local_jobs(started, echo)
+        raise
     echo(f"report: {run_dir / 'ensemble' / 'report.md'}")
     return plan
 

@@ -27,6 +27,9 @@ validation is acted on after it, with the loop's last checkpoint, before the fin
   returns ``{"status": "preempted"}`` and ``jobs/train.py`` exits with code 0 after saying how to resume.
 - SIGTERM: when a callable handler was installed before (submitit's, which ignores SIGTERM because
   USR2 follows), it is called and training goes on; otherwise the task returns "preempted" as above.
+- SIGINT (Ctrl-C, also forwarded by a local launch to its tasks): no handler is called; ``train_fold``
+  returns ``{"status": "interrupted"}`` and ``jobs/train.py`` exits with code 130 after saying how to
+  resume. Before the loop starts (set-up) Ctrl-C stops at once, as usual.
 
 DeepSpeed specifics: precision stays skinhpc's (torch.autocast around the forward, fp32 master weights,
 DeepSpeed's fp16/bf16 modes off; ``train.precision=fp16`` is refused); weights stay contiguous (inputs
@@ -34,7 +37,8 @@ are channels-last); ``train.deepspeed.config`` may not set what the train sectio
 scheduler, batch sizes, precision); BatchNorm buffers are broadcast from rank 0 before every forward,
 as DDP does, so every rank evaluates with the same statistics and a resume is exact.
 
-For tests, ``SKINHPC_TEST_PREEMPT_AT_STEP=N`` makes rank 0 send itself SIGUSR2 after optimizer step N
+For tests, ``SKINHPC_TEST_PREEMPT_AT_STEP=N`` makes rank 0 send itself SIGUSR2 (or the signal named
+by ``SKINHPC_TEST_PREEMPT_SIGNAL``, e.g. INT) after optimizer step N
 and ``SKINHPC_TEST_KILL_AT_STEP=N`` makes every rank SIGKILL itself there (a hard kill);
 ``SKINHPC_TEST_STEP_SLEEP=S`` sleeps S seconds after every optimizer step, so that a test's task
 cannot finish inside SLURM's kill window after an ``scontrol requeue``.
@@ -69,12 +73,13 @@ from skinhpc.rundir import (LOG_NAME, METRICS_NAME, finished_metrics, metric_val
                              selected_key)
 
 PREEMPT_ENV = "SKINHPC_TEST_PREEMPT_AT_STEP"
+PREEMPT_SIGNAL_ENV = "SKINHPC_TEST_PREEMPT_SIGNAL"
 KILL_ENV = "SKINHPC_TEST_KILL_AT_STEP"
 STEP_SLEEP_ENV = "SKINHPC_TEST_STEP_SLEEP"
 # Settings whose change makes a checkpoint unusable or the resumed trajectory different.
 RESUME_KEYS = ("model.backbone", "model.image_size", "train.batch_size", "train.accum_steps", "train.strategy",
                "train.seed")
-_SIGNAL_CODES = {signal.SIGTERM: 1, signal.SIGUSR2: 2}
+_SIGNAL_CODES = {signal.SIGTERM: 1, signal.SIGUSR2: 2, signal.SIGINT: 3}
 # What every validated epoch logs (log.jsonl, TensorBoard), each as val_<key>: the headline numbers,
 # then per class (dicts by class name) and the confusion matrix (rows true, columns predicted).
 EPOCH_METRICS = ("loss", "balanced_accuracy", "top1", "top2", "auroc_macro", "f1_macro",
@@ -88,7 +93,8 @@ def fold_dir(cfg: ExperimentConfig) -> Path:
 
 
 def train_fold(cfg: ExperimentConfig) -> dict:
-    """Train, validate and test one fold; returns metrics.json's content or ``{"status": "preempted"}``.
+    """Train, validate and test one fold; returns metrics.json's content, or ``{"status": "preempted"}``
+    (or ``"interrupted"``, by Ctrl-C) with the epoch and step its checkpoint resumes at.
 
     Idempotent: a fold whose metrics.json says done returns it at once; an unfinished one resumes
     from its newest valid checkpoint.
@@ -340,7 +346,7 @@ def sync_buffers(env: DistEnv, model: nn.Module) -> None:
 
 
 class PreemptionFlag:
-    """SIGUSR2/SIGTERM handlers that only record the signal (saving inside a handler can hang)."""
+    """SIGUSR2/SIGTERM/SIGINT handlers that only record the signal (saving inside a handler can hang)."""
 
     def __init__(self) -> None:
         self.code = 0
@@ -380,6 +386,7 @@ class FoldTrainer:
         self.tcfg = cfg.train
         self.ckpt_dir = out / "checkpoints"
         self.flag = PreemptionFlag()
+        self.stop_status = "preempted"  # what a stop on a signal returns ("interrupted" for Ctrl-C)
         self.writer: Any = None
         self.engine: Any = None
         self.ddp: nn.Module | None = None
@@ -691,7 +698,7 @@ class FoldTrainer:
     def _test_hooks(self) -> None:
         g = self.state["global_step"]
         if os.environ.get(PREEMPT_ENV) == str(g) and self.env.is_main:
-            os.kill(os.getpid(), signal.SIGUSR2)
+            os.kill(os.getpid(), signal.Signals["SIG" + os.environ.get(PREEMPT_SIGNAL_ENV, "USR2")])
         if os.environ.get(KILL_ENV) == str(g):
             os.kill(os.getpid(), signal.SIGKILL)
         if os.environ.get(STEP_SLEEP_ENV):
@@ -725,15 +732,18 @@ class FoldTrainer:
             return False
         self.flag.code = 0
         st = self.state
-        signum = signal.SIGUSR2 if code == _SIGNAL_CODES[signal.SIGUSR2] else signal.SIGTERM
+        signum = {c: s for s, c in _SIGNAL_CODES.items()}[code]
         _say(f"{signal.Signals(signum).name}: checkpoint saved at epoch {st['epoch']} step {st['step']}", self.env)
+        if signum == signal.SIGINT:
+            self.stop_status = "interrupted"  # Ctrl-C: stop here, not the requeue of a preemption
+            return True
         called = self.flag.call_previous(signum)
         if signum == signal.SIGTERM and called:
             return False  # submitit ignores SIGTERM: USR2 (requeue) or the kill follows
         return True
 
     def _preempted(self) -> dict:
-        return {"status": "preempted", "epoch": self.state["epoch"], "step": self.state["step"]}
+        return {"status": self.stop_status, "epoch": self.state["epoch"], "step": self.state["step"]}
 
     def _save(self, epoch: int, step: int, state: dict) -> None:
         rank_state = {k: state[k] for k in self.RANK_KEYS}

@@ -3,10 +3,12 @@ and the local (LocalExecutor) mode end to end. The SLURM integration tests are i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ import pytest
 
 from skinhpc import REPO_DIR
 from skinhpc.config import ConfigError, ExperimentConfig, load_config, save_config
+from skinhpc.train import STEP_SLEEP_ENV
 from skinhpc.launch import (
     FAIL_ENV,
     LaunchError,
@@ -240,6 +243,44 @@ def test_local_parallel_runs_folds_side_by_side_and_a_failure_spares_the_others(
     again = run_launch(args, cwd=tmp_path)  # the relaunch runs only what is missing, then the ensemble
     assert again.returncode == 0, again.stdout + again.stderr
     assert "1 to submit" in again.stdout and (run_dir / "ensemble" / "report.md").is_file()
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_in_a_local_launch_stops_its_task_at_a_saved_checkpoint_without_a_traceback(tmp_path: Path) -> None:
+    run_dir, out = tmp_path / "exp", tmp_path / "launch.out"
+    args = ["--folds", "2", f"run_dir={run_dir}", "cluster.kind=local", "train.epochs=2",
+            "train.max_steps_per_epoch=8"]
+    with open(out, "w") as f:  # a session of its own: Ctrl-C reaches its whole process group, as in a terminal
+        proc = subprocess.Popen(LAUNCH + args, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True, env={**os.environ, STEP_SLEEP_ENV: "0.4"})
+    try:
+        deadline = time.monotonic() + 150
+        while "fresh start" not in _fold0_log(out) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        time.sleep(1.0)  # a few optimizer steps in
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    said = out.read_text()
+    assert rc == 130, said
+    assert "Ctrl-C: stopping 1 running job(s)" in said and "interrupted: finished folds" in said
+    assert "Traceback" not in said  # submitit's controller waited for its task instead of dying on SIGINT
+    assert "SIGINT: checkpoint saved at epoch" in _fold0_log(out)
+    time.sleep(1.0)
+    with pytest.raises(ProcessLookupError):  # nothing of the launch is left running
+        os.killpg(proc.pid, 0)
+    again = run_launch(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming from epoch" in _fold0_log(again.stdout)
+
+
+def _fold0_log(launch_output: Path | str) -> str:
+    """What the local job of resnet18/fold0 printed so far (its log path is in the launch's output)."""
+    text = launch_output.read_text() if isinstance(launch_output, Path) else launch_output
+    found = re.search(r"train resnet18/fold0: local job \d+, log (\S+)", text)
+    return Path(found.group(1)).read_text() if found and Path(found.group(1)).is_file() else ""
 
 
 @pytest.mark.timeout(120)

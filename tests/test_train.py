@@ -27,7 +27,7 @@ from skinhpc.convert import read_index
 from skinhpc.split import SPLIT_NAME
 from skinhpc.models import backbone_and_head_params, create_model
 from skinhpc.rundir import replaces_best
-from skinhpc.train import (KILL_ENV, PREEMPT_ENV, FoldTrainer, PreemptionFlag, class_weights, fold_dir, lr_at, make_criterion,
+from skinhpc.train import (KILL_ENV, PREEMPT_ENV, PREEMPT_SIGNAL_ENV, FoldTrainer, PreemptionFlag, class_weights, fold_dir, lr_at, make_criterion,
                            time_box_reached, train_accuracies, train_fold, upgrade_loop_state)
 
 PYTHON = sys.executable
@@ -215,6 +215,21 @@ def test_preempted_mid_epoch_run_resumes_bit_identical(tmp_path: Path, data_dir:
     assert train_fold(cfg)["status"] == "done"
     assert "resuming from epoch 1 step 1" in capsys.readouterr().out
     assert_same_run(uninterrupted, out)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ctrl_c_mid_epoch_stops_at_a_saved_checkpoint_and_the_rerun_is_bit_identical(
+        tmp_path: Path, data_dir: Path, uninterrupted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_tiny_split(tmp_path, data_dir)
+    cfg = load_config(overrides(tmp_path, data_dir, *EXACT))
+    monkeypatch.setenv(PREEMPT_ENV, "4")  # a real SIGINT to this process after optimizer step 4
+    monkeypatch.setenv(PREEMPT_SIGNAL_ENV, "INT")
+    assert train_fold(cfg) == {"status": "interrupted", "epoch": 1, "step": 1}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as usual again
+    monkeypatch.delenv(PREEMPT_ENV)
+    assert train_fold(cfg)["status"] == "done"
+    assert_same_run(uninterrupted, fold_dir(cfg))
 
 
 @pytest.mark.slow
