@@ -17,6 +17,7 @@ compression) and reproduces FFCV's orders exactly, so both paths serve the same 
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -101,9 +102,29 @@ def _close_epoch_iterator(it: Any) -> None:
     it.close()
 
 
+def _ffcv_leaves_torch_threads() -> None:
+    """FFCV's ``Compiler.set_num_threads`` sets numba's threads and also torch's process-wide CPU
+    threads: to 1 at import, then to the loader's workers from its loader thread at every epoch.
+    The thread count changes CPU results, so training depended on ``data.num_workers`` (a neutral
+    key). Here it sets numba's only, and torch keeps the cores this process may use (what it got
+    from FFCV before with the default workers, so default runs are unchanged)."""
+    import numba
+    from ffcv.pipeline.compiler import Compiler
+
+    if not getattr(Compiler, "_skinhpc_numba_only", False):
+        def set_num_threads(cls: Any, n: int) -> None:
+            cls.num_threads = n if n >= 1 else (os.cpu_count() or 1)
+            numba.set_num_threads(cls.num_threads)
+
+        Compiler.set_num_threads = classmethod(set_num_threads)
+        Compiler._skinhpc_numba_only = True
+    torch.set_num_threads(available_cores())
+
+
 class _FFCVSource:
     def __init__(self, beton: Path, rows: np.ndarray, *, train: bool, batch_size: int, data_cfg: DataConfig,
                  seed: int, distributed: bool, device: torch.device) -> None:
+        _ffcv_leaves_torch_threads()
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption

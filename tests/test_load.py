@@ -314,3 +314,18 @@ def test_more_decoding_threads_than_this_machine_has_still_loads(data_dir: Path)
         assert _rows(list(loader.epoch(0))).tolist() == list(range(32))
     finally:
         loader.close()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_the_loaders_worker_count_leaves_torchs_cpu_threads_alone(data_dir: Path, workers: int) -> None:
+    # FFCV set torch's process-wide threads to its workers (from its loader thread, every epoch),
+    # and the thread count changes CPU training results: data.num_workers is a neutral key.
+    from skinhpc.config import available_cores
+    loader = build_loader(data_dir, np.arange(32), train=True, batch_size=BATCH, image_size=SIZE,
+                          data_cfg=DataConfig(num_workers=workers), aug_cfg=AugmentConfig(), seed=0, device="cpu",
+                          distributed=False, channels_last=False)
+    try:
+        for _ in loader.epoch(0):
+            assert torch.get_num_threads() == available_cores()
+    finally:
+        loader.close()
