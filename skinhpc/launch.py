@@ -261,6 +261,25 @@ def _interruptible() -> None:
 
 
 @contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (``kill PID``, a closed terminal) end a local launch as Ctrl-C does, so
+    that it stops its tasks (``stop_local_jobs``) instead of leaving them running without a lock."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
 def _sigint_ignored() -> Iterator[None]:
     """SIGINT ignored while a local job starts: its processes inherit that (see ``_interruptible``)."""
     if threading.current_thread() is not threading.main_thread():
@@ -932,15 +951,16 @@ def _launch_inline(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]
         return fn() if kind == "debug" else result(name, submit(name, fn))
 
     try:
-        if plan.convert == "submit":
-            echo(f"conversion: {run('conversion', ConvertTask(cfg))}")
-        if kind == "debug":
-            for t in plan.submit:
-                TrainTask(task_config(cfg, t))()
-        else:
-            _run_local_tasks(cfg, plan.submit, submit, result, echo)
-        if plan.ensemble == "submit":
-            run("ensemble", EnsembleTask(str(run_dir)))
+        with _stop_signals_interrupt():
+            if plan.convert == "submit":
+                echo(f"conversion: {run('conversion', ConvertTask(cfg))}")
+            if kind == "debug":
+                for t in plan.submit:
+                    TrainTask(task_config(cfg, t))()
+            else:
+                _run_local_tasks(cfg, plan.submit, submit, result, echo)
+            if plan.ensemble == "submit":
+                run("ensemble", EnsembleTask(str(run_dir)))
     except KeyboardInterrupt:
         stop_local_jobs(started, echo)
         raise

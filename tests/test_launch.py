@@ -246,7 +246,9 @@ def test_local_parallel_runs_folds_side_by_side_and_a_failure_spares_the_others(
 
 
 @pytest.mark.timeout(240)
-def test_ctrl_c_in_a_local_launch_stops_its_task_at_a_saved_checkpoint_without_a_traceback(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", ["ctrl-c", "kill"])
+def test_ctrl_c_or_kill_of_a_local_launch_stops_its_task_at_a_saved_checkpoint_without_a_traceback(
+        tmp_path: Path, stop: str) -> None:
     run_dir, out = tmp_path / "exp", tmp_path / "launch.out"
     args = ["--folds", "2", f"run_dir={run_dir}", "cluster.kind=local", "train.epochs=2",
             "train.max_steps_per_epoch=8"]
@@ -258,7 +260,10 @@ def test_ctrl_c_in_a_local_launch_stops_its_task_at_a_saved_checkpoint_without_a
         while "fresh start" not in _fold0_log(out) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.2)
         time.sleep(1.0)  # a few optimizer steps in
-        os.killpg(proc.pid, signal.SIGINT)
+        if stop == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C reaches every process of the group
+        else:
+            os.kill(proc.pid, signal.SIGTERM)  # `kill PID`, as --status advises: the launcher alone
         rc = proc.wait(timeout=60)
     finally:
         with contextlib.suppress(ProcessLookupError):
