@@ -531,6 +531,8 @@ class FoldTrainer:
         if found is None:
             _say(f"{self.out}: fresh start ({self.steps_per_epoch} steps/epoch, {self.env.world_size} process(es), "
                  f"strategy {self.tcfg.strategy})", self.env)
+            if self.env.is_main:
+                self._truncate_log(0)  # a start over (checkpoints deleted or unreadable) logs afresh
             return
         info, state = found
         self.state.update(upgrade_loop_state(state))
@@ -552,8 +554,9 @@ class FoldTrainer:
     def _open_logs(self) -> None:
         if self.env.is_main:
             from torch.utils.tensorboard import SummaryWriter
-            purge = self.state["global_step"] if self.state["global_step"] else None
-            self.writer = SummaryWriter(log_dir=str(self.out / "tb"), purge_step=purge)
+            # Events at or after the step training resumes at (0: a start over) are dropped, as the
+            # log's lines are: they will be written again.
+            self.writer = SummaryWriter(log_dir=str(self.out / "tb"), purge_step=self.state["global_step"])
 
     # ---------------------------------------------------------------- one epoch
     def _set_lr(self, step: int) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from skinhpc.config import ConfigError, SplitConfig, TrainConfig, load_config
 from skinhpc.convert import read_index
 from skinhpc.split import SPLIT_NAME
 from skinhpc.models import backbone_and_head_params, create_model
-from skinhpc.rundir import replaces_best
+from skinhpc.rundir import read_log, replaces_best
 from skinhpc.train import (KILL_ENV, PREEMPT_ENV, PREEMPT_SIGNAL_ENV, FoldTrainer, PreemptionFlag, class_weights, fold_dir, lr_at, make_criterion,
                            time_box_reached, train_accuracies, train_fold, upgrade_loop_state)
 
@@ -230,6 +231,22 @@ def test_ctrl_c_mid_epoch_stops_at_a_saved_checkpoint_and_the_rerun_is_bit_ident
     monkeypatch.delenv(PREEMPT_ENV)
     assert train_fold(cfg)["status"] == "done"
     assert_same_run(uninterrupted, fold_dir(cfg))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_start_over_after_the_checkpoints_were_deleted_logs_each_epoch_once(
+        tmp_path: Path, data_dir: Path, uninterrupted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_tiny_split(tmp_path, data_dir)
+    cfg = load_config(overrides(tmp_path, data_dir, *EXACT))
+    monkeypatch.setenv(PREEMPT_ENV, "7")  # epoch 2, step 1: two epochs logged
+    assert train_fold(cfg)["status"] == "preempted"
+    monkeypatch.delenv(PREEMPT_ENV)
+    out = fold_dir(cfg)
+    shutil.rmtree(out / "checkpoints")  # what ResumeMismatch's message suggests to start over
+    assert train_fold(cfg)["status"] == "done"
+    assert [entry["epoch"] for entry in read_log(out / "log.jsonl")] == [0, 1, 2]
+    assert_same_run(uninterrupted, out)
 
 
 @pytest.mark.slow
