@@ -45,6 +45,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -968,15 +969,22 @@ def _launch_inline(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]
     return plan
 
 
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit)(?::|$)")
+
+
 def _failure_reason(error: Exception) -> str:
-    """The exception line of a failed submitit job: its message holds the task's traceback between
-    two dashed lines, then the log paths."""
-    lines = [line.strip() for line in str(error).strip().splitlines()]
-    dashes = [i for i, line in enumerate(lines) if line.startswith("-----")]
+    """The exception of a failed submitit job, all its lines (an InputError lists every bad row):
+    the job's message holds the task's traceback between two dashed lines, then the log paths."""
+    lines = str(error).strip().splitlines()
+    dashes = [i for i, line in enumerate(lines) if line.strip().startswith("-----")]
     if len(dashes) >= 2:
-        inside = [line for line in lines[dashes[0] + 1:dashes[1]] if line]
-        if inside:
-            return inside[-1]
+        inside = lines[dashes[0] + 1:dashes[1]]
+        # The last exception raised starts at the last unindented "module.SomeError: ..." line.
+        starts = [i for i, line in enumerate(inside) if _EXCEPTION_LINE.match(line)]
+        reason = [line.rstrip() for line in inside[starts[-1] if starts else -1:] if line.strip()]
+        if reason:
+            return "\n".join(reason)
+    lines = [line.strip() for line in lines]
     return lines[-1] if lines and lines[-1] else repr(error)
 
 

@@ -288,6 +288,26 @@ def _fold0_log(launch_output: Path | str) -> str:
     return Path(found.group(1)).read_text() if found and Path(found.group(1)).is_file() else ""
 
 
+def test_a_failed_jobs_multi_line_error_is_shown_whole_not_its_last_line() -> None:
+    import traceback
+    from skinhpc.convert import InputError
+    from skinhpc.launch import _failure_reason
+    try:
+        try:
+            raise OSError("first")
+        except OSError:
+            raise InputError(["m.csv:3: ISIC_1: image missing", "m.csv:9: ISIC_2.jpg: truncated JPEG"]) from None
+    except InputError:
+        trace = traceback.format_exc()
+    # submitit's FailedJobError: the task's traceback between dashed lines, then the log paths
+    message = (f"Job (task=0) failed during processing with trace:\n----------------------\n{trace}\n"
+               "----------------------\nYou can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at "
+               "paths:\n  - a.err\n  - a.out")
+    assert _failure_reason(Exception(message)) == ("skinhpc.convert.InputError: 2 input problems:\n"
+                                                   "  m.csv:3: ISIC_1: image missing\n  m.csv:9: ISIC_2.jpg: truncated JPEG")
+    assert _failure_reason(Exception("no trace")) == "no trace"
+
+
 @pytest.mark.timeout(120)
 def test_local_tasks_one_at_a_time_stop_at_a_failure_and_the_launch_ends(tmp_path: Path) -> None:
     run_dir = tmp_path / "exp"
