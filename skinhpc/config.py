@@ -381,6 +381,9 @@ class ExperimentConfig:
         _check(bool(self.run_dir), "run_dir must not be empty")
         _check(self.fold >= 0, "fold must be >= 0")
         _check(len(self.backbones) >= 1, "backbones must name at least one model")
+        # Tasks write <run_dir>/<backbone>/fold<k>: a repeated name would train each fold twice into one folder.
+        repeated = sorted({b for b in self.backbones if self.backbones.count(b) > 1})
+        _check(not repeated, f"backbones names {', '.join(repeated)} more than once: list each backbone once")
 
     @property
     def data_dir(self) -> Path:

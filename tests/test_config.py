@@ -34,6 +34,11 @@ def test_a_list_key_given_one_value_is_a_list_of_that_value(tmp_path):
         load_config(["backbones=resnet18,resnet34"])
 
 
+def test_a_backbone_listed_twice_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"backbones names resnet18 more than once"):
+        load_config(["backbones=[resnet18,vgg16,resnet18]"])
+
+
 def test_misspelled_key_is_rejected_with_the_valid_keys():
     with pytest.raises(ConfigError) as e:
         load_config(["train.epoch=3"])
