@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Collection, Mapping
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -450,6 +451,36 @@ def _merge_checked(schema: DictConfig, base: DictConfig, other: Any, origin: str
                           "keys: train.epochs=5)") from None
 
 
+def _yaml_problem(path: Path, e: yaml.YAMLError) -> str:
+    """A YAML parser error as one line: where (the line, its text) and what."""
+    if not isinstance(e, yaml.MarkedYAMLError) or e.problem_mark is None:
+        return str(e).splitlines()[0]
+    line = e.problem_mark.line
+    text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    where = f"line {line + 1}" + (f" ({text[line]!r})" if line < len(text) else "")
+    start = e.context_mark.line if e.context and e.context_mark else line
+    context = f" ({e.context} from line {start + 1})" if start != line else ""  # e.g. where an unclosed { opened
+    hint = "; YAML indents with spaces, not tabs" if line < len(text) and "\t" in text[line] else ""
+    return f"{where}: {e.problem}{context}{hint}"
+
+
+def load_yaml(path: str | Path) -> DictConfig:
+    """A YAML file of config keys; a file that is no valid YAML, or whose top is not a mapping,
+    is a ConfigError naming it (and the line) rather than a parser traceback."""
+    path = Path(path)
+    try:
+        node = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(path, e)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a UTF-8 text file (YAML expected)") from None
+    except OmegaConfBaseException as e:  # valid YAML that OmegaConf refuses, e.g. a broken ${...}
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(node, DictConfig):  # a list at the top: OmegaConf.merge would raise a TypeError
+        raise ConfigError(f"{path}: expected a mapping of config keys (train: {{epochs: 5}}), not a list")
+    return node
+
+
 def parse_overrides(overrides: list[str]) -> DictConfig:
     """Turn ``["a.b=1", "c=[x,y]"]`` into a config, rejecting items without ``=``."""
     for item in overrides:
@@ -490,14 +521,14 @@ def load_config(overrides: list[str] | None = None, config_file: str | Path | No
 def _load(overrides: list[str] | None, config_file: str | Path | None, preset: str | None) -> ExperimentConfig:
     schema = OmegaConf.structured(ExperimentConfig)
     cfg = schema
-    layers: list[tuple[str, Any]] = [("configs/default.yaml", OmegaConf.load(CONFIG_DIR / "default.yaml"))]
+    layers: list[tuple[str, Any]] = [("configs/default.yaml", load_yaml(CONFIG_DIR / "default.yaml"))]
     if preset:
-        layers.append((f"preset {preset}", OmegaConf.load(preset_path(preset))))
+        layers.append((f"preset {preset}", load_yaml(preset_path(preset))))
     if config_file:
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
-        layers.append((str(path), OmegaConf.load(path)))
+        layers.append((str(path), load_yaml(path)))
     if overrides:
         layers.append(("command line", parse_overrides(overrides)))
     for origin, layer in layers:
@@ -517,7 +548,7 @@ def to_yaml(cfg: ExperimentConfig) -> str:
 def from_yaml_file(path: str | Path) -> ExperimentConfig:
     """Load a config saved by ``save_config`` (validated like any other)."""
     schema = OmegaConf.structured(ExperimentConfig)
-    cfg = _merge_checked(schema, schema, OmegaConf.load(path), str(path))
+    cfg = _merge_checked(schema, schema, load_yaml(path), str(path))
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, ExperimentConfig)
     return obj

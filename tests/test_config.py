@@ -58,6 +58,19 @@ def test_misspelled_key_in_a_yaml_file_names_the_file(tmp_path):
         load_config([], config_file=f)
 
 
+@pytest.mark.parametrize("text, fragment", [
+    ("train:\n  epochs: 3\n  epochs: 4\n", r"line 3 \('  epochs: 4'\): found duplicate key epochs"),
+    ("train:\n\tepochs: 3\n", r"line 2 .*YAML indents with spaces, not tabs"),
+    ("train: {epochs: 3\n", r"line 2: did not find expected ',' or '}' \(while parsing a flow mapping from line 1\)"),
+    ("- a\n", r"expected a mapping of config keys .*not a list"),
+])
+def test_a_yaml_file_that_cannot_be_read_is_a_config_error_naming_the_file_and_line(tmp_path, text, fragment):
+    f = tmp_path / "exp.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=r"exp\.yaml.*" + fragment):
+        load_config([], config_file=f)
+
+
 @pytest.mark.parametrize("override, fragment", [
     ("train.strategy=horovod", "train.strategy"),
     ("split.folds=1", "split.folds"),
