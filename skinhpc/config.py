@@ -489,12 +489,24 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     return OmegaConf.from_dotlist(list(overrides))
 
 
+# YAML files under configs/ that are no experiment config, so no preset: applied as one, their keys
+# are unknown config keys. The DeepSpeed settings are read by DeepSpeed itself.
+NOT_PRESETS = {"deepspeed": "a DeepSpeed config: pass it as train.deepspeed.config=configs/deepspeed.yaml"}
+
+
+def preset_names() -> list[str]:
+    """The presets under configs/: every experiment config there."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem not in NOT_PRESETS)
+
+
 def preset_path(name: str) -> Path:
     """The YAML of a named preset under configs/ (e.g. 'sample')."""
+    if name in NOT_PRESETS:
+        raise ConfigError(f"configs/{name}.yaml is no preset but {NOT_PRESETS[name]}; "
+                          f"presets: {', '.join(preset_names())}")
     path = CONFIG_DIR / f"{name}.yaml"
     if not path.is_file():
-        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise ConfigError(f"no preset {name!r} in {CONFIG_DIR}; presets: {', '.join(names)}")
+        raise ConfigError(f"no preset {name!r} in {CONFIG_DIR}; presets: {', '.join(preset_names())}")
     return path
 
 

@@ -134,3 +134,11 @@ def test_preset_on_the_command_line_applies_its_file_below_the_other_overrides()
     assert cfg.train.epochs == 3
     with pytest.raises(ConfigError, match="no preset 'nope'"):
         load_config(["preset=nope"])
+
+
+def test_the_deepspeed_config_is_no_preset_and_says_where_it_goes() -> None:
+    with pytest.raises(ConfigError, match=r"no preset 'nope'.*presets: default, sample, scratch-gpu$"):
+        load_config(["preset=nope"])
+    with pytest.raises(ConfigError, match=r"configs/deepspeed\.yaml is no preset but a DeepSpeed config: pass it "
+                                          r"as train\.deepspeed\.config=configs/deepspeed\.yaml"):
+        load_config(["preset=deepspeed"])
