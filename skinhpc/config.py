@@ -68,6 +68,9 @@ class DataConfig:
         _check(1 <= self.jpeg_quality <= 100, "data.jpeg_quality must be in 1..100")
         _check(self.max_resolution >= 32, "data.max_resolution must be at least 32")
         _check(self.loader in ("auto", "ffcv", "pil"), f"data.loader must be auto, ffcv or pil, not {self.loader!r}")
+        for name in ("convert_workers", "num_workers"):  # 0 means every core; a negative count means nothing
+            value = getattr(self, name)
+            _check(value >= 0, f"data.{name} must be >= 0 (0: every available core), not {value}")
         _check(bool(self.images) == bool(self.metadata),
                "data.images and data.metadata go together: give both (your download) or neither (the bundled sample)")
 
@@ -289,6 +292,11 @@ class TrainConfig:
         _check(self.optimizer in ("adamw", "sgd"), f"train.optimizer must be adamw or sgd, not {self.optimizer!r}")
         _check(self.loss in ("ce", "focal"), f"train.loss must be ce or focal, not {self.loss!r}")
         _check(self.lr > 0, "train.lr must be > 0")
+        # The cosine decays from lr to min_lr: a min_lr above lr would make the "decay" a rise.
+        _check(0 <= self.min_lr <= self.lr, f"train.min_lr must be in [0, train.lr={self.lr}], not {self.min_lr}")
+        for name in ("warmup_epochs", "weight_decay", "grad_clip", "focal_gamma", "eval_batch_size",
+                     "early_stop_patience", "max_steps_per_epoch", "seed"):
+            _check(getattr(self, name) >= 0, f"train.{name} must be >= 0, not {getattr(self, name)}")
         _check(self.accum_steps >= 1, "train.accum_steps must be >= 1")
         _check(self.eval_every >= 1, "train.eval_every must be >= 1")
         _check(self.select_metric in SELECT_METRICS,
@@ -358,6 +366,10 @@ class ClusterConfig:
         _check(self.local_parallel >= 1, "cluster.local_parallel must be >= 1")
         _check(self.nodes >= 1 and self.gpus_per_node >= 1, "cluster.nodes and cluster.gpus_per_node must be >= 1")
         _check(self.time_min >= 1, "cluster.time_min must be >= 1")
+        for name in ("cpus_per_task", "ensemble_cpus", "ensemble_time_min"):
+            _check(getattr(self, name) >= 1, f"cluster.{name} must be >= 1, not {getattr(self, name)}")
+        for name in ("mem_gb", "signal_delay_s", "max_requeues"):
+            _check(getattr(self, name) >= 0, f"cluster.{name} must be >= 0, not {getattr(self, name)}")
 
 
 @dataclass
@@ -380,7 +392,8 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.run_dir), "run_dir must not be empty")
-        _check(self.fold >= 0, "fold must be >= 0")
+        _check(0 <= self.fold < self.split.folds,
+               f"fold must be in 0..split.folds-1 = 0..{self.split.folds - 1}, not {self.fold}")
         _check(len(self.backbones) >= 1, "backbones must name at least one model")
         # Tasks write <run_dir>/<backbone>/fold<k>: a repeated name would train each fold twice into one folder.
         repeated = sorted({b for b in self.backbones if self.backbones.count(b) > 1})

@@ -1,5 +1,7 @@
 """The one config mechanism: defaults < configs/default.yaml < preset < file < key=value."""
 
+import re
+
 import pytest
 
 from skinhpc.config import ConfigError, ExperimentConfig, diff_keys, from_yaml_file, load_config, save_config
@@ -81,9 +83,19 @@ def test_a_yaml_file_that_cannot_be_read_is_a_config_error_naming_the_file_and_l
     ("train=5", "train.epochs=5"),
     ("train.momentum=1.5", "train.momentum"),
     ("train.loss=focal train.label_smoothing=0.1", "train.label_smoothing applies to train.loss=ce only"),
+    ("train.min_lr=1", "train.min_lr must be in [0, train.lr=0.001], not 1"),
+    ("train.min_lr=-1e-6", "train.min_lr must be in [0, train.lr=0.001]"),
+    ("train.warmup_epochs=-1", "train.warmup_epochs must be >= 0, not -1"),
+    ("train.early_stop_patience=-1", "train.early_stop_patience must be >= 0"),
+    ("train.seed=-1", "train.seed must be >= 0"),
+    ("data.num_workers=-1", "data.num_workers must be >= 0"),
+    ("data.convert_workers=-2", "data.convert_workers must be >= 0"),
+    ("cluster.cpus_per_task=0", "cluster.cpus_per_task must be >= 1"),
+    ("cluster.max_requeues=-1", "cluster.max_requeues must be >= 0"),
+    ("fold=5", "fold must be in 0..split.folds-1 = 0..4, not 5"),
 ])
 def test_bad_values_give_clear_errors(override, fragment):
-    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
         load_config(override.split())
 
 
