@@ -84,6 +84,7 @@ from skinhpc.config import (
     saved_config_changes,
     from_yaml_file,
     load_config,
+    load_yaml,
     save_config,
     uses_sample,
 )
@@ -122,9 +123,8 @@ def profile_path(name: str) -> Path:
 
 def read_profile(path: Path) -> dict[str, Any]:
     """A profile's keys (those of the cluster section), checked by name."""
-    data = OmegaConf.to_container(OmegaConf.load(path)) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"cluster profile {path}: expected a mapping of cluster.* keys")
+    data = OmegaConf.to_container(load_yaml(path)) or {}  # invalid YAML: a ConfigError naming the line
+    assert isinstance(data, dict)
     valid = {f.name for f in dataclasses.fields(ClusterConfig)}
     unknown = sorted(set(data) - valid)
     if unknown:

@@ -151,6 +151,9 @@ def test_profile_with_unknown_key_is_refused_naming_the_file(tmp_path: Path) -> 
     bad.write_text("partition: gpu\ngpus: 4\n")
     with pytest.raises(ConfigError, match=r"site.yaml.*gpus"):
         load_launch_config([f"cluster.profile={bad}"])
+    bad.write_text("partition: gpu\npartition: cpu\n")  # not valid YAML: no parser traceback
+    with pytest.raises(ConfigError, match=r"site.yaml is not valid YAML: line 2 .*duplicate key partition"):
+        load_launch_config([f"cluster.profile={bad}"])
 
 
 @pytest.mark.timeout(60)
