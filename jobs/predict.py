@@ -4,7 +4,7 @@ python jobs/predict.py --run RUN IMAGE_OR_DIR [...] [--tta | --no-tta] [--out FI
 
 Writes a CSV (image, one probability column per class, prediction) to --out or stdout. Folders
 contribute every *.jpg/*.jpeg/*.png inside (what else they hold is counted in a warning). An unreadable image is named on stderr, the others are
-still predicted, and the exit status is 1. See skinhpc/predict.py.
+still predicted, and the exit status is 1; when none can be read, nothing is written. See skinhpc/predict.py.
 """
 
 from __future__ import annotations

@@ -256,7 +256,8 @@ def _check_out(out: str | Path) -> None:
 def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, tta: bool | None = None,
                 out: str | Path | None = None, batch_size: int = 32, device: str | None = None) -> int:
     """The command: predict every image, write the CSV to ``out`` (atomically) or stdout, print
-    problems on stderr. Returns the exit status: 0, or 1 when any input could not be read."""
+    problems on stderr. Returns the exit status: 0, or 1 when any input could not be read (when
+    none could, nothing is written). No image at all to try is a ``PredictError``."""
     def warn(message: str) -> None:
         print(f"error: {message}", file=sys.stderr, flush=True)
 
@@ -268,18 +269,24 @@ def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, tta: bool 
     paths, input_errors = expand_inputs(inputs, note)
     for message in input_errors:
         warn(message)
+    if not paths:  # before loading models: nothing to spend that time on
+        raise PredictError("no image to predict (see above)")
     models = load_fold_models(run_dir, device, note)
     print(f"predicting {len(paths)} images with {len(models)} fold models "
           f"({', '.join(sorted({m.backbone for m in models}))}) on {next(models[0].model.parameters()).device}"
           f"{_tta_said(models, tta)}", file=sys.stderr)
     result = predict_images(models, paths, tta=tta, batch_size=batch_size, on_error=warn)
+    failed = len(input_errors) + len(result.errors)
+    if not result.paths:
+        # A header-only CSV would replace an earlier --out that still holds answers.
+        print(f"error: none of the {failed} input(s) could be read (see above); nothing written", file=sys.stderr)
+        return 1
     text = to_csv(result.paths, result.probs)
     if out is None:
         sys.stdout.write(text)
     else:
         atomic_write_text(out, text)
         print(f"wrote {len(result.paths)} rows to {out}", file=sys.stderr)
-    failed = len(input_errors) + len(result.errors)
     if failed:
         print(f"error: {failed} input(s) could not be read (see above); the others were predicted", file=sys.stderr)
     return 1 if failed else 0

@@ -225,3 +225,23 @@ def test_trained_run_ensembles_and_predicts_like_the_training_eval_path(tmp_path
     got = predict_images(load_fold_models(run, "cpu"), paths, batch_size=5, workers=1)
     expected = (tests[0].probs[:12] + tests[1].probs[:12]) / 2
     np.testing.assert_allclose(got.probs, expected, atol=1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_when_no_image_can_be_read_an_existing_output_is_left_as_it_is(run_dir, tmp_path, capsys):
+    out = tmp_path / "pred.csv"
+    out.write_text("earlier answers\n")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 this is not a jpeg")
+    assert run_predict(run_dir, [broken], out=out, device="cpu") == 1
+    assert out.read_text() == "earlier answers\n"
+    err = capsys.readouterr().err
+    assert "none of the 1 input(s) could be read" in err and "the others were predicted" not in err
+
+
+@pytest.mark.timeout(60)
+def test_no_image_found_is_an_error_before_any_model_is_loaded(tmp_path):
+    (tmp_path / "empty").mkdir()
+    # There is no run directory: loading models would fail with "no such run directory" instead.
+    with pytest.raises(PredictError, match="no image to predict"):
+        run_predict(tmp_path / "no-run", [tmp_path / "empty"], device="cpu")
