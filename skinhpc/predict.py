@@ -123,18 +123,19 @@ def expand_inputs(inputs: Sequence[str | Path],
                   warn: Callable[[str], None] | None = None) -> tuple[list[Path], list[str]]:
     """Image files named directly or found in folders (*.jpg, *.jpeg, *.png, any case, not recursive),
     and an error message for each input that is neither. What a folder holds besides is counted
-    to ``warn`` (a file named directly is always tried)."""
+    to ``warn``, except hidden files (a file named directly is always tried, hidden or not)."""
     paths: list[Path] = []
     errors: list[str] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            entries = sorted(p.iterdir())
+            # Hidden files (macOS's AppleDouble ._x.jpg beside x.jpg) are no images: left out silently.
+            entries = sorted(f for f in p.iterdir() if not f.name.startswith("."))
             found = [f for f in entries if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
             if not found:
                 errors.append(f"{p}: folder holds no {'/'.join(IMAGE_SUFFIXES)} images")
             taken = set(found)  # a set: folders of a whole download hold 10,000 images
-            skipped = [f for f in entries if f not in taken and not f.name.startswith(".")]
+            skipped = [f for f in entries if f not in taken]
             if skipped and warn is not None:
                 warn(f"{p}: skipped {len(skipped)} entr{'y that is' if len(skipped) == 1 else 'ies that are'} not "
                      f"{'/'.join(IMAGE_SUFFIXES)} files (e.g. {skipped[0].name}; subfolders are not searched); "

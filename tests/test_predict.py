@@ -245,3 +245,15 @@ def test_no_image_found_is_an_error_before_any_model_is_loaded(tmp_path):
     # There is no run directory: loading models would fail with "no such run directory" instead.
     with pytest.raises(PredictError, match="no image to predict"):
         run_predict(tmp_path / "no-run", [tmp_path / "empty"], device="cpu")
+
+
+@pytest.mark.timeout(30)
+def test_hidden_files_in_a_folder_are_skipped_silently_but_tried_when_named(tmp_path):
+    shutil.copy(SAMPLE[0], tmp_path / SAMPLE[0].name)
+    (tmp_path / f"._{SAMPLE[0].name}").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS resource fork
+    (tmp_path / ".DS_Store").write_bytes(b"")
+    warnings: list[str] = []
+    paths, errors = expand_inputs([tmp_path], warnings.append)
+    assert paths == [tmp_path / SAMPLE[0].name] and errors == [] and warnings == []
+    named, _ = expand_inputs([tmp_path / f"._{SAMPLE[0].name}"])
+    assert named == [tmp_path / f"._{SAMPLE[0].name}"]
