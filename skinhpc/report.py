@@ -359,7 +359,7 @@ def plot_curves(backbone: str, logs: dict[str, list[dict[str, Any]]], path: Path
     loss_ax, acc_ax = axes[0, 0], axes[0, 1]
     for i, (fold, entries) in enumerate(sorted(logs.items())):
         color = f"C{i % 10}"
-        epochs = [e["epoch"] for e in entries]
+        epochs = [e["epoch"] + 1 for e in entries]  # log.jsonl counts from 0, the report from 1
         for key, ax, style, what in (("train_loss", loss_ax, "-", "train"), ("val_loss", loss_ax, "--", "val"),
                                      ("train_balanced_accuracy", acc_ax, "-", "train"),
                                      ("val_balanced_accuracy", acc_ax, "--", "val")):

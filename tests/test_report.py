@@ -99,6 +99,23 @@ def test_log_reader_skips_a_truncated_line_and_curves_draw(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_curves_count_epochs_from_one_as_the_report_does(tmp_path, monkeypatch):
+    import skinhpc.report as report
+    drawn: list[list[float]] = []
+    save = report.save_figure
+
+    def keep_x(fig, path):  # the x data of every line, read before the figure is saved and closed
+        drawn.extend(list(line.get_xdata()) for ax in fig.axes for line in ax.get_lines())
+        save(fig, path)
+
+    monkeypatch.setattr(report, "save_figure", keep_x)
+    entries = [{"epoch": e, "train_loss": 1.0, "val_loss": 1.1, "val_balanced_accuracy": 0.3} for e in range(3)]
+    plot_curves("resnet18", {"fold0": entries}, tmp_path / "curves.png")
+    assert drawn and all(x == [1, 2, 3] for x in drawn)
+    assert_png(tmp_path / "curves.png")
+
+
+@pytest.mark.timeout(60)
 def test_confusion_plot_of_an_empty_matrix_is_still_drawn(tmp_path):
     plot_confusion(np.zeros((len(CLASSES), len(CLASSES))), "nothing", tmp_path / "cm.png")
     assert_png(tmp_path / "cm.png")
