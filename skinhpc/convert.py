@@ -176,24 +176,38 @@ class _RecordError(ValueError):
         self.line, self.error = line, error
 
 
+def _ends_inside_quotes(lines: list[str]) -> bool:
+    """Whether these lines end inside a quoted field (the lenient reader takes it to the end of the
+    file without an error; the strict one says so)."""
+    try:
+        for _ in csv.reader(lines, strict=True):
+            pass
+    except csv.Error as e:
+        return "unexpected end of data" in str(e)
+    return False
+
+
 def _read_csv(metadata: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and (line as shown in an editor, cells) of each non-blank record."""
     with open(metadata, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = [name.strip() for name in next(reader, [])]
-        records = []
-        previous_end = reader.line_num
-        while True:
-            line = previous_end + 1  # a record may span lines (quoted newlines): name its first
-            try:
-                cells = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as e:
-                raise _RecordError(line, e) from None
-            previous_end = reader.line_num
-            if cells and any(c.strip() for c in cells):
-                records.append((line, cells))
+        lines = f.readlines()  # split as the reader splits them, so a record's lines can be read again
+    reader = csv.reader(lines)
+    header = [name.strip() for name in next(reader, [])]
+    records = []
+    previous_end, last_start = reader.line_num, 1
+    while True:
+        line = previous_end + 1  # a record may span lines (quoted newlines): name its first
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise _RecordError(line, e) from None
+        previous_end, last_start = reader.line_num, line
+        if cells and any(c.strip() for c in cells):
+            records.append((line, cells))
+    if _ends_inside_quotes(lines[last_start - 1:]):  # a quote opened there was never closed
+        raise _RecordError(last_start, csv.Error("the file ends inside a quoted field"))
     return header, records
 
 

@@ -205,11 +205,12 @@ def test_bad_csv_is_reported_with_file_and_line_and_nothing_is_written(tmp_path:
 
 
 @pytest.mark.timeout(60)
-def test_an_unmatched_quote_is_reported_at_its_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("n_rows", [4000, 30], ids=["rest-over-csv-field-limit", "rest-under-it"])
+def test_an_unmatched_quote_is_reported_at_its_line(tmp_path: Path, n_rows: int) -> None:
     from skinhpc.convert import read_metadata_rows
     header = "lesion_id,image_id,dx,dx_type,age,sex,localization\n"
-    rows = [f"HAM_{i:07d},ISIC_{i:07d},nv,histo,40.0,male,back\n" for i in range(4000)]  # > csv's field limit
-    rows[2] = '"' + rows[2]  # line 4: its quote swallows the rest of the file
+    rows = [f"HAM_{i:07d},ISIC_{i:07d},nv,histo,40.0,male,back\n" for i in range(n_rows)]
+    rows[2] = rows[2].replace(",histo", ',"histo')  # line 4: its quote swallows the rest of the file
     path = tmp_path / "meta.csv"
     path.write_text(header + "".join(rows))
     with pytest.raises(InputError, match=rf"{path}:4: .*unmatched double quote"):
