@@ -22,6 +22,7 @@ import datetime
 import fcntl
 import functools
 import hashlib
+import io
 import json
 import multiprocessing as mp
 import os
@@ -189,8 +190,12 @@ def _ends_inside_quotes(lines: list[str]) -> bool:
 
 def _read_csv(metadata: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and (line as shown in an editor, cells) of each non-blank record."""
-    with open(metadata, newline="", encoding="utf-8-sig") as f:
-        lines = f.readlines()  # split as the reader splits them, so a record's lines can be read again
+    # Decoded whole, so a decoding error's offset is in the file (a text file's is in a chunk of it);
+    # split as the reader splits lines, so a record's lines can be read again.
+    data = metadata.read_bytes()
+    if b"\0" in data:  # UTF-16 without a byte order mark: ASCII decodes as UTF-8 with NULs between
+        raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte, as in UTF-16")
+    lines = io.StringIO(data.decode("utf-8-sig"), newline="").readlines()
     reader = csv.reader(lines)
     header = [name.strip() for name in next(reader, [])]
     records = []
@@ -254,7 +259,11 @@ def _checked_csv(metadata: Path, columns: Sequence[str]) -> tuple[list[dict[str,
     except _RecordError as e:
         return [], [], [f"{metadata}:{e.line}: cannot read the CSV from this record on ({e.error}); an unmatched "
                         'double quote (") there makes the rest of the file one field']
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    except UnicodeDecodeError as e:
+        line = e.object.count(b"\n", 0, e.start) + 1
+        return [], [], [f"{metadata}:{line}: not UTF-8 (byte 0x{e.object[e.start]:02x}, {e.reason}); the CSV must "
+                        "be UTF-8: re-save it as UTF-8 (in Excel: 'CSV UTF-8')"]
+    except (OSError, csv.Error) as e:
         return [], [], [f"{metadata}: cannot read the CSV ({e})"]
     return _check_records(metadata, header, raw, columns)
 

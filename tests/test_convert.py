@@ -218,6 +218,19 @@ def test_an_unmatched_quote_is_reported_at_its_line(tmp_path: Path, n_rows: int)
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("encoding, line", [("latin-1", 14), ("utf-16", 1)])
+def test_a_csv_that_is_not_utf8_is_named_with_its_line_and_asked_for_in_utf8(tmp_path: Path, encoding: str,
+                                                                            line: int) -> None:
+    from skinhpc.convert import read_metadata_rows
+    text = skinhpc.SAMPLE_METADATA.read_text(encoding="utf-8").splitlines(keepends=True)
+    text[13] = text[13].rstrip("\n").rsplit(",", 1)[0] + ",tête\n"  # line 14: a non-ASCII localization
+    path = tmp_path / "meta.csv"
+    path.write_bytes("".join(text).encode(encoding))
+    with pytest.raises(InputError, match=rf"{path}:{line}: not UTF-8 .*must be UTF-8: re-save it as UTF-8"):
+        read_metadata_rows(path)
+
+
+@pytest.mark.timeout(60)
 def test_missing_image_names_the_file_the_csv_line_and_the_folders(tmp_path: Path) -> None:
     dirs, csv_path, ids = make_raw(tmp_path, two_folders=True)
     _find(dirs, ids[10]).unlink()
