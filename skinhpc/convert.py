@@ -216,13 +216,21 @@ def _read_csv(metadata: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return header, records
 
 
+def _separator_hint(header: list[str]) -> str:
+    """Why a header may be one cell: the CSV was saved with ';' (a comma-decimal locale) or tabs."""
+    for sep, name in ((";", "';'"), ("\t", "a tab")):
+        if len(header) == 1 and sep in header[0]:
+            return f"; the file seems to use {name} as separator: it must be comma-separated"
+    return ""
+
+
 def _check_records(metadata: Path, header: list[str], raw: list[tuple[int, list[str]]],
                    columns: Sequence[str] = REQUIRED_COLUMNS) -> tuple[list[dict[str, str]], list[int], list[str]]:
     name = str(metadata)
     missing = [c for c in columns if c not in header]
     if missing:
         return [], [], [f"{name}:1: missing column(s) {', '.join(missing)} (the header has: {', '.join(header)};"
-                        f" required: {', '.join(columns)})"]
+                        f" required: {', '.join(columns)}){_separator_hint(header)}"]
     if not raw:
         return [], [], [f"{name}: no data rows"]
     problems: list[str] = []

@@ -231,6 +231,17 @@ def test_a_csv_that_is_not_utf8_is_named_with_its_line_and_asked_for_in_utf8(tmp
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("sep, said", [(";", "';'"), ("\t", "a tab")], ids=["semicolon", "tab"])
+def test_a_csv_with_another_separator_is_told_to_be_comma_separated(tmp_path: Path, sep: str, said: str) -> None:
+    from skinhpc.convert import read_metadata_rows
+    path = tmp_path / "meta.csv"
+    path.write_text(skinhpc.SAMPLE_METADATA.read_text().replace(",", sep))  # as a comma-decimal locale saves it
+    with pytest.raises(InputError, match=rf"{path}:1: missing column.*seems to use {said} as separator: "
+                                         "it must be comma-separated"):
+        read_metadata_rows(path)
+
+
+@pytest.mark.timeout(60)
 def test_missing_image_names_the_file_the_csv_line_and_the_folders(tmp_path: Path) -> None:
     dirs, csv_path, ids = make_raw(tmp_path, two_folders=True)
     _find(dirs, ids[10]).unlink()
