@@ -801,6 +801,12 @@ def result_keys(cfg: Any) -> list[str]:
     return [k for k in walk(cfg, "") if k not in NEUTRAL_KEYS and not k.startswith("cluster.")]
 
 
+def fold_result_keys(cfg: Any) -> list[str]:
+    """The result keys a fold's config is compared by, as text: paths are left out (a moved run or
+    data folder is the same fold; the input files are compared by what they name)."""
+    return [k for k in result_keys(cfg) if k not in PATH_KEYS]
+
+
 def saved_config_changes(path: Path, cfg: Any, keys: list[str]) -> tuple[Any, list[str]]:
     """The config saved at ``path`` (None when there is none) and its differences from ``cfg``
     over ``keys`` ("key: saved -> now"); an unreadable file is a ConfigError naming it."""
@@ -824,8 +830,7 @@ def fold_config_conflicts(fold_dir: str | Path, cfg: Any) -> str:
     saved config.yaml differs in a key that changes results. A fold never mixes two configs.
     Paths may differ (a moved run or data folder is the same fold)."""
     try:
-        saved, changed = saved_config_changes(Path(fold_dir) / "config.yaml", cfg,
-                                              [k for k in result_keys(cfg) if k not in PATH_KEYS])
+        saved, changed = saved_config_changes(Path(fold_dir) / "config.yaml", cfg, fold_result_keys(cfg))
     except ConfigError as e:
         return str(e)
     if saved is not None:

@@ -141,12 +141,13 @@ def read_predictions(path: str | Path) -> Predictions:
     return preds.take(order)
 
 
-def _expected_layout(run_dir: Path) -> tuple[list[str], int]:
+def _expected_layout(run_dir: Path) -> tuple[list[str], int, Any]:
     """Backbones and fold count the run was launched with (RUN/config.yaml, RUN/split.json), plus
-    any backbone folder found on disk, so nothing finished is ever ignored."""
+    any backbone folder found on disk, so nothing finished is ever ignored; and the run's config
+    (None when it has none: folds trained by hand)."""
     backbones: list[str] = []
     num_folds = 0
-    cfg_path = run_dir / "config.yaml"
+    cfg_path, cfg = run_dir / "config.yaml", None
     if cfg_path.is_file():
         from skinhpc.config import from_yaml_file
         try:
@@ -167,7 +168,20 @@ def _expected_layout(run_dir: Path) -> tuple[list[str], int]:
         for d in fold_dirs:
             if d.name[4:].isdigit():
                 num_folds = max(num_folds, int(d.name[4:]) + 1)
-    return backbones, num_folds
+    return backbones, num_folds, cfg
+
+
+def _trained_otherwise(fold_dir: Path, run_cfg: Any) -> str:
+    """Why a fold's results may not join the run's ("" when they may): its config.yaml differs from
+    the run's in a key that changes results (e.g. a fold trained by hand with another lr). Paths and
+    input files are left to the launcher, which compares them by what they name."""
+    from skinhpc.config import ConfigError, fold_result_keys, saved_config_changes
+    try:
+        _, changed = saved_config_changes(fold_dir / "config.yaml", run_cfg, fold_result_keys(run_cfg))
+    except ConfigError as e:
+        return str(e)
+    return (f"trained with another config than the run's config.yaml (fold -> run: {'; '.join(changed)}); "
+            "not mixed into the run's results") if changed else ""
 
 
 def _read_fold(backbone: str, fold: int, fold_dir: Path) -> FoldRun | str:
@@ -196,11 +210,13 @@ def scan_run(run_dir: str | Path) -> RunScan:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EnsembleError(f"{run_dir}: no such run directory")
-    backbones, num_folds = _expected_layout(run_dir)
+    backbones, num_folds, run_cfg = _expected_layout(run_dir)
     scan = RunScan(run_dir, backbones, num_folds)
     for backbone in backbones:
         for fold in range(num_folds):
             result = _read_fold(backbone, fold, run_dir / backbone / f"fold{fold}")
+            if isinstance(result, FoldRun) and run_cfg is not None:
+                result = _trained_otherwise(result.dir, run_cfg) or result
             if isinstance(result, FoldRun):
                 scan.finished.append(result)
             else:

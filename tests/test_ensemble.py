@@ -358,6 +358,21 @@ def test_missing_folds_are_reported_and_the_rest_aggregated(tmp_path):
     assert set(results["bootstrap"]) >= {"majority_nv", "resnet18/ensemble", "ensemble_mean", "ensemble_weighted"}
 
 
+@pytest.mark.timeout(60)
+def test_a_fold_trained_with_another_config_than_the_runs_is_left_out_and_named(tmp_path):
+    from skinhpc.ensemble import scan_run
+    run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=3)
+    run.fill({"resnet18": 2.0})
+    same = [f"run_dir={run.root}", "backbones=[resnet18]", "split.folds=3"]
+    save_config(load_config([*same, "fold=0"]), run.root / "resnet18" / "fold0" / "config.yaml")
+    save_config(load_config([*same, "fold=1", "train.lr=0.01"]),  # trained by hand with another lr
+                run.root / "resnet18" / "fold1" / "config.yaml")
+    scan = scan_run(run.root)
+    assert [f.fold for f in scan.finished] == [0, 2]  # fold 2 has no config.yaml: an older fold, kept
+    (missing,) = scan.missing
+    assert missing["fold"] == 1 and "train.lr: 0.01 -> 0.002" in missing["reason"]
+
+
 @pytest.mark.timeout(120)
 def test_a_reference_model_is_aligned_by_image_and_compared_with_the_ensembles(tmp_path):
     run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=2)

@@ -23,7 +23,7 @@ import torch
 
 from skinhpc import CLASSES, REPO_DIR
 from skinhpc.checkpoint import ResumeMismatch, list_checkpoints
-from skinhpc.config import ConfigError, SplitConfig, TrainConfig, load_config
+from skinhpc.config import ConfigError, SplitConfig, TrainConfig, load_config, save_config
 from skinhpc.convert import read_index
 from skinhpc.split import SPLIT_NAME
 from skinhpc.models import backbone_and_head_params, create_model
@@ -216,6 +216,16 @@ def test_preempted_mid_epoch_run_resumes_bit_identical(tmp_path: Path, data_dir:
     assert train_fold(cfg)["status"] == "done"
     assert "resuming from epoch 1 step 1" in capsys.readouterr().out
     assert_same_run(uninterrupted, out)
+
+
+@pytest.mark.timeout(60)
+def test_a_fold_of_a_launched_run_trained_by_hand_with_other_settings_is_refused(tmp_path: Path,
+                                                                                data_dir: Path) -> None:
+    write_tiny_split(tmp_path, data_dir)
+    save_config(load_config(overrides(tmp_path, data_dir, "train.lr=0.01")), tmp_path / "config.yaml")  # the launch's
+    with pytest.raises(ConfigError, match=r"was launched with another config.*train\.lr: 0\.01 -> 0\.002"):
+        train_fold(load_config(overrides(tmp_path, data_dir)))
+    assert not (tmp_path / "resnet18").exists()
 
 
 @pytest.mark.slow
