@@ -818,28 +818,55 @@ def launch(cfg: ExperimentConfig, *, dry_run: bool = False, echo: Callable[[str]
     kind = resolve_kind(cfg.cluster.kind) if not dry_run else ("slurm" if cfg.cluster.kind == "auto" else cfg.cluster.kind)
     run_dir = Path(cfg.run_dir)
     if dry_run:
-        check_compatible(run_dir, cfg)
+        _check_or_remake(run_dir, cfg, kind, echo)
         return _dry_run(cfg, kind, echo)
     with launch_lock(run_dir):
-        check_compatible(run_dir, cfg)  # under the lock: a concurrent launch may just have saved its config
+        remake = _check_or_remake(run_dir, cfg, kind, echo)  # under the lock: another launch may just have saved
         if kind == "slurm":
-            return _launch_slurm(cfg, echo)
-        return _launch_inline(cfg, kind, echo)
+            return _launch_slurm(cfg, echo, remake)
+        return _launch_inline(cfg, kind, echo, remake)
 
 
-def _prepare_run(cfg: ExperimentConfig, converted: bool) -> None:
-    """Split (once) and the run's config, both saved in the run directory before any job starts."""
+def _check_or_remake(run_dir: Path, cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]) -> bool:
+    """``check_compatible``, unless no task of the run has started (``nothing_started``, returned):
+    then another config, or other data, makes the run's config and split anew, said in a note."""
+    remake = nothing_started(run_dir, kind)
+    try:
+        check_compatible(run_dir, cfg)
+    except LaunchError as e:
+        if not remake:
+            raise
+        echo(f"note: no task of {run_dir} has started, so its config is made anew ({e})")
+    return remake
+
+
+def nothing_started(run_dir: Path, kind: str) -> bool:
+    """No task of the run has trained (no fold folder holds a config.yaml) and no job of it is
+    queued or running: its split and config pin no result yet, so a launch may make them anew
+    (e.g. after a conversion failed on a bad CSV, the CSV mended). Jobs that SLURM says can never
+    start (their conversion failed) do not count; a SLURM that does not answer does."""
+    if not (run_dir / "config.yaml").is_file() or any(run_dir.glob("*/fold*/config.yaml")):
+        return False
+    ids = recorded_job_ids(read_jobs(run_dir)) if kind == "slurm" else []
+    infos = query_jobs(ids) if ids else {}
+    return all(dependency_never_satisfied(infos.get(j)) or job_state(infos.get(j)) in ("failed", "cancelled")
+               for j in ids)
+
+
+def _prepare_run(cfg: ExperimentConfig, converted: bool, remake: bool = False) -> None:
+    """Split (once; anew with ``remake``, see ``nothing_started``) and the run's config, both saved
+    in the run directory before any job starts."""
     from skinhpc.split import ensure_split
 
-    ensure_split(cfg.run_dir, checked_inputs(cfg, converted), cfg.split)
+    ensure_split(cfg.run_dir, checked_inputs(cfg, converted), cfg.split, remake=remake)
     save_config(cfg, Path(cfg.run_dir) / "config.yaml")
 
 
-def _launch_slurm(cfg: ExperimentConfig, echo: Callable[[str], None]) -> Plan:
+def _launch_slurm(cfg: ExperimentConfig, echo: Callable[[str], None], remake: bool = False) -> Plan:
     run_dir = Path(cfg.run_dir)
     jobs = read_jobs(run_dir)
     plan = make_plan(cfg, "slurm", jobs, query_jobs(recorded_job_ids(jobs)))
-    _prepare_run(cfg, converted=plan.convert == "skip")
+    _prepare_run(cfg, converted=plan.convert == "skip", remake=remake)
     for line in plan.lines():
         echo(line)
     jobs.update(kind="slurm", run_dir=str(run_dir))
@@ -920,13 +947,13 @@ def slot_devices(slot: int, per_task: int, gpus: list[str]) -> str | None:
     return ",".join(gpus[(slot * per_task + j) % len(gpus)] for j in range(per_task))
 
 
-def _launch_inline(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]) -> Plan:
+def _launch_inline(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None], remake: bool = False) -> Plan:
     """local / debug: conversion, then the tasks (cluster.local_parallel at once), then the ensemble."""
     run_dir = Path(cfg.run_dir)
     plan = make_plan(cfg, kind, {"tasks": {}}, {})
     if cfg.cluster.nodes > 1 and kind == "local":
         raise LaunchError("cluster.kind=local runs on this machine only: cluster.nodes must be 1")
-    _prepare_run(cfg, converted=plan.convert == "skip")
+    _prepare_run(cfg, converted=plan.convert == "skip", remake=remake)
     for line in plan.lines():
         echo(line)
     folder = submitit_folder(run_dir)

@@ -159,14 +159,20 @@ def load_split(path: str | Path) -> dict:
         return json.load(f)
 
 
-def ensure_split(run_dir: str | Path, df: pd.DataFrame, cfg: SplitConfig) -> dict:
+def ensure_split(run_dir: str | Path, df: pd.DataFrame, cfg: SplitConfig, remake: bool = False) -> dict:
     """The run's split: computed and saved once in ``RUN/split.json``, then always read back.
 
     A different split config or different images on the same run directory is refused: results of
-    two splits must never be mixed in one experiment.
+    two splits must never be mixed in one experiment. With ``remake`` (no task of the run has
+    started yet) such a split is made anew instead.
     """
     path = Path(run_dir) / SPLIT_NAME
-    if path.is_file():
+    if path.is_file() and remake:
+        try:
+            return ensure_split(run_dir, df, cfg)
+        except SplitError as e:
+            print(f"note: no task of the run has started: its split is made anew ({e})", flush=True)
+    elif path.is_file():
         split = load_split(path)
         saved = split.get("config", {})
         wanted = dataclasses.asdict(cfg)

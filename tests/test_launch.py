@@ -171,6 +171,7 @@ def test_relaunch_with_other_split_or_image_size_is_refused_naming_the_keys(tmp_
     run_dir = tmp_path / "exp"
     saved = absolute_paths(load_config([f"run_dir={run_dir}", "split.folds=2"]))
     save_config(saved, run_dir / "config.yaml")
+    save_config(saved, run_dir / "resnet18" / "fold0" / "config.yaml")  # a task has trained: the run is pinned
     proc = run_launch(["--dry-run", "--folds", "3", f"run_dir={run_dir}", "model.image_size=96"], cwd=tmp_path)
     assert proc.returncode == 2
     assert "split.folds: 2 -> 3" in proc.stderr and "model.image_size: 64 -> 96" in proc.stderr
@@ -309,6 +310,32 @@ def test_a_failed_jobs_multi_line_error_is_shown_whole_not_its_last_line() -> No
     assert _failure_reason(Exception(message)) == ("skinhpc.convert.InputError: 2 input problems:\n"
                                                    "  m.csv:3: ISIC_1: image missing\n  m.csv:9: ISIC_2.jpg: truncated JPEG")
     assert _failure_reason(Exception("no trace")) == "no trace"
+
+
+@pytest.mark.timeout(300)
+def test_a_run_whose_conversion_failed_is_launched_again_once_the_csv_is_mended(tmp_path: Path) -> None:
+    import shutil
+    from skinhpc import SAMPLE_IMAGES, SAMPLE_METADATA
+    images, csv = tmp_path / "images", tmp_path / "meta.csv"
+    shutil.copytree(SAMPLE_IMAGES, images)
+    lines = SAMPLE_METADATA.read_text().splitlines(keepends=True)
+    csv.write_text("".join(lines))
+    gone = [line.split(",")[1] for line in lines[1:3]]  # two images listed but not there
+    for image_id in gone:
+        (images / f"{image_id}.jpg").unlink()
+    args = ["--folds", "2", f"run_dir={tmp_path / 'exp'}", f"data.dir={tmp_path / 'data'}", f"data.images=[{images}]",
+            f"data.metadata={csv}", "preset=sample", "cluster.kind=local", "train.epochs=1",
+            "train.max_steps_per_epoch=1"]
+    failed = run_launch(args, cwd=tmp_path)
+    assert failed.returncode == 2 and all(i in failed.stderr for i in gone), failed.stdout + failed.stderr
+    assert (tmp_path / "exp" / "split.json").is_file()  # made from the CSV before the conversion ran
+    csv.write_text(lines[0] + "".join(lines[3:]))  # mended: no row for the missing images
+    again = run_launch([*args, "train.lr=0.003"], cwd=tmp_path)  # and, nothing having trained, another setting
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "its split is made anew" in again.stdout and "its config is made anew" in again.stdout
+    assert (tmp_path / "exp" / "ensemble" / "report.md").is_file()
+    refused = run_launch([*args, "train.lr=0.004"], cwd=tmp_path)  # once folds trained, the run is pinned
+    assert refused.returncode == 2 and "train.lr" in refused.stderr
 
 
 @pytest.mark.timeout(120)
