@@ -921,8 +921,9 @@ def _remove_empty_dir(path: Path) -> None:
 
 # --------------------------------------------------------------------------- entry points for the other stages
 
-def ensure_converted(data_cfg: DataConfig, data_dir: Path) -> Path:
+def ensure_converted(data_cfg: DataConfig, data_dir: Path) -> list[str]:
     """Converted data in ``data_dir`` for this data config; converts only when not up to date.
+    Returns the conversion's warnings (images skipped, duplicated, ...), for a launcher to show.
 
     ``data.images``/``data.metadata`` name the raw download; both empty means the bundled sample,
     unless ``data.dir`` points at an existing conversion, which is then used as it is.
@@ -932,14 +933,14 @@ def ensure_converted(data_cfg: DataConfig, data_dir: Path) -> Path:
     if not images and not metadata:
         if data_cfg.dir:
             if (data_dir / MANIFEST_NAME).is_file():
-                return data_dir  # a conversion made elsewhere; nothing here says how to redo it
+                return []  # a conversion made elsewhere; nothing here says how to redo it
             raise InputError([f"{data_dir}: no converted data ({MANIFEST_NAME} missing); give data.images and"
                               " data.metadata to convert your download, or run jobs/convert.py"])
         _say(f"no data.images/data.metadata given: using the bundled HAM10000 sample ({skinhpc.SAMPLE_METADATA})")
         images, metadata = [str(skinhpc.SAMPLE_IMAGES)], str(skinhpc.SAMPLE_METADATA)
-    convert(images, metadata, data_dir, max_resolution=data_cfg.max_resolution, write_mode=data_cfg.write_mode,
-            jpeg_quality=data_cfg.jpeg_quality, workers=data_cfg.convert_workers)
-    return data_dir
+    result = convert(images, metadata, data_dir, max_resolution=data_cfg.max_resolution,
+                     write_mode=data_cfg.write_mode, jpeg_quality=data_cfg.jpeg_quality, workers=data_cfg.convert_workers)
+    return list(result.warnings)
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:

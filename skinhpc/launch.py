@@ -249,8 +249,9 @@ class ConvertTask:
         _interruptible()
         from skinhpc.convert import ensure_converted
 
-        result = ensure_converted(self.cfg.data, self.cfg.data_dir)
-        return str(getattr(result, "status", result))
+        warnings = ensure_converted(self.cfg.data, self.cfg.data_dir)
+        # Returned, so that a local launch shows them on its console (they are in the job's log too).
+        return "\n".join([str(self.cfg.data_dir)] + [f"warning: {w}" for w in warnings])
 
 
 def _interruptible() -> None:
@@ -1032,6 +1033,7 @@ def _run_local_tasks(cfg: ExperimentConfig, tasks: list[Task], submit: Callable[
             t = pending.pop(0)
             task = TrainTask(task_config(cfg, t), visible_devices=slot_devices(slot, per_task, gpus))
             running[slot] = (t, submit(f"train {t.key}", task, per_task))
+            _record_local(Path(cfg.run_dir), t, running[slot][1], "running")
         finished = [slot for slot, (_, job) in running.items() if job.done()]
         if not finished:
             time.sleep(0.5 if parallel > 1 else 0.1)
@@ -1040,14 +1042,26 @@ def _run_local_tasks(cfg: ExperimentConfig, tasks: list[Task], submit: Callable[
             t, job = running.pop(slot)
             try:
                 result(f"train {t.key}", job)
+                _record_local(Path(cfg.run_dir), t, job, "done")
                 if parallel > 1:
                     echo(f"train {t.key}: done")
             except LaunchError as e:
+                _record_local(Path(cfg.run_dir), t, job, "failed")
                 failures.append(e)
     if failures:
         if pending:
             echo(f"not started after the failure: {', '.join(t.key for t in pending)}")
         raise failures[0]
+
+
+def _record_local(run_dir: Path, t: Task, job: Any, state: str) -> None:
+    """A local task's job and state in jobs.json ("local_job": no SLURM id to query), for --status:
+    without it a failed local task looked never submitted."""
+    jobs = read_jobs(run_dir)
+    jobs["tasks"][t.key] = {"local_job": str(job.job_id), "state": state, "log": str(job.paths.stdout),
+                            "err": str(job.paths.stderr)}
+    jobs["kind"] = "local"
+    write_jobs(run_dir, jobs)
 
 
 def _dry_run(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]) -> Plan:
@@ -1091,13 +1105,19 @@ class TaskStatus:
     log: str
 
 
-def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict[str, JobInfo]) -> TaskStatus:
+def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict[str, JobInfo],
+              local_launch_running: bool) -> TaskStatus:
     run_dir = Path(cfg.run_dir)
     job = entry.get("job_id", "")
     rows = read_log(t.dir(run_dir) / LOG_NAME)
     metrics = finished_metrics(t.dir(run_dir))
     if metrics is not None:
         state = "done"
+    elif entry.get("local_job"):  # a local launch's task (_record_local)
+        job = f"local {entry['local_job']}"
+        state = {"done": "failed"}.get(entry.get("state", ""), entry.get("state", ""))  # done: metrics.json went
+        if state == "running" and not local_launch_running:
+            state = "stopped"  # its launch ended before the task did (Ctrl-C, kill)
     elif not job:
         state = "started" if rows else "not submitted"
     else:
@@ -1107,7 +1127,7 @@ def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict
     epoch = f"{max(int(r.get('epoch', 0)) for r in rows) + 1}/{cfg.train.epochs}" if rows else f"0/{cfg.train.epochs}"
     kept = kept_val_balanced_accuracy(rows, metrics, cfg.train.select_metric)
     best = f"{kept:.4f}" if kept is not None else "-"
-    log = entry.get("err", "") if state in ("failed", "cancelled") else entry.get("log", "")
+    log = entry.get("err", "") if state in ("failed", "cancelled", "stopped") else entry.get("log", "")
     return TaskStatus(t, job or "-", state, epoch, best, log or str(t.dir(run_dir) / LOG_NAME))
 
 
@@ -1121,7 +1141,8 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
         saved_cfg = from_yaml_file(saved)
         cfg = dataclasses.replace(cfg, backbones=saved_cfg.backbones, split=saved_cfg.split, train=saved_cfg.train)
     infos = query_jobs(recorded_job_ids(jobs))
-    rows = [_task_row(cfg, t, jobs["tasks"].get(t.key, {}), infos) for t in experiment_tasks(cfg)]
+    local_running = jobs.get("kind") != "slurm" and bool(running_launch(run_dir))
+    rows = [_task_row(cfg, t, jobs["tasks"].get(t.key, {}), infos, local_running) for t in experiment_tasks(cfg)]
     head = ("backbone", "fold", "job", "state", "epoch", "kept val bacc", "log")
     table = [head] + [(r.task.backbone, str(r.task.fold), r.job_id, r.state, r.epoch, r.best_val_bacc, r.log) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]

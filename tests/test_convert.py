@@ -460,7 +460,7 @@ def test_sample_conversion_has_every_row_and_is_what_ensure_converted_expects(sa
     assert manifest["stored_size"] == [150, 200]
     assert manifest["counts"] == {name: int((index["dx"] == name).sum()) for name in CLASSES}
 
-    assert ensure_converted(DataConfig(), sample_data_dir) == sample_data_dir
+    assert ensure_converted(DataConfig(), sample_data_dir) == []
     out = capsys.readouterr().out
     assert "bundled HAM10000 sample" in out and "up to date" in out
 

@@ -277,6 +277,9 @@ def test_ctrl_c_or_kill_of_a_local_launch_stops_its_task_at_a_saved_checkpoint_w
     assert "Ctrl-C: stopping 1 running job(s)" in said and "interrupted: finished folds" in said
     assert "Traceback" not in said  # submitit's controller waited for its task instead of dying on SIGINT
     assert "SIGINT: checkpoint saved at epoch" in _fold0_log(out)
+    fold0 = next(line for line in run_launch(["--status", *args], cwd=tmp_path).stdout.splitlines()
+                 if line.startswith("resnet18  0"))
+    assert " stopped " in fold0, fold0
     time.sleep(1.0)
     with pytest.raises(ProcessLookupError):  # nothing of the launch is left running
         os.killpg(proc.pid, 0)
@@ -330,9 +333,11 @@ def test_a_run_whose_conversion_failed_is_launched_again_once_the_csv_is_mended(
     assert failed.returncode == 2 and all(i in failed.stderr for i in gone), failed.stdout + failed.stderr
     assert (tmp_path / "exp" / "split.json").is_file()  # made from the CSV before the conversion ran
     csv.write_text(lines[0] + "".join(lines[3:]))  # mended: no row for the missing images
+    shutil.copy(next(images.iterdir()), images / "ISIC_9999999.jpg")  # and an image the CSV does not list
     again = run_launch([*args, "train.lr=0.003"], cwd=tmp_path)  # and, nothing having trained, another setting
     assert again.returncode == 0, again.stdout + again.stderr
     assert "its split is made anew" in again.stdout and "its config is made anew" in again.stdout
+    assert "warning: 1 image(s) in the folders are not in" in again.stdout  # the conversion job's, on the console
     assert (tmp_path / "exp" / "ensemble" / "report.md").is_file()
     refused = run_launch([*args, "train.lr=0.004"], cwd=tmp_path)  # once folds trained, the run is pinned
     assert refused.returncode == 2 and "train.lr" in refused.stderr
@@ -348,6 +353,11 @@ def test_local_tasks_one_at_a_time_stop_at_a_failure_and_the_launch_ends(tmp_pat
     assert "train resnet18/fold0 failed: RuntimeError: injected failure" in proc.stderr + proc.stdout
     assert "not started after the failure: resnet18/fold1" in proc.stdout
     assert not (run_dir / "resnet18" / "fold1").exists()
+    table = run_launch(["--status", *args], cwd=tmp_path).stdout.splitlines()
+    fold0 = next(line for line in table if line.startswith("resnet18  0"))
+    fold1 = next(line for line in table if line.startswith("resnet18  1"))
+    assert " failed " in fold0 and " local " in fold0 and fold0.endswith("_0_log.err")  # its traceback
+    assert "not submitted" in fold1
 
 
 def test_parallel_local_tasks_get_their_own_gpus_while_there_are_enough_then_share() -> None:
