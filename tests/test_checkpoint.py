@@ -72,14 +72,19 @@ def test_folders_without_valid_meta_are_not_checkpoints(tmp_path: Path) -> None:
     assert [c.path.name for c in list_checkpoints(tmp_path)] == ["e001-s000000"]
 
 
+def two_checkpoints(ckpt: Path) -> tuple[nn.Module, torch.optim.Optimizer, dict, Path]:
+    """Checkpoints at steps 2 and 3 of epoch 0: (model, optimizer, the older's weights, the newest's folder)."""
+    model, opt = make_objects()
+    save(ckpt, model, opt, 0, 2)
+    older = {k: v.clone() for k, v in model.state_dict().items()}
+    train_steps(model, opt, 1)
+    return model, opt, older, save(ckpt, model, opt, 0, 3)
+
+
 @pytest.mark.timeout(60)
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_with_a_warning(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    model, opt = make_objects()
-    save(tmp_path, model, opt, 0, 2)
-    older = {k: v.clone() for k, v in model.state_dict().items()}
-    train_steps(model, opt, 1)
-    newest = save(tmp_path, model, opt, 0, 3)
+    _, _, older, newest = two_checkpoints(tmp_path)
     state_file = newest / "state.pt"
     state_file.write_bytes(state_file.read_bytes()[:100])  # a partial copy / full disk
 
@@ -116,11 +121,7 @@ def flip_a_bit(path: Path) -> None:
 @pytest.mark.timeout(60)
 def test_a_flipped_bit_in_a_checkpoint_is_caught_by_its_sha256_and_an_older_one_is_used(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    model, opt = make_objects()
-    save(tmp_path, model, opt, 0, 2)
-    older = {k: v.clone() for k, v in model.state_dict().items()}
-    train_steps(model, opt, 1)
-    newest = save(tmp_path, model, opt, 0, 3)
+    model, _, older, newest = two_checkpoints(tmp_path)
     checkpoint.save_best(tmp_path, model.state_dict(), {"epoch": 0})
     flip_a_bit(newest / "state.pt")
     flip_a_bit(tmp_path / "best" / "model.pt")

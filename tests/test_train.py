@@ -23,7 +23,7 @@ import torch
 
 from skinhpc import CLASSES, REPO_DIR
 from skinhpc.checkpoint import ResumeMismatch, list_checkpoints
-from skinhpc.config import ConfigError, SplitConfig, TrainConfig, load_config, save_config
+from skinhpc.config import ConfigError, ExperimentConfig, SplitConfig, TrainConfig, load_config, save_config
 from skinhpc.convert import read_index
 from skinhpc.split import SPLIT_NAME
 from skinhpc.models import backbone_and_head_params, create_model
@@ -131,6 +131,18 @@ def data_dir(sample_data_dir: Path) -> Path:
 EXACT = ["train.epochs=3", "train.max_steps_per_epoch=3", "train.batch_size=5", "model.drop_rate=0.3"]
 
 
+def stopped_at_step(step: int, run_dir: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                    signal_name: str = "USR2") -> tuple[ExperimentConfig, dict]:
+    """The EXACT config trained until this process sends itself a real signal after optimizer step
+    ``step`` (SIGUSR2: SLURM's warning); its config and what train_fold returned."""
+    write_tiny_split(run_dir, data_dir)
+    cfg = load_config(overrides(run_dir, data_dir, *EXACT))
+    with monkeypatch.context() as m:
+        m.setenv(PREEMPT_ENV, str(step))
+        m.setenv(PREEMPT_SIGNAL_ENV, signal_name)
+        return cfg, train_fold(cfg)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     """The reference: the EXACT config trained without interruption (in this process)."""
@@ -189,16 +201,11 @@ def test_single_process_fold_learns_and_writes_the_fold_layout(tmp_path: Path, d
 def test_preempted_mid_epoch_run_resumes_bit_identical(tmp_path: Path, data_dir: Path, uninterrupted: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture) -> None:
-    write_tiny_split(tmp_path, data_dir)
-    cfg = load_config(overrides(tmp_path, data_dir, *EXACT))
-    # A real SIGUSR2 to this process after optimizer step 4 = epoch 1, step 1 of 3.
-    monkeypatch.setenv(PREEMPT_ENV, "4")
-    result = train_fold(cfg)
+    cfg, result = stopped_at_step(4, tmp_path, data_dir, monkeypatch)  # step 4 = epoch 1, step 1 of 3
     assert result["status"] == "preempted" and (result["epoch"], result["step"]) == (1, 1)
     out = fold_dir(cfg)
     assert not (out / "metrics.json").exists()
     assert (out / "checkpoints" / "e001-s000001" / "meta.json").is_file()
-    monkeypatch.delenv(PREEMPT_ENV)
 
     # Resuming with another batch size or learning rate is refused, naming the key: by the fold's
     # saved config, and by the checkpoint's own record of what a resume needs.
@@ -232,13 +239,9 @@ def test_a_fold_of_a_launched_run_trained_by_hand_with_other_settings_is_refused
 @pytest.mark.timeout(400)
 def test_ctrl_c_mid_epoch_stops_at_a_saved_checkpoint_and_the_rerun_is_bit_identical(
         tmp_path: Path, data_dir: Path, uninterrupted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_tiny_split(tmp_path, data_dir)
-    cfg = load_config(overrides(tmp_path, data_dir, *EXACT))
-    monkeypatch.setenv(PREEMPT_ENV, "4")  # a real SIGINT to this process after optimizer step 4
-    monkeypatch.setenv(PREEMPT_SIGNAL_ENV, "INT")
-    assert train_fold(cfg) == {"status": "interrupted", "epoch": 1, "step": 1}
+    cfg, result = stopped_at_step(4, tmp_path, data_dir, monkeypatch, "INT")  # a real SIGINT, as Ctrl-C sends
+    assert result == {"status": "interrupted", "epoch": 1, "step": 1}
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as usual again
-    monkeypatch.delenv(PREEMPT_ENV)
     assert train_fold(cfg)["status"] == "done"
     assert_same_run(uninterrupted, fold_dir(cfg))
 
@@ -247,11 +250,8 @@ def test_ctrl_c_mid_epoch_stops_at_a_saved_checkpoint_and_the_rerun_is_bit_ident
 @pytest.mark.timeout(400)
 def test_a_start_over_after_the_checkpoints_were_deleted_logs_each_epoch_once(
         tmp_path: Path, data_dir: Path, uninterrupted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_tiny_split(tmp_path, data_dir)
-    cfg = load_config(overrides(tmp_path, data_dir, *EXACT))
-    monkeypatch.setenv(PREEMPT_ENV, "7")  # epoch 2, step 1: two epochs logged
-    assert train_fold(cfg)["status"] == "preempted"
-    monkeypatch.delenv(PREEMPT_ENV)
+    cfg, result = stopped_at_step(7, tmp_path, data_dir, monkeypatch)  # epoch 2, step 1: two epochs logged
+    assert result["status"] == "preempted"
     out = fold_dir(cfg)
     shutil.rmtree(out / "checkpoints")  # what ResumeMismatch's message suggests to start over
     assert train_fold(cfg)["status"] == "done"
