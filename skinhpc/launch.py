@@ -819,19 +819,19 @@ def launch(cfg: ExperimentConfig, *, dry_run: bool = False, echo: Callable[[str]
     kind = resolve_kind(cfg.cluster.kind) if not dry_run else ("slurm" if cfg.cluster.kind == "auto" else cfg.cluster.kind)
     run_dir = Path(cfg.run_dir)
     if dry_run:
-        _check_or_remake(run_dir, cfg, kind, echo)
+        _check_or_remake(run_dir, cfg, echo)
         return _dry_run(cfg, kind, echo)
     with launch_lock(run_dir):
-        remake = _check_or_remake(run_dir, cfg, kind, echo)  # under the lock: another launch may just have saved
+        remake = _check_or_remake(run_dir, cfg, echo)  # under the lock: another launch may just have saved
         if kind == "slurm":
             return _launch_slurm(cfg, echo, remake)
         return _launch_inline(cfg, kind, echo, remake)
 
 
-def _check_or_remake(run_dir: Path, cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]) -> bool:
+def _check_or_remake(run_dir: Path, cfg: ExperimentConfig, echo: Callable[[str], None]) -> bool:
     """``check_compatible``, unless no task of the run has started (``nothing_started``, returned):
     then another config, or other data, makes the run's config and split anew, said in a note."""
-    remake = nothing_started(run_dir, kind)
+    remake = nothing_started(run_dir)
     try:
         check_compatible(run_dir, cfg)
     except LaunchError as e:
@@ -841,15 +841,18 @@ def _check_or_remake(run_dir: Path, cfg: ExperimentConfig, kind: str, echo: Call
     return remake
 
 
-def nothing_started(run_dir: Path, kind: str) -> bool:
+def nothing_started(run_dir: Path) -> bool:
     """No task of the run has trained (no fold folder holds a config.yaml) and no job of it is
     queued or running: its split and config pin no result yet, so a launch may make them anew
     (e.g. after a conversion failed on a bad CSV, the CSV mended). Jobs that SLURM says can never
     start (their conversion failed) do not count; a SLURM that does not answer does."""
     if not (run_dir / "config.yaml").is_file() or any(run_dir.glob("*/fold*/config.yaml")):
         return False
-    ids = recorded_job_ids(read_jobs(run_dir)) if kind == "slurm" else []
-    infos = query_jobs(ids) if ids else {}
+    ids = recorded_job_ids(read_jobs(run_dir))  # SLURM's, also for a local launch after a SLURM one
+    try:
+        infos = query_jobs(ids) if ids else {}
+    except LaunchError:  # squeue does not answer: its jobs may still run
+        return False
     return all(dependency_never_satisfied(infos.get(j)) or job_state(infos.get(j)) in ("failed", "cancelled")
                for j in ids)
 

@@ -343,6 +343,20 @@ def test_a_run_whose_conversion_failed_is_launched_again_once_the_csv_is_mended(
     assert refused.returncode == 2 and "train.lr" in refused.stderr
 
 
+def test_a_run_counts_as_started_once_a_fold_trained_or_a_job_of_it_may_still_run(tmp_path: Path) -> None:
+    from skinhpc.launch import nothing_started, write_jobs
+    run_dir = tmp_path / "exp"
+    cfg = absolute_paths(load_config([f"run_dir={run_dir}"]))
+    assert not nothing_started(run_dir)  # a new run: nothing to make anew
+    save_config(cfg, run_dir / "config.yaml")
+    assert nothing_started(run_dir)  # launched, nothing trained (say, its conversion failed)
+    write_jobs(run_dir, {"tasks": {"resnet18/fold0": {"job_id": "987654321"}}})
+    assert not nothing_started(run_dir)  # a job SLURM does not (or cannot) confirm ended may still start
+    write_jobs(run_dir, {"tasks": {}})
+    save_config(cfg, run_dir / "resnet18" / "fold0" / "config.yaml")
+    assert not nothing_started(run_dir)  # a fold has trained
+
+
 @pytest.mark.timeout(120)
 def test_local_tasks_one_at_a_time_stop_at_a_failure_and_the_launch_ends(tmp_path: Path) -> None:
     run_dir = tmp_path / "exp"
