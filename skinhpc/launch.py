@@ -283,15 +283,19 @@ def _stop_signals_interrupt() -> Iterator[None]:
 
 @contextmanager
 def _sigint_ignored() -> Iterator[None]:
-    """SIGINT ignored while a local job starts: its processes inherit that (see ``_interruptible``)."""
+    """SIGINT and SIGHUP ignored while a local job starts: its processes inherit that. A closed
+    terminal hangs up the whole process group, and SIGHUP's default would kill the tasks before they
+    save; the launcher instead stops them with SIGINT (``_stop_signals_interrupt``,
+    ``stop_local_jobs``), which each job callable handles again (``_interruptible``)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _task_pids(controller_pid: int) -> list[int]:
@@ -309,20 +313,27 @@ def stop_local_jobs(jobs: list[Any], echo: Callable[[str], None], wait_s: float 
     running = [job for job in jobs if not job.done()]
     if not running:
         return
-    echo(f"Ctrl-C: stopping {len(running)} running job(s); a training task saves a checkpoint at its next "
-         "step first (Ctrl-C again not to wait)")
-    deadline = time.monotonic() + wait_s
-    while running and time.monotonic() < deadline:
+
+    def ask_to_stop() -> None:
         for job in running:
             for pid in _task_pids(int(job.job_id)):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGINT)
+
+    ask_to_stop()  # before anything is printed: a hung-up terminal fails the print
+    with contextlib.suppress(OSError):
+        echo(f"stopping {len(running)} running job(s); a training task saves a checkpoint at its next step "
+             "first (Ctrl-C again not to wait)")
+    deadline = time.monotonic() + wait_s
+    while running and time.monotonic() < deadline:
+        ask_to_stop()
         end = time.monotonic() + 2.0
         while running and time.monotonic() < end:
             time.sleep(0.1)
             running = [job for job in running if not job.done()]
     if running:
-        echo(f"still running after {wait_s:.0f} s: local job(s) {', '.join(str(j.job_id) for j in running)}")
+        with contextlib.suppress(OSError):
+            echo(f"still running after {wait_s:.0f} s: local job(s) {', '.join(str(j.job_id) for j in running)}")
 
 
 KEEP_DEVICES = "<keep>"
