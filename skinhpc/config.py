@@ -740,10 +740,10 @@ def recorded_inputs(fold_dir: Path) -> dict[str, dict[str, str]]:
             if isinstance(rec, dict) and isinstance(rec.get("sha256"), str)}
 
 
-def run_recorded_sha256(run_dir: Path) -> dict[str, set[str]]:
-    """{key: sha256s} of the input files any fold of a run trained with (inputs.json)."""
+def run_recorded_sha256(run_dir: Path, backbone: str = "*") -> dict[str, set[str]]:
+    """{key: sha256s} of the input files the folds of a run (of one backbone) trained with (inputs.json)."""
     out: dict[str, set[str]] = {}
-    for inputs in sorted(run_dir.glob(f"*/fold*/{INPUTS_NAME}")):
+    for inputs in sorted(run_dir.glob(f"{backbone}/fold*/{INPUTS_NAME}")):
         for key, rec in recorded_inputs(inputs.parent).items():
             out.setdefault(key, set()).add(rec["sha256"])
     return out
@@ -764,6 +764,26 @@ def input_file_changes(saved: Any, cfg: Any, recorded: Mapping[str, Collection[s
     recorded = recorded or {}
     return [f"{k}: {_dotted(saved, k)!r} -> {_dotted(cfg, k)!r}" for k in FILE_KEYS
             if not same_input_file(_dotted(saved, k), _dotted(cfg, k), k, recorded.get(k, ()))]
+
+
+def task_view(cfg: ExperimentConfig, backbone: str) -> ExperimentConfig:
+    """A run config as one backbone's tasks see it: its weights file named (``{backbone}`` filled in)."""
+    return for_backbone(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=backbone)))
+
+
+def run_input_file_changes(run_dir: Path, saved: ExperimentConfig, cfg: ExperimentConfig) -> list[str]:
+    """``input_file_changes`` between a run's saved config and a relaunch's, for each backbone that
+    trained under it (a ``{backbone}`` template names one file each), with the content its folds
+    recorded (inputs.json): renamed copies of the same weights are the same input."""
+    return list(dict.fromkeys(change for b in saved.backbones for change in input_file_changes(
+        task_view(saved, b), task_view(cfg, b), run_recorded_sha256(run_dir, b))))
+
+
+def run_config_changes(run_cfg: ExperimentConfig, cfg: ExperimentConfig) -> list[str]:
+    """How a task's config differs from its launched run's ("key: run -> task"): result keys as
+    text (paths aside), the input files by what they name for the task's backbone."""
+    run_task = task_view(run_cfg, cfg.model.backbone)
+    return diff_keys(run_task, cfg, fold_result_keys(cfg)) + input_file_changes(run_task, cfg)
 
 
 def same_input_file(saved: str, now: str, key: str, recorded: Collection[str] = ()) -> bool:

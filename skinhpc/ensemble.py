@@ -173,14 +173,15 @@ def _expected_layout(run_dir: Path) -> tuple[list[str], int, Any]:
 
 def _trained_otherwise(fold_dir: Path, run_cfg: Any) -> str:
     """Why a fold's results may not join the run's ("" when they may): its config.yaml differs from
-    the run's in a key that changes results (e.g. a fold trained by hand with another lr). Paths and
-    input files are left to the launcher, which compares them by what they name."""
-    from skinhpc.config import ConfigError, fold_result_keys, saved_config_changes
+    the run's in a key that changes results (e.g. a fold trained by hand with another lr or other
+    weights; paths aside, input files by what they name: ``config.run_config_changes``)."""
+    from skinhpc.config import ConfigError, run_config_changes, saved_config_changes
     try:
-        _, changed = saved_config_changes(fold_dir / "config.yaml", run_cfg, fold_result_keys(run_cfg))
+        fold_cfg, _ = saved_config_changes(fold_dir / "config.yaml", run_cfg, [])
     except ConfigError as e:
         return str(e)
-    return (f"trained with another config than the run's config.yaml (fold -> run: {'; '.join(changed)}); "
+    changed = run_config_changes(run_cfg, fold_cfg) if fold_cfg is not None else []
+    return (f"trained with another config than the run's config.yaml (run -> fold: {'; '.join(changed)}); "
             "not mixed into the run's results") if changed else ""
 
 

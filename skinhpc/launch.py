@@ -75,8 +75,7 @@ from skinhpc.config import (
     absolute_paths,
     atomic_write_text,
     fold_config_conflicts,
-    input_file_changes,
-    run_recorded_sha256,
+    run_input_file_changes,
     for_backbone,
     mixed_config_refusal,
     pretrained_source,
@@ -171,7 +170,7 @@ def check_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
         raise LaunchError(str(e)) from None
     if saved is None:
         return
-    changed += input_file_changes(saved, cfg, run_recorded_sha256(run_dir))
+    changed += run_input_file_changes(run_dir, saved, cfg)
     procs = [c.nodes * c.gpus_per_node for c in (saved.cluster, cfg.cluster)]
     if procs[0] != procs[1]:  # train.batch_size is per process: the global batch, and checkpoints, differ
         changed.append(f"processes per task (cluster.nodes x cluster.gpus_per_node): {procs[0]} -> {procs[1]}")
@@ -1125,10 +1124,11 @@ def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict
     job = entry.get("job_id", "")
     rows = read_log(t.dir(run_dir) / LOG_NAME)
     metrics = finished_metrics(t.dir(run_dir))
+    if entry.get("local_job"):  # a local launch's task (_record_local)
+        job = f"local {entry['local_job']}"
     if metrics is not None:
         state = "done"
-    elif entry.get("local_job"):  # a local launch's task (_record_local)
-        job = f"local {entry['local_job']}"
+    elif entry.get("local_job"):
         state = {"done": "failed"}.get(entry.get("state", ""), entry.get("state", ""))  # done: metrics.json went
         if state == "running" and not local_launch_running:
             state = "stopped"  # its launch ended before the task did (Ctrl-C, kill)

@@ -370,7 +370,10 @@ def test_a_fold_trained_with_another_config_than_the_runs_is_left_out_and_named(
     scan = scan_run(run.root)
     assert [f.fold for f in scan.finished] == [0, 2]  # fold 2 has no config.yaml: an older fold, kept
     (missing,) = scan.missing
-    assert missing["fold"] == 1 and "train.lr: 0.01 -> 0.002" in missing["reason"]
+    assert missing["fold"] == 1 and "train.lr: 0.002 -> 0.01" in missing["reason"]
+    save_config(load_config([*same, "fold=1", "model.pretrained=true"]),  # from other (hub) weights
+                run.root / "resnet18" / "fold1" / "config.yaml")
+    assert "model.pretrained: 'false' -> 'True'" in scan_run(run.root).missing[0]["reason"]
 
 
 @pytest.mark.timeout(120)

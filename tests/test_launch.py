@@ -663,6 +663,8 @@ def test_once_the_trained_on_weights_file_is_gone_its_recorded_content_decides_a
     assert fold_config_conflicts(fold, cfg(new / "r18-imagenet.pth")) == ""
     assert "model.pretrained" in fold_config_conflicts(fold, cfg(new / "resnet18.pth"))
     check_compatible(run_dir, cfg(new / "r18-imagenet.pth"))
+    (new / "resnet18_v2.pth").write_bytes(b"A" * 100)
+    check_compatible(run_dir, cfg(new / "{backbone}_v2.pth"))  # a renamed template: each backbone's file
     with pytest.raises(LaunchError, match="model.pretrained"):
         check_compatible(run_dir, cfg(new / "resnet18.pth"))
     (fold / INPUTS_NAME).unlink()  # a fold from before inputs.json: the file name is all there is

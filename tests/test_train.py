@@ -232,6 +232,9 @@ def test_a_fold_of_a_launched_run_trained_by_hand_with_other_settings_is_refused
     save_config(load_config(overrides(tmp_path, data_dir, "train.lr=0.01")), tmp_path / "config.yaml")  # the launch's
     with pytest.raises(ConfigError, match=r"was launched with another config.*train\.lr: 0\.01 -> 0\.002"):
         train_fold(load_config(overrides(tmp_path, data_dir)))
+    save_config(load_config(overrides(tmp_path, data_dir, "model.pretrained=true")), tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match=r"was launched with another config.*model\.pretrained"):
+        train_fold(load_config(overrides(tmp_path, data_dir)))  # from scratch, in a run of pretrained folds
     assert not (tmp_path / "resnet18").exists()
 
 
