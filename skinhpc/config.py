@@ -740,8 +740,8 @@ def recorded_inputs(fold_dir: Path) -> dict[str, dict[str, str]]:
             if isinstance(rec, dict) and isinstance(rec.get("sha256"), str)}
 
 
-def run_recorded_sha256(run_dir: Path, backbone: str = "*") -> dict[str, set[str]]:
-    """{key: sha256s} of the input files the folds of a run (of one backbone) trained with (inputs.json)."""
+def run_recorded_sha256(run_dir: Path, backbone: str) -> dict[str, set[str]]:
+    """{key: sha256s} of the input files the folds of one backbone of a run trained with (inputs.json)."""
     out: dict[str, set[str]] = {}
     for inputs in sorted(run_dir.glob(f"{backbone}/fold*/{INPUTS_NAME}")):
         for key, rec in recorded_inputs(inputs.parent).items():
@@ -749,12 +749,12 @@ def run_recorded_sha256(run_dir: Path, backbone: str = "*") -> dict[str, set[str
     return out
 
 
-def _edited_inputs(fold_dir: Path, cfg: Any) -> list[str]:
+def _edited_inputs(recorded: dict[str, dict[str, str]], cfg: Any) -> list[str]:
     """Input files that still have the name a fold trained with but not its content (replaced or
-    edited in place), by the fold's inputs.json."""
+    edited in place), by what its inputs.json ``recorded``."""
     now = input_file_digests(cfg)
     return [f"{key}: {now[key]['path']} changed since the fold trained on it (sha256 {rec['sha256'][:12]}... "
-            f"-> {now[key]['sha256'][:12]}...)" for key, rec in recorded_inputs(fold_dir).items()
+            f"-> {now[key]['sha256'][:12]}...)" for key, rec in recorded.items()
             if key in now and now[key]["path"] == rec["path"] and now[key]["sha256"] != rec["sha256"]]
 
 
@@ -827,16 +827,22 @@ def fold_result_keys(cfg: Any) -> list[str]:
     return [k for k in result_keys(cfg) if k not in PATH_KEYS]
 
 
-def saved_config_changes(path: Path, cfg: Any, keys: list[str]) -> tuple[Any, list[str]]:
-    """The config saved at ``path`` (None when there is none) and its differences from ``cfg``
-    over ``keys`` ("key: saved -> now"); an unreadable file is a ConfigError naming it."""
+def read_saved_config(path: Path) -> ExperimentConfig | None:
+    """The config saved at ``path`` (a run's or a fold's config.yaml), None when there is none; an
+    unreadable file is a ConfigError naming it."""
     if not path.is_file():
-        return None, []
+        return None
     try:
-        saved = from_yaml_file(path)
+        return from_yaml_file(path)
     except Exception as e:  # OmegaConf and validation errors alike: name the file
         raise ConfigError(f"{path}: cannot read the saved config ({e})") from None
-    return saved, diff_keys(saved, cfg, keys)
+
+
+def saved_config_changes(path: Path, cfg: Any, keys: list[str]) -> tuple[Any, list[str]]:
+    """The config saved at ``path`` (``read_saved_config``) and its differences from ``cfg`` over
+    ``keys`` ("key: saved -> now")."""
+    saved = read_saved_config(path)
+    return saved, (diff_keys(saved, cfg, keys) if saved is not None else [])
 
 
 def mixed_config_refusal(where: str | Path, done: str, changed: list[str]) -> str:
@@ -854,8 +860,9 @@ def fold_config_conflicts(fold_dir: str | Path, cfg: Any) -> str:
     except ConfigError as e:
         return str(e)
     if saved is not None:
-        recorded = {k: {rec["sha256"]} for k, rec in recorded_inputs(Path(fold_dir)).items()}
-        changed += input_file_changes(saved, cfg, recorded) + _edited_inputs(Path(fold_dir), cfg)
+        recorded = recorded_inputs(Path(fold_dir))
+        changed += input_file_changes(saved, cfg, {k: {rec["sha256"]} for k, rec in recorded.items()})
+        changed += _edited_inputs(recorded, cfg)
     return mixed_config_refusal(fold_dir, "trained", changed) if changed else ""
 
 

@@ -175,9 +175,9 @@ def _trained_otherwise(fold_dir: Path, run_cfg: Any) -> str:
     """Why a fold's results may not join the run's ("" when they may): its config.yaml differs from
     the run's in a key that changes results (e.g. a fold trained by hand with another lr or other
     weights; paths aside, input files by what they name: ``config.run_config_changes``)."""
-    from skinhpc.config import ConfigError, run_config_changes, saved_config_changes
+    from skinhpc.config import ConfigError, read_saved_config, run_config_changes
     try:
-        fold_cfg, _ = saved_config_changes(fold_dir / "config.yaml", run_cfg, [])
+        fold_cfg = read_saved_config(fold_dir / "config.yaml")
     except ConfigError as e:
         return str(e)
     changed = run_config_changes(run_cfg, fold_cfg) if fold_cfg is not None else []

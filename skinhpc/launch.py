@@ -255,46 +255,38 @@ class ConvertTask:
 
 def _interruptible() -> None:
     """Ctrl-C stops a job callable again: a local launch starts its jobs with SIGINT ignored
-    (``_sigint_ignored``), so that submitit's controller keeps waiting for its task instead of
+    (``_JOB_IGNORES``), so that submitit's controller keeps waiting for its task instead of
     killing it mid-save, and the task itself decides how to stop (the trainer: checkpoint first)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @contextmanager
-def _stop_signals_interrupt() -> Iterator[None]:
+def _signals_set(handler: Any, *signals: signal.Signals) -> Iterator[None]:
+    """``handler`` for ``signals`` inside the block, the previous handlers after it (signals can be
+    set from the main thread only: elsewhere, e.g. under a debugger, nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler_before in previous.items():
+            signal.signal(sig, handler_before)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
     """SIGTERM and SIGHUP (``kill PID``, a closed terminal) end a local launch as Ctrl-C does, so
     that it stops its tasks (``stop_local_jobs``) instead of leaving them running without a lock."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    raise KeyboardInterrupt
 
 
-@contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """SIGINT and SIGHUP ignored while a local job starts: its processes inherit that. A closed
-    terminal hangs up the whole process group, and SIGHUP's default would kill the tasks before they
-    save; the launcher instead stops them with SIGINT (``_stop_signals_interrupt``,
-    ``stop_local_jobs``), which each job callable handles again (``_interruptible``)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+# SIGINT and SIGHUP are ignored while a local job starts, and its processes inherit that: a closed
+# terminal hangs up the whole process group, and SIGHUP's default would kill the tasks before they
+# save. The launcher stops them with SIGINT instead (``_raise_interrupt``, ``stop_local_jobs``),
+# which each job callable handles again (``_interruptible``).
+_JOB_IGNORES = (signal.SIGINT, signal.SIGHUP)
 
 
 def _task_pids(controller_pid: int) -> list[int]:
@@ -977,7 +969,7 @@ def _launch_inline(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]
     def submit(name: str, fn: Callable[[], Any], tasks_per_node: int = 1) -> Any:
         ex = submitit.LocalExecutor(folder=folder, max_num_timeout=cfg.cluster.max_requeues)
         ex.update_parameters(timeout_min=cfg.cluster.time_min, tasks_per_node=tasks_per_node, nodes=1)
-        with _sigint_ignored():
+        with _signals_set(signal.SIG_IGN, *_JOB_IGNORES):
             job = ex.submit(fn)
         started.append(job)
         echo(f"{name}: local job {job.job_id}, log {job.paths.stdout}")
@@ -993,7 +985,7 @@ def _launch_inline(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]
         return fn() if kind == "debug" else result(name, submit(name, fn))
 
     try:
-        with _stop_signals_interrupt():
+        with _signals_set(_raise_interrupt, signal.SIGTERM, signal.SIGHUP):
             if plan.convert == "submit":
                 echo(f"conversion: {run('conversion', ConvertTask(cfg))}")
             if kind == "debug":

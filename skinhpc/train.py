@@ -67,8 +67,8 @@ from torch import nn
 from skinhpc import CLASSES, checkpoint, distributed
 from skinhpc.config import (INPUTS_NAME, ConfigError, ExperimentConfig, TrainConfig, absolute_paths,
                             atomic_write_text, fold_config_conflicts, for_backbone, input_file_digests,
-                            mixed_config_refusal, pretrained_source, run_config_changes, save_config,
-                            saved_config_changes)
+                            mixed_config_refusal, pretrained_source, read_saved_config, run_config_changes,
+                            save_config)
 from skinhpc.distributed import DistEnv
 from skinhpc.rundir import (LOG_NAME, METRICS_NAME, finished_metrics, metric_value, read_log, replaces_best,
                              selected_key)
@@ -109,7 +109,7 @@ def train_fold(cfg: ExperimentConfig) -> dict:
     # A launched run's folds share its config: one trained by hand with other settings would be
     # left out of the run's ensemble (or mix two experiments in it), so it is refused here.
     run_config = Path(cfg.run_dir) / "config.yaml"
-    launched, _ = saved_config_changes(run_config, cfg, [])  # the run's config (None: not launched)
+    launched = read_saved_config(run_config)  # None: not a launched run
     changed = run_config_changes(launched, cfg) if launched is not None else []
     if changed:
         raise ConfigError(mixed_config_refusal(run_config.parent, "launched", changed))
