@@ -36,6 +36,7 @@ import numpy as np
 
 from skinhpc import CLASSES, NUM_CLASSES
 from skinhpc.config import atomic_write_text
+from skinhpc.rundir import recorded_task_job
 
 MAJORITY_CLASS = "nv"
 FULL_HAM10000_MAJORITY_TOP1 = 6705 / 10015
@@ -185,6 +186,18 @@ def _trained_otherwise(fold_dir: Path, run_cfg: Any) -> str:
             "not mixed into the run's results") if changed else ""
 
 
+def _not_started(run_dir: Path, task_key: str) -> str:
+    """Why a fold without a folder is missing, from the launcher's record of its job: a local job
+    that failed before the fold began (e.g. a wrong weights file) is not merely "not started"."""
+    entry = recorded_task_job(run_dir, task_key)
+    if entry.get("local_job") and entry.get("state") == "failed":
+        return f"its local job {entry['local_job']} failed before training began (see {entry.get('err', 'its log')})"
+    if entry.get("local_job") or entry.get("job_id"):
+        job = f"local job {entry['local_job']}" if entry.get("local_job") else f"job {entry['job_id']}"
+        return f"not started ({job}; see `jobs/launch.py --status run_dir={run_dir}`)"
+    return "not started"
+
+
 def _read_fold(backbone: str, fold: int, fold_dir: Path) -> FoldRun | str:
     """The finished fold, or the reason it does not count as finished."""
     status_path = fold_dir / "metrics.json"
@@ -216,6 +229,8 @@ def scan_run(run_dir: str | Path) -> RunScan:
     for backbone in backbones:
         for fold in range(num_folds):
             result = _read_fold(backbone, fold, run_dir / backbone / f"fold{fold}")
+            if result == "not started":
+                result = _not_started(run_dir, f"{backbone}/fold{fold}")
             if isinstance(result, FoldRun) and run_cfg is not None:
                 result = _trained_otherwise(result.dir, run_cfg) or result
             if isinstance(result, FoldRun):

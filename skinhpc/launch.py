@@ -66,7 +66,7 @@ from submitit.core.utils import FailedJobError
 from submitit.slurm.slurm import _make_sbatch_string
 
 from skinhpc import REPO_DIR, SAMPLE_METADATA
-from skinhpc.rundir import LOG_NAME, finished_metrics, kept_val_balanced_accuracy, read_json, read_log
+from skinhpc.rundir import JOBS_PATH, LOG_NAME, finished_metrics, kept_val_balanced_accuracy, read_json, read_log
 from skinhpc.config import (
     ClusterConfig,
     FILE_KEYS,
@@ -89,8 +89,8 @@ from skinhpc.config import (
 )
 
 FAIL_ENV = "SKINHPC_TEST_FAIL_TASKS"
-LAUNCH_DIR = "launch"
-JOBS_FILE = "jobs.json"
+LAUNCH_DIR = JOBS_PATH.parent.name
+JOBS_FILE = JOBS_PATH.name
 LOCK_FILE = "lock"
 PROFILE_DIR = REPO_DIR / "slurm"
 ACTIVE = ("pending", "running", "requeued")
@@ -981,20 +981,30 @@ def _launch_inline(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]
         except Exception as e:  # the task's traceback is in its log
             raise LaunchError(f"{name} failed: {_failure_reason(e)} (log {job.paths.stderr})") from None
 
-    def run(name: str, fn: Callable[[], Any]) -> Any:
-        return fn() if kind == "debug" else result(name, submit(name, fn))
+    def run(name: str, where: str, fn: Callable[[], Any]) -> Any:
+        if kind == "debug":
+            return fn()
+        job = submit(name, fn)
+        _record_local(run_dir, where, job, "running")
+        try:
+            out = result(name, job)
+        except LaunchError:
+            _record_local(run_dir, where, job, "failed")
+            raise
+        _record_local(run_dir, where, job, "done")
+        return out
 
     try:
         with _signals_set(_raise_interrupt, signal.SIGTERM, signal.SIGHUP):
             if plan.convert == "submit":
-                echo(f"conversion: {run('conversion', ConvertTask(cfg))}")
+                echo(f"conversion: {run('conversion', 'convert', ConvertTask(cfg))}")
             if kind == "debug":
                 for t in plan.submit:
                     TrainTask(task_config(cfg, t))()
             else:
                 _run_local_tasks(cfg, plan.submit, submit, result, echo)
             if plan.ensemble == "submit":
-                run("ensemble", EnsembleTask(str(run_dir)))
+                run("ensemble", "ensemble", EnsembleTask(str(run_dir)))
     except KeyboardInterrupt:
         stop_local_jobs(started, echo)
         raise
@@ -1038,7 +1048,7 @@ def _run_local_tasks(cfg: ExperimentConfig, tasks: list[Task], submit: Callable[
             t = pending.pop(0)
             task = TrainTask(task_config(cfg, t), visible_devices=slot_devices(slot, per_task, gpus))
             running[slot] = (t, submit(f"train {t.key}", task, per_task))
-            _record_local(Path(cfg.run_dir), t, running[slot][1], "running")
+            _record_local(Path(cfg.run_dir), t.key, running[slot][1], "running")
         finished = [slot for slot, (_, job) in running.items() if job.done()]
         if not finished:
             time.sleep(0.5 if parallel > 1 else 0.1)
@@ -1047,11 +1057,11 @@ def _run_local_tasks(cfg: ExperimentConfig, tasks: list[Task], submit: Callable[
             t, job = running.pop(slot)
             try:
                 result(f"train {t.key}", job)
-                _record_local(Path(cfg.run_dir), t, job, "done")
+                _record_local(Path(cfg.run_dir), t.key, job, "done")
                 if parallel > 1:
                     echo(f"train {t.key}: done")
             except LaunchError as e:
-                _record_local(Path(cfg.run_dir), t, job, "failed")
+                _record_local(Path(cfg.run_dir), t.key, job, "failed")
                 failures.append(e)
     if failures:
         if pending:
@@ -1059,14 +1069,30 @@ def _run_local_tasks(cfg: ExperimentConfig, tasks: list[Task], submit: Callable[
         raise failures[0]
 
 
-def _record_local(run_dir: Path, t: Task, job: Any, state: str) -> None:
-    """A local task's job and state in jobs.json ("local_job": no SLURM id to query), for --status:
-    without it a failed local task looked never submitted."""
+def _record_local(run_dir: Path, where: str, job: Any, state: str) -> None:
+    """A local job and its state in jobs.json ("local_job": no SLURM id to query), for --status and
+    the ensemble's list of missing folds: without it a failed local task looked never submitted.
+    ``where``: a task's key, "convert" or "ensemble"."""
     jobs = read_jobs(run_dir)
-    jobs["tasks"][t.key] = {"local_job": str(job.job_id), "state": state, "log": str(job.paths.stdout),
-                            "err": str(job.paths.stderr)}
+    entry = {"local_job": str(job.job_id), "state": state, "log": str(job.paths.stdout), "err": str(job.paths.stderr)}
+    if where in ("convert", "ensemble"):
+        jobs[where] = entry
+    else:
+        jobs["tasks"][where] = entry
     jobs["kind"] = "local"
     write_jobs(run_dir, jobs)
+
+
+def _local_state(entry: dict[str, Any], finished: bool, launch_running: bool) -> str:
+    """The state of a local launch's job (``_record_local``) as --status shows it."""
+    if finished:
+        return "done"
+    state = entry.get("state", "")
+    if state == "done":
+        return "failed"  # it ended well but its output is gone (deleted, or moved by hand)
+    if state == "running" and not launch_running:
+        return "stopped"  # its launch ended before the job did (Ctrl-C, kill)
+    return state
 
 
 def _dry_run(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]) -> Plan:
@@ -1121,9 +1147,7 @@ def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict
     if metrics is not None:
         state = "done"
     elif entry.get("local_job"):
-        state = {"done": "failed"}.get(entry.get("state", ""), entry.get("state", ""))  # done: metrics.json went
-        if state == "running" and not local_launch_running:
-            state = "stopped"  # its launch ended before the task did (Ctrl-C, kill)
+        state = _local_state(entry, False, local_launch_running)
     elif not job:
         state = "started" if rows else "not submitted"
     else:
@@ -1158,7 +1182,11 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     ens_job = ens_entry.get("job_id", "")
     ens_metrics = read_json(run_dir / "ensemble" / "metrics.json")
     ens_info = infos.get(ens_job)
-    if ens_metrics is not None and not (ens_info and ens_info.live):
+    if ens_entry.get("local_job"):  # a local launch's ensemble (_record_local)
+        ens_job = f"local {ens_entry['local_job']}"
+        ens_state = _local_state(ens_entry, ens_metrics is not None and ens_entry.get("state") == "done",
+                                 local_running)
+    elif ens_metrics is not None and not (ens_info and ens_info.live):
         ens_state = "done"
     elif ens_job:
         ens_state = job_state(ens_info)
@@ -1166,12 +1194,17 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
         ens_state = "not submitted"
     failed = [r for r in rows if r.state in ("failed", "cancelled")]
     conv = jobs.get("convert", {})
-    if conv.get("job_id"):
+    if conv.get("local_job"):
+        conv_state = _local_state(conv, conv.get("state") == "done", local_running)
+        lines.append(f"conversion: job local {conv['local_job']} {conv_state}"
+                     + (f", log {conv.get('err', '')}" if conv_state in ("failed", "stopped") else ""))
+    elif conv.get("job_id"):
         conv_state = job_state(infos.get(conv["job_id"]))
         conv_state = "done" if conv_state == "completed" else conv_state
         lines.append(f"conversion: job {conv['job_id']} {conv_state}"
                      + (f", log {conv.get('log', '')}" if conv_state in ("failed", "cancelled") else ""))
-    lines.append(f"ensemble: job {ens_job or '-'} {ens_state}")
+    lines.append(f"ensemble: job {ens_job or '-'} {ens_state}"
+                 + (f", log {ens_entry.get('err', '')}" if ens_state in ("failed", "stopped") else ""))
     if note := _local_launch_note(run_dir, jobs):
         lines.append(note)
     if dependency_never_satisfied(ens_info) and all(r.state == "done" for r in rows):

@@ -14,6 +14,8 @@ METRICS_NAME = "metrics.json"
 """Written last by a fold's training: its presence with status done means the fold is finished."""
 LOG_NAME = "log.jsonl"
 """One JSON object per finished epoch."""
+JOBS_PATH = Path("launch") / "jobs.json"
+"""The launcher's record of a run's jobs, relative to the run directory (``launch.read_jobs``)."""
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -92,3 +94,11 @@ def kept_val_balanced_accuracy(rows: list[dict[str, Any]], metrics: dict[str, An
         if replaces_best(select_metric, value, best, have_best=kept is not None):
             kept, best = float(row["val_balanced_accuracy"]), value
     return kept
+
+
+def recorded_task_job(run_dir: Path, task_key: str) -> dict[str, Any]:
+    """What the launcher recorded of a task's job in ``RUN/launch/jobs.json`` ({} when nothing):
+    SLURM's ``job_id`` or a local launch's ``local_job`` and ``state``, with its ``log`` and ``err``."""
+    tasks = (read_json(Path(run_dir) / JOBS_PATH) or {}).get("tasks")
+    entry = tasks.get(task_key) if isinstance(tasks, dict) else None
+    return entry if isinstance(entry, dict) else {}

@@ -359,6 +359,23 @@ def test_missing_folds_are_reported_and_the_rest_aggregated(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_a_missing_fold_whose_local_job_failed_before_it_began_names_the_job_and_its_log(tmp_path):
+    from skinhpc.ensemble import scan_run
+    run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=3)
+    run.fill({"resnet18": 2.0}, skip={("resnet18", 1), ("resnet18", 2)})
+    jobs = {"kind": "local", "tasks": {  # what a local launch records (launch._record_local)
+        "resnet18/fold1": {"local_job": "4711", "state": "failed", "log": "/x/4711.out", "err": "/x/4711.err"},
+        "resnet18/fold2": {"job_id": "88_2", "log": "/x/88_2.out"}}}
+    (run.root / "launch").mkdir()
+    (run.root / "launch" / "jobs.json").write_text(json.dumps(jobs))
+    reasons = {m["fold"]: m["reason"] for m in scan_run(run.root).missing}
+    assert reasons[1] == "its local job 4711 failed before training began (see /x/4711.err)"
+    assert reasons[2].startswith("not started (job 88_2; see `jobs/launch.py --status")
+    (run.root / "launch" / "jobs.json").write_text("{not json")  # bookkeeping is help, never a failure
+    assert {m["reason"] for m in scan_run(run.root).missing} == {"not started"}
+
+
+@pytest.mark.timeout(60)
 def test_a_fold_trained_with_another_config_than_the_runs_is_left_out_and_named(tmp_path):
     from skinhpc.ensemble import scan_run
     run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=3)

@@ -227,6 +227,7 @@ def test_local_kind_runs_whole_experiment_then_relaunch_does_nothing(tmp_path: P
     assert f"report: {run_dir / 'ensemble' / 'report.md'}" in proc.stdout
     for k in range(2):
         assert json.loads((run_dir / "resnet18" / f"fold{k}" / "metrics.json").read_text())["status"] == "done"
+    assert re.search(r"ensemble: job local \d+ done", run_launch(["--status", *args], cwd=tmp_path).stdout)
     again = run_launch(args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "0 to submit" in again.stdout and "ensemble done, nothing to do" in again.stdout
@@ -519,6 +520,25 @@ def test_status_and_cancel_name_a_running_local_launch_and_a_run_dir_that_does_n
     assert f"a local launch (pid {os.getpid()} on" in text and f"kill {os.getpid()}" in text
     assert said and f"kill {os.getpid()}" in said[0]
     assert "local launch" not in status(cfg)[0]  # once it ended
+
+
+@pytest.mark.timeout(60)
+def test_status_of_a_local_run_shows_its_conversion_and_ensemble_jobs_failed_or_stopped(tmp_path: Path) -> None:
+    from skinhpc.launch import status, write_jobs
+    run_dir = tmp_path / "exp"
+    cfg, _ = load_launch_config([f"run_dir={run_dir}", "backbones=[resnet18]"], None, 2)
+    entry = {"local_job": "77", "log": "/x/77.out", "err": "/x/77.err"}
+    write_jobs(run_dir, {"kind": "local", "tasks": {}, "convert": {**entry, "state": "failed"},
+                         "ensemble": {**entry, "local_job": "78", "err": "/x/78.err", "state": "running"}})
+    text, summary = status(cfg)
+    assert "conversion: job local 77 failed, log /x/77.err" in text
+    assert "ensemble: job local 78 stopped, log /x/78.err" in text  # no launch holds the run any more
+    assert summary["ensemble"] == {"job_id": "local 78", "state": "stopped"}
+    write_jobs(run_dir, {"kind": "local", "tasks": {}, "ensemble": {**entry, "state": "done"}})
+    assert "ensemble: job local 77 failed, log /x/77.err" in status(cfg)[0]  # done, but metrics.json is gone
+    (run_dir / "ensemble").mkdir()
+    (run_dir / "ensemble" / "metrics.json").write_text("{}")
+    assert "ensemble: job local 77 done" in status(cfg)[0]
 
 
 @pytest.mark.timeout(120)
