@@ -195,6 +195,10 @@ class CheckpointConfig:
     every_epochs: int = 1
     """Save at the end of every N-th epoch (and of the last). For epochs of seconds, where the
     save would cost as much as the epoch; a preemption signal saves at once whatever N is."""
+    keep_when_done: bool = True
+    """Keep checkpoints/ once the fold has finished (metrics.json written). Nothing reads them
+    then (the ensemble and predict use model_best.pt and the predictions): false frees about 3x
+    the weights' size per kept checkpoint, per fold."""
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 0, "train.checkpoint.every_steps must be >= 0")
@@ -663,6 +667,7 @@ NEUTRAL_KEYS = {
     "run_dir", "fold", "backbones", "preset", "model.backbone",
     "data.dir", "data.convert_workers", "data.num_workers", "data.os_cache",
     "train.log_every", "train.checkpoint.every_steps", "train.checkpoint.every_epochs", "train.checkpoint.keep_last",
+    "train.checkpoint.keep_when_done",
     "train.device",
     "train.compile", "train.cudnn_benchmark",
 }

@@ -52,6 +52,7 @@ import logging
 import math
 import os
 import signal
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -896,6 +897,9 @@ class FoldTrainer:
             if test_metrics is not None:
                 print(f"  test {format_metrics(test_metrics)}", flush=True)
         distributed.barrier(env)
+        if env.is_main and not self.tcfg.checkpoint.keep_when_done:
+            # Only now: a job killed before metrics.json resumes from them, straight into _finish.
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
         return _jsonable(result)
 
 

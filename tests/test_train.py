@@ -406,6 +406,20 @@ def test_time_limit_ends_the_fold_after_the_last_epoch_that_fits_validated_with_
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_keep_when_done_false_deletes_the_checkpoints_once_the_fold_is_done_and_changes_nothing_else(
+        tmp_path: Path, data_dir: Path, uninterrupted: Path) -> None:
+    write_tiny_split(tmp_path, data_dir)
+    cfg = load_config(overrides(tmp_path, data_dir, *EXACT, "train.checkpoint.keep_when_done=false"))
+    result = train_fold(cfg)
+    out = fold_dir(cfg)
+    assert result["status"] == "done" and not (out / "checkpoints").exists()
+    assert epoch_log(out) == epoch_log(uninterrupted)  # a neutral key: the same training
+    assert_same_weights(best_weights(out), best_weights(uninterrupted))
+    assert train_fold(cfg) == result  # still done: a rerun reads metrics.json, not the checkpoints
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_preempted_run_with_gradient_accumulation_resumes_bit_identical(tmp_path: Path, data_dir: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
