@@ -186,6 +186,29 @@ class DeepSpeedConfig:
         _check(self.stage in (0, 1, 2), f"train.deepspeed.stage must be 0, 1 or 2, not {self.stage}")
 
 
+def read_deepspeed_file(value: str) -> dict[str, Any]:
+    """The settings of a train.deepspeed.config file ({} for none), checked: a mapping, and none of
+    the keys the train section owns. Torch-free: the launcher checks the file on the login node,
+    before the tasks wait in the queue (``train.deepspeed_config`` merges it)."""
+    if not value:
+        return {}
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"train.deepspeed.config: {path} not found")
+    try:
+        user = OmegaConf.to_container(OmegaConf.load(path)) or {}  # YAML is a superset of JSON
+    except Exception as e:
+        raise ConfigError(f"train.deepspeed.config: cannot read {path}: {e}") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"train.deepspeed.config: {path} must hold a mapping")
+    owned = sorted(set(user) & {"optimizer", "scheduler", "fp16", "bf16", "train_batch_size",
+                                "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"})
+    if owned:
+        raise ConfigError(f"train.deepspeed.config: {path} sets {', '.join(owned)}, which come from the train "
+                          "section (optimizer, lr, precision, batch_size, accum_steps); remove them from the file")
+    return user
+
+
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0

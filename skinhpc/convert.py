@@ -419,6 +419,27 @@ def _files_intact(out_dir: Path, manifest: dict[str, Any]) -> bool:
     return True
 
 
+def conversion_problem(out_dir: str | Path) -> str:
+    """Why ``out_dir`` holds no usable conversion ("" when it does): no manifest, or its .beton or
+    index.csv missing or not of the size the manifest records. Sizes only: the sha256 of a full
+    .beton (gigabytes) is too slow for every launch; a file cut short or deleted is what happens."""
+    try:
+        manifest = read_manifest(out_dir)
+        files = ((BETON_NAME, "beton"), (INDEX_NAME, "index")) if manifest["beton"] is not None else ((INDEX_NAME, "index"),)
+        for name, key in files:
+            path = Path(out_dir) / name
+            if not path.is_file():
+                return f"{path} is missing"
+            if path.stat().st_size != manifest[key]["size"]:
+                return (f"{path} has {path.stat().st_size} bytes but {MANIFEST_NAME} records {manifest[key]['size']} "
+                        "(cut short or replaced)")
+    except InputError as e:
+        return str(e)
+    except (OSError, KeyError, TypeError) as e:
+        return f"{Path(out_dir) / MANIFEST_NAME}: not a conversion manifest ({e!r})"
+    return ""
+
+
 def kept_without_sources(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str | Path, *,
                          max_resolution: int = 256, write_mode: str = "jpg", jpeg_quality: int = 90
                          ) -> dict[str, Any] | None:

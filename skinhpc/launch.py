@@ -79,6 +79,7 @@ from skinhpc.config import (
     for_backbone,
     mixed_config_refusal,
     pretrained_source,
+    read_deepspeed_file,
     result_keys,
     saved_config_changes,
     from_yaml_file,
@@ -487,12 +488,22 @@ def ensemble_current(run_dir: Path, done: list[Task]) -> bool:
     them finished: else the ensemble job must run (again), e.g. after an interrupted one."""
     path = run_dir / "ensemble" / "metrics.json"
     try:
-        covered = {(f["backbone"], int(f["fold"])) for f in json.loads(path.read_text())["finished"]}
+        metrics = json.loads(path.read_text())
+        # A fold the ensemble left out (e.g. its predictions damaged) counts as covered until it is
+        # trained again: resubmitting the ensemble cannot change it.
+        covered = {(f["backbone"], int(f["fold"])) for f in metrics["finished"] + metrics.get("missing", [])}
         written = path.stat().st_mtime
         return all((t.backbone, t.fold) in covered and (t.dir(run_dir) / "metrics.json").stat().st_mtime <= written
                    for t in done)
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def _finished_elsewhere(run_dir: Path, keys: set[str]) -> list[Task]:
+    """The run's finished tasks other than ``keys`` (e.g. of a backbone launched before, not now)."""
+    found = (Task(p.parent.parent.name, int(p.parent.name[4:])) for p in run_dir.glob("*/fold*/metrics.json")
+             if p.parent.name[4:].isdigit())
+    return [t for t in found if t.key not in keys and task_done(run_dir, t)]
 
 
 def check_task_configs(cfg: ExperimentConfig, tasks: list[Task]) -> None:
@@ -516,6 +527,11 @@ def check_task_configs(cfg: ExperimentConfig, tasks: list[Task]) -> None:
     if missing:
         raise LaunchError(f"model.pretrained: weights file(s) not found: {'; '.join(missing)}. With several "
                           "backbones, name each one's file with {backbone}, e.g. model.pretrained=weights/{backbone}.pth")
+    if tasks and cfg.train.strategy == "deepspeed":  # as the tasks read it (train.deepspeed_config)
+        try:
+            read_deepspeed_file(cfg.train.deepspeed.config)
+        except ConfigError as e:
+            raise LaunchError(str(e)) from None
 
 
 def data_up_to_date(cfg: ExperimentConfig) -> bool:
@@ -524,8 +540,8 @@ def data_up_to_date(cfg: ExperimentConfig) -> bool:
 
     d = cfg.data
     if not d.images and not d.metadata:
-        if d.dir:  # a conversion made elsewhere: used as it is
-            return (cfg.data_dir / convert.MANIFEST_NAME).is_file()
+        if d.dir:  # a conversion made elsewhere: used as it is, while its files are all there
+            return not convert.conversion_problem(cfg.data_dir)
         images, metadata = [str(SAMPLE_IMAGES)], str(SAMPLE_METADATA)
     else:
         images, metadata = list(d.images), d.metadata
@@ -549,8 +565,10 @@ def index_rows(cfg: ExperimentConfig, converted: bool) -> Any:
         return read_metadata(cfg.data.metadata)
     if uses_sample(cfg):
         return read_metadata(SAMPLE_METADATA)
-    raise LaunchError(f"data.dir={cfg.data.dir} holds no up-to-date conversion and no raw data is configured "
-                      "(data.images, data.metadata): nothing to convert")
+    from skinhpc.convert import conversion_problem
+    raise LaunchError(f"data.dir={cfg.data.dir} holds no usable conversion ({conversion_problem(cfg.data_dir)}) "
+                      "and no raw data is configured (data.images, data.metadata): convert again with "
+                      "jobs/convert.py, or set data.images and data.metadata for the launch to convert")
 
 
 def checked_inputs(cfg: ExperimentConfig, converted: bool) -> Any:
@@ -598,7 +616,8 @@ def query_jobs(job_ids: list[str]) -> dict[str, JobInfo]:
     live = _answer(["squeue", "-h", "-r", "-o", "%i|%T|%r", "--me"])
     if live is None:  # every recorded job would look gone, and running tasks would be submitted twice
         raise LaunchError(f"squeue did not answer (jobs {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''} "
-                          "are recorded for this run); nothing was submitted: try again when SLURM answers")
+                          "are recorded for this run); without their states nothing was submitted, cancelled or "
+                          "shown: try again when SLURM answers")
     for line in live.splitlines():
         parts = line.strip().split("|")
         if len(parts) == 3 and parts[0] in ids:
@@ -617,6 +636,19 @@ def query_jobs(job_ids: list[str]) -> dict[str, JobInfo]:
         if not entry.live:
             entry.slurm_state = state
     return info
+
+
+def settled_jobs(job_ids: list[str], wait_s: float = 60.0, poll_s: float = 2.0) -> dict[str, JobInfo]:
+    """``query_jobs``, once no job is COMPLETING (up to ``wait_s``): a job that was just cancelled
+    and one being requeued both read COMPLETING for a few seconds, and only what follows tells
+    whether its task must be submitted again. Still COMPLETING after the wait counts as running
+    (never a second copy of a task)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        infos = query_jobs(job_ids)
+        if not any(i.live and i.slurm_state == "COMPLETING" for i in infos.values()) or time.monotonic() >= deadline:
+            return infos
+        time.sleep(poll_s)
 
 
 def job_state(info: JobInfo | None) -> str:
@@ -740,6 +772,7 @@ class Plan:
     convert: str                     # "skip" (up to date) | "submit" | "wait:<job id>"
     submit: list[Task] = field(default_factory=list)
     active: dict[str, str] = field(default_factory=dict)     # task key → job id, pending/running
+    others: dict[str, str] = field(default_factory=dict)     # the same, of backbones not in this launch
     done: list[Task] = field(default_factory=list)
     ensemble: str = "submit"         # "submit" | "skip" (done) | "wait:<job id>"
     cancel_ensemble: str = ""        # stale ensemble job to cancel before submitting a new one
@@ -759,6 +792,8 @@ class Plan:
             out.append(f"  submit {t.key}")
         for key, job in self.active.items():
             out.append(f"  keep   {key} (job {job})")
+        for key, job in self.others.items():
+            out.append(f"  keep   {key} (job {job}; a backbone of the run not in this launch's backbones)")
         after = "(afterok)" if self.kind == "slurm" else "(once they all finished)"
         ens = {"submit": f"ensemble job after all training tasks {after}",
                "skip": "ensemble done, nothing to do"}.get(self.ensemble, f"ensemble job {self.ensemble[5:]} already waiting")
@@ -792,15 +827,20 @@ def make_plan(cfg: ExperimentConfig, kind: str, jobs: dict[str, Any], infos: dic
             plan.active[t.key] = job
         else:
             plan.submit.append(t)
+    # Backbones launched into the run before but not in this launch: not planned, but the ensemble
+    # waits for their running tasks and covers their finished ones.
+    keys = {t.key for t in tasks}
+    plan.others = {key: e.get("job_id", "") for key, e in jobs["tasks"].items()
+                   if key not in keys and alive(e.get("job_id", ""))}
     ens_job = jobs.get("ensemble", {}).get("job_id", "")
     ens_active = kind == "slurm" and job_state(infos.get(ens_job)) in ACTIVE
-    ens_done = ensemble_current(run_dir, plan.done)
+    ens_done = ensemble_current(run_dir, plan.done + _finished_elsewhere(run_dir, keys))
     if plan.submit or plan.convert == "submit":
         plan.ensemble = "submit"
         plan.cancel_ensemble = ens_job if ens_active else ""
     elif ens_active and not dependency_never_satisfied(infos.get(ens_job)):
         plan.ensemble = f"wait:{ens_job}"
-    elif ens_done and not plan.active and not ens_active:
+    elif ens_done and not plan.active and not plan.others and not ens_active:
         plan.ensemble = "skip"
     else:
         plan.ensemble = "submit"
@@ -865,13 +905,25 @@ def _prepare_run(cfg: ExperimentConfig, converted: bool, remake: bool = False) -
     from skinhpc.split import ensure_split
 
     ensure_split(cfg.run_dir, checked_inputs(cfg, converted), cfg.split, remake=remake)
-    save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+    save_config(cfg if remake else _with_saved_backbones(cfg), Path(cfg.run_dir) / "config.yaml")
+
+
+def _with_saved_backbones(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with every backbone the run's config.yaml already lists: a relaunch with fewer (to
+    resubmit one backbone's folds) plans only those, but must not hide the others from --status
+    and the ensemble."""
+    path = Path(cfg.run_dir) / "config.yaml"
+    if not path.is_file():
+        return cfg
+    saved = from_yaml_file(path).backbones
+    merged = [*saved, *(b for b in cfg.backbones if b not in saved)]
+    return cfg if merged == list(cfg.backbones) else dataclasses.replace(cfg, backbones=merged)
 
 
 def _launch_slurm(cfg: ExperimentConfig, echo: Callable[[str], None], remake: bool = False) -> Plan:
     run_dir = Path(cfg.run_dir)
     jobs = read_jobs(run_dir)
-    plan = make_plan(cfg, "slurm", jobs, query_jobs(recorded_job_ids(jobs)))
+    plan = make_plan(cfg, "slurm", jobs, settled_jobs(recorded_job_ids(jobs)))
     _prepare_run(cfg, converted=plan.convert == "skip", remake=remake)
     for line in plan.lines():
         echo(line)
@@ -903,7 +955,8 @@ def _launch_slurm(cfg: ExperimentConfig, echo: Callable[[str], None], remake: bo
         echo(f"submitted training array {submitted[0].job_id.split('_')[0]}: "
              + ", ".join(f"{t.key}={j.job_id}" for t, j in zip(plan.submit, submitted)))
     if plan.ensemble == "submit":
-        deps = sorted(set(plan.active.values()) | ({convert_job} if convert_job and not plan.active else set()))
+        waits = set(plan.active.values()) | set(plan.others.values())
+        deps = sorted(waits | ({convert_job} if convert_job and not waits else set()))
         dep = "afterok:" + ":".join(deps) if deps else ""
         with _sbatch("the ensemble job", run_dir):
             job = slurm_executor(cfg, ensemble_parameters(cfg, dep)).submit(EnsembleTask(str(run_dir)))
@@ -979,7 +1032,15 @@ def _launch_inline(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]
         try:
             return job.results()[0]
         except Exception as e:  # the task's traceback is in its log
-            raise LaunchError(f"{name} failed: {_failure_reason(e)} (log {job.paths.stderr})") from None
+            reason = _failure_reason(e)
+            if reason.startswith("KeyboardInterrupt"):
+                # The job was stopped by SIGINT (its checkpoint saved), e.g. a Ctrl-C the launcher
+                # itself ignores (started with SIGINT ignored, as `&` in a script does): the launch
+                # stops as after its own Ctrl-C, not as after a failure.
+                with contextlib.suppress(OSError):
+                    echo(f"{name}: stopped by an interrupt")
+                raise KeyboardInterrupt from None
+            raise LaunchError(f"{name} failed: {reason} (log {job.paths.stderr})") from None
 
     def run(name: str, where: str, fn: Callable[[], Any]) -> Any:
         if kind == "debug":
@@ -1116,7 +1177,7 @@ def _dry_run(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]) -> P
         scripts.append((f"training array ({len(plan.submit)} tasks)",
                         sbatch_script(folder, task_parameters(cfg, convert_dep), len(plan.submit))))
     if plan.ensemble == "submit":
-        deps = sorted(plan.active.values()) + (["<training array>"] if plan.submit else [])
+        deps = sorted({*plan.active.values(), *plan.others.values()}) + (["<training array>"] if plan.submit else [])
         scripts.append(("ensemble job", sbatch_script(folder, ensemble_parameters(cfg, "afterok:" + ":".join(deps) if deps else ""))))
     for title, script in scripts:
         echo(f"----- sbatch script: {title}")
@@ -1151,8 +1212,11 @@ def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict
     elif not job:
         state = "started" if rows else "not submitted"
     else:
-        state = job_state(infos.get(job))
+        info = infos.get(job)
+        state = job_state(info)
         state = "failed" if state == "completed" else state  # ended without metrics.json
+        # Cancelled, ended or being requeued: SLURM tells which once it is no longer COMPLETING.
+        state = "completing" if info is not None and info.live and info.slurm_state == "COMPLETING" else state
         state = "blocked" if dependency_never_satisfied(infos.get(job)) else state  # its conversion failed
     epoch = f"{max(int(r.get('epoch', 0)) for r in rows) + 1}/{cfg.train.epochs}" if rows else f"0/{cfg.train.epochs}"
     kept = kept_val_balanced_accuracy(rows, metrics, cfg.train.select_metric)
@@ -1204,7 +1268,8 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
         lines.append(f"conversion: job {conv['job_id']} {conv_state}"
                      + (f", log {conv.get('log', '')}" if conv_state in ("failed", "cancelled") else ""))
     lines.append(f"ensemble: job {ens_job or '-'} {ens_state}"
-                 + (f", log {ens_entry.get('err', '')}" if ens_state in ("failed", "stopped") else ""))
+                 + (f", log {ens_entry['err']}" if ens_state in ("failed", "stopped", "cancelled")
+                    and ens_entry.get("err") else ""))
     if note := _local_launch_note(run_dir, jobs):
         lines.append(note)
     if dependency_never_satisfied(ens_info) and all(r.state == "done" for r in rows):
@@ -1220,12 +1285,34 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
         lines.append(f"  {r.state}: {r.task.key} (job {r.job_id}), log {r.log}")
     if failed:
         lines.append("  relaunch (the same jobs/launch.py command) to resubmit them and a new ensemble job")
+    if ens_state in ("failed", "cancelled") and not failed:
+        lines.append("  relaunch (the same jobs/launch.py command) to submit a new ensemble job")
     if ens_state == "done" and ens_metrics:
         lines += ["  " + line for line in ensemble_headline(ens_metrics)]
+        lines += _left_out_lines(cfg, ens_metrics)
         lines.append(f"  report: {run_dir / 'ensemble' / 'report.md'}")
     summary = {"tasks": {r.task.key: dataclasses.asdict(r) | {"task": r.task.key} for r in rows},
                "ensemble": {"job_id": ens_job, "state": ens_state}, "failed": [r.task.key for r in failed]}
     return "\n".join(lines), summary
+
+
+def _left_out_lines(cfg: ExperimentConfig, ens_metrics: dict[str, Any]) -> list[str]:
+    """The folds the ensemble left out, with its reasons: a finished fold left out (its predictions
+    damaged) reads "done" in the table above, and the headline numbers lack it."""
+    run_dir, lines = Path(cfg.run_dir), []
+    try:
+        written = (run_dir / "ensemble" / "metrics.json").stat().st_mtime
+    except OSError:  # deleted since status read it
+        return []
+    for m in ens_metrics.get("missing", []):
+        t = Task(str(m.get("backbone")), int(m.get("fold", -1)))
+        line = f"  left out of the ensemble: {t.key}: {m.get('reason')}"
+        if task_done(run_dir, t) and (t.dir(run_dir) / "metrics.json").stat().st_mtime > written:
+            line += "; it has finished since: relaunch to ensemble it too"
+        elif task_done(run_dir, t):
+            line += f"; to train it again, move {t.dir(run_dir)} away and relaunch"
+        lines.append(line)
+    return lines
 
 
 def ensemble_headline(metrics: dict[str, Any]) -> list[str]:

@@ -68,8 +68,8 @@ from torch import nn
 from skinhpc import CLASSES, checkpoint, distributed
 from skinhpc.config import (INPUTS_NAME, ConfigError, ExperimentConfig, TrainConfig, absolute_paths,
                             atomic_write_text, fold_config_conflicts, for_backbone, input_file_digests,
-                            mixed_config_refusal, pretrained_source, read_saved_config, run_config_changes,
-                            save_config)
+                            mixed_config_refusal, pretrained_source, read_deepspeed_file, read_saved_config,
+                            run_config_changes, save_config)
 from skinhpc.distributed import DistEnv
 from skinhpc.rundir import (LOG_NAME, METRICS_NAME, finished_metrics, metric_value, read_log, replaces_best,
                              selected_key)
@@ -306,23 +306,7 @@ def deepspeed_config(train_cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     Precision stays with skinhpc (torch.autocast around the forward, fp32 weights), so DeepSpeed's
     own fp16/bf16 modes are off and the checkpoints hold fp32 weights like DDP's.
     """
-    user: dict[str, Any] = {}
-    if train_cfg.deepspeed.config:
-        path = Path(train_cfg.deepspeed.config)
-        if not path.is_file():
-            raise ConfigError(f"train.deepspeed.config: {path} not found")
-        from omegaconf import OmegaConf
-        try:
-            user = OmegaConf.to_container(OmegaConf.load(path)) or {}  # YAML is a superset of JSON
-        except Exception as e:
-            raise ConfigError(f"train.deepspeed.config: cannot read {path}: {e}") from None
-        if not isinstance(user, dict):
-            raise ConfigError(f"train.deepspeed.config: {path} must hold a mapping")
-        owned = sorted(set(user) & {"optimizer", "scheduler", "fp16", "bf16", "train_batch_size",
-                                    "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"})
-        if owned:
-            raise ConfigError(f"train.deepspeed.config: {path} sets {', '.join(owned)}, which come from the train "
-                              "section (optimizer, lr, precision, batch_size, accum_steps); remove them from the file")
+    user = read_deepspeed_file(train_cfg.deepspeed.config)
     zero = {**user.get("zero_optimization", {}), "stage": train_cfg.deepspeed.stage}
     ours = {
         "train_micro_batch_size_per_gpu": train_cfg.batch_size,

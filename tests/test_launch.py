@@ -251,21 +251,23 @@ def test_local_parallel_runs_folds_side_by_side_and_a_failure_spares_the_others(
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("stop", ["ctrl-c", "kill", "hang-up"])
+@pytest.mark.parametrize("stop", ["ctrl-c", "kill", "hang-up", "ctrl-c-ignored-by-the-launcher"])
 def test_ctrl_c_or_kill_of_a_local_launch_stops_its_task_at_a_saved_checkpoint_without_a_traceback(
         tmp_path: Path, stop: str) -> None:
     run_dir, out = tmp_path / "exp", tmp_path / "launch.out"
     args = ["--folds", "2", f"run_dir={run_dir}", "cluster.kind=local", "train.epochs=2",
             "train.max_steps_per_epoch=8"]
     with open(out, "w") as f:  # a session of its own: Ctrl-C reaches its whole process group, as in a terminal
+        # `launch.py &` in a script starts it with SIGINT ignored; its tasks handle SIGINT all the same.
+        ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if stop.endswith("ignored-by-the-launcher") else None
         proc = subprocess.Popen(LAUNCH + args, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True, env={**os.environ, STEP_SLEEP_ENV: "0.4"})
+                                start_new_session=True, env={**os.environ, STEP_SLEEP_ENV: "0.4"}, preexec_fn=ignore)
     try:
         deadline = time.monotonic() + 150
         while "fresh start" not in _fold0_log(out) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.2)
         time.sleep(1.0)  # a few optimizer steps in
-        if stop == "ctrl-c":
+        if stop.startswith("ctrl-c"):
             os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C reaches every process of the group
         elif stop == "hang-up":
             os.killpg(proc.pid, signal.SIGHUP)  # a closed terminal: every process of the group
@@ -277,7 +279,11 @@ def test_ctrl_c_or_kill_of_a_local_launch_stops_its_task_at_a_saved_checkpoint_w
             os.killpg(proc.pid, signal.SIGKILL)
     said = out.read_text()
     assert rc == 130, said
-    assert "stopping 1 running job(s)" in said and "interrupted: finished folds" in said
+    assert "interrupted: finished folds" in said
+    if stop.endswith("ignored-by-the-launcher"):  # the task stopped first; the launch follows it
+        assert "train resnet18/fold0: stopped by an interrupt" in said and "failed" not in said
+    else:
+        assert "stopping 1 running job(s)" in said
     assert "Traceback" not in said  # submitit's controller waited for its task instead of dying on SIGINT
     assert "SIGINT: checkpoint saved at epoch" in _fold0_log(out)
     fold0 = next(line for line in run_launch(["--status", *args], cwd=tmp_path).stdout.splitlines()
@@ -398,6 +404,36 @@ def test_local_task_sees_the_launching_shells_gpus_not_submitits_empty_list(
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == launching_shell
 
 
+@pytest.mark.timeout(120)
+def test_a_converted_data_dir_whose_beton_went_is_refused_at_launch_naming_the_file(
+        tmp_path: Path, sample_data_dir: Path) -> None:
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(sample_data_dir, data)
+    args = ["--dry-run", "--folds", "2", f"run_dir={tmp_path / 'exp'}", f"data.dir={data}"]
+    assert run_launch(args, cwd=tmp_path).returncode == 0
+    with open(data / "ham10000.beton", "r+b") as f:  # cut short, e.g. by a full disk while copying
+        f.truncate(1000)
+    proc = run_launch(args, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{data / 'ham10000.beton'} has 1000 bytes but manifest.json records" in proc.stderr
+    (data / "ham10000.beton").unlink()
+    proc = run_launch(args, cwd=tmp_path)
+    assert proc.returncode == 2 and f"({data / 'ham10000.beton'} is missing)" in proc.stderr, proc.stderr[-2000:]
+    assert "convert again with jobs/convert.py" in proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_missing_or_bad_deepspeed_config_is_refused_at_launch_not_after_the_queue(tmp_path: Path) -> None:
+    args = ["--dry-run", "--folds", "2", f"run_dir={tmp_path / 'exp'}", "train.strategy=deepspeed"]
+    proc = run_launch([*args, f"train.deepspeed.config={tmp_path / 'nope.json'}"], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"train.deepspeed.config: {tmp_path / 'nope.json'} not found" in proc.stderr
+    (tmp_path / "ds.json").write_text('{"optimizer": {"type": "Adam"}}')
+    proc = run_launch([*args, f"train.deepspeed.config={tmp_path / 'ds.json'}"], cwd=tmp_path)
+    assert proc.returncode == 2 and "sets optimizer, which come from the train section" in proc.stderr
+
+
 # --------------------------------------------------------------------------- relaunch decisions
 
 def _plan_for(tmp_path: Path, infos: dict, jobs: dict, converted: bool, done: tuple[int, ...] = ()):
@@ -405,14 +441,37 @@ def _plan_for(tmp_path: Path, infos: dict, jobs: dict, converted: bool, done: tu
 
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
-    if converted:
-        (data / "manifest.json").write_text("{}")
+    if converted:  # the files launch.data_up_to_date looks at (no .beton: one made without FFCV)
+        (data / "index.csv").write_text("x\n")
+        (data / "manifest.json").write_text(json.dumps({"beton": None, "index": {"size": 2}}))
     cfg, _ = load_launch_config([f"run_dir={tmp_path / 'exp'}", f"data.dir={data}", "backbones=[resnet18]"], None, 2)
     for k in done:
         d = tmp_path / "exp" / "resnet18" / f"fold{k}"
         d.mkdir(parents=True, exist_ok=True)
         (d / "metrics.json").write_text(json.dumps({"status": "done"}))
     return make_plan(cfg, "slurm", {"tasks": {}, **jobs}, infos)
+
+
+@pytest.mark.timeout(60)
+def test_a_done_fold_the_ensemble_left_out_is_named_by_status_and_does_not_resubmit_the_ensemble(
+        tmp_path: Path) -> None:
+    from skinhpc.launch import status
+    _plan_for(tmp_path, {}, {}, converted=True, done=(0, 1))
+    ens = tmp_path / "exp" / "ensemble"
+    ens.mkdir()
+    reason = "metrics.json says done but its predictions are unreadable: predictions_test.npz: truncated"
+    (ens / "metrics.json").write_text(json.dumps({"finished": [{"backbone": "resnet18", "fold": 1}],
+                                                  "missing": [{"backbone": "resnet18", "fold": 0, "reason": reason}]}))
+    plan = _plan_for(tmp_path, {}, {}, converted=True)
+    assert plan.ensemble == "skip" and not plan.submit  # another ensemble job would leave it out again
+    cfg, _ = load_launch_config([f"run_dir={tmp_path / 'exp'}", "backbones=[resnet18]"], None, 2)
+    text = status(cfg)[0]
+    assert (f"left out of the ensemble: resnet18/fold0: {reason}; to train it again, move "
+            f"{tmp_path / 'exp' / 'resnet18' / 'fold0'} away and relaunch") in text
+    later = ens.stat().st_mtime + 10  # the fold finished again after the ensemble ran
+    os.utime(tmp_path / "exp" / "resnet18" / "fold0" / "metrics.json", (later, later))
+    assert "it has finished since: relaunch to ensemble it too" in status(cfg)[0]
+    assert _plan_for(tmp_path, {}, {}, converted=True).ensemble == "submit"
 
 
 @pytest.mark.timeout(60)
@@ -425,6 +484,37 @@ def test_relaunch_keeps_running_task_and_waiting_ensemble_and_skips_done_one(tmp
     plan = _plan_for(tmp_path, infos, jobs, converted=True, done=(0,))
     assert plan.convert == "skip" and not plan.submit and plan.active == {"resnet18/fold1": "6_1"}
     assert [t.key for t in plan.done] == ["resnet18/fold0"] and plan.ensemble == "wait:7"
+
+
+@pytest.mark.timeout(60)
+def test_a_relaunch_with_fewer_backbones_keeps_the_others_in_the_run_and_its_ensemble_waits_for_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from skinhpc import launch as launch_mod
+    from skinhpc.config import from_yaml_file
+    from skinhpc.launch import JobInfo, _prepare_run
+
+    run_dir = tmp_path / "exp"
+    first, _ = load_launch_config([f"run_dir={run_dir}", "backbones=[resnet18,vgg16]"], None, 2)
+    _prepare_run(first, converted=False)
+    # resnet18's fold 1 was cancelled and the user relaunches resnet18 alone, while vgg16 still runs.
+    infos = {"6_2": JobInfo("RUNNING", "None", live=True), "6_3": JobInfo("PENDING", "Priority", live=True),
+             "6_1": JobInfo("CANCELLED by 0"), "7": JobInfo("PENDING", "DependencyNeverSatisfied", live=True)}
+    jobs = {"tasks": {f"{b}/fold{k}": {"job_id": f"6_{i}"} for i, (b, k) in
+                      enumerate([("resnet18", 0), ("resnet18", 1), ("vgg16", 0), ("vgg16", 1)])},
+            "ensemble": {"job_id": "7"}}
+    plan = _plan_for(tmp_path, infos, jobs, converted=True, done=(0,))
+    assert [t.key for t in plan.submit] == ["resnet18/fold1"]
+    assert plan.others == {"vgg16/fold0": "6_2", "vgg16/fold1": "6_3"} and plan.ensemble == "submit"
+    assert "  keep   vgg16/fold1 (job 6_3; a backbone of the run not in this launch's backbones)" in plan.lines()
+    again, _ = load_launch_config([f"run_dir={run_dir}", "backbones=[resnet18]"], None, 2)
+    _prepare_run(again, converted=False)
+    assert from_yaml_file(run_dir / "config.yaml").backbones == ["resnet18", "vgg16"]  # --status shows both
+    launch_mod.write_jobs(run_dir, jobs)
+    monkeypatch.setattr(launch_mod, "query_jobs", lambda ids: infos)
+    said: list[str] = []
+    launch_mod._dry_run(again, "slurm", said.append)
+    ensemble_script = "\n".join(said).split("sbatch script: ensemble job")[1]
+    assert "#SBATCH --dependency='afterok:6_2:6_3:<training array>'" in ensemble_script
 
 
 @pytest.mark.timeout(60)
@@ -502,10 +592,32 @@ def test_recorded_jobs_are_not_resubmitted_when_squeue_does_not_answer(tmp_path:
         (fake / name).write_text("#!/bin/sh\necho 'slurm_load_jobs error: Socket timed out' >&2\nexit 1\n")
         (fake / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
-    with pytest.raises(launch_mod.LaunchError, match="squeue did not answer.*nothing was submitted"):
+    with pytest.raises(launch_mod.LaunchError, match="squeue did not answer.*nothing was submitted, cancelled or shown"):
         launch_mod.query_jobs(["4242_0"])
     (fake / "squeue").write_text("#!/bin/sh\necho '4242_0|RUNNING|None'\n")  # sacct still failing: accounting off
     assert launch_mod.query_jobs(["4242_0"])["4242_0"].live
+
+
+@pytest.mark.timeout(60)
+def test_a_relaunch_waits_for_a_completing_job_to_tell_a_cancelled_task_from_a_requeued_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from skinhpc import launch as launch_mod
+
+    fake, calls = tmp_path / "bin", tmp_path / "calls"
+    fake.mkdir()
+    # scancel'ed a moment ago: COMPLETING for the first two squeue calls, then gone; sacct: CANCELLED.
+    (fake / "squeue").write_text(f"#!/bin/sh\necho x >> {calls}\n"
+                                 f"[ $(wc -l < {calls}) -le 2 ] && echo '4242_0|COMPLETING|None'\nexit 0\n")
+    (fake / "sacct").write_text("#!/bin/sh\necho '4242_0|CANCELLED by 0'\n")
+    for name in ("squeue", "sacct"):
+        (fake / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    assert launch_mod.job_state(launch_mod.query_jobs(["4242_0"])["4242_0"]) == "running"  # what status sees
+    infos = launch_mod.settled_jobs(["4242_0"], wait_s=30, poll_s=0.05)
+    assert launch_mod.job_state(infos["4242_0"]) == "cancelled"  # so the relaunch submits its task again
+    calls.unlink()
+    infos = launch_mod.settled_jobs(["4242_0"], wait_s=0, poll_s=0.05)  # still completing after the wait
+    assert launch_mod.job_state(infos["4242_0"]) == "running"  # never a second copy of a task
 
 
 @pytest.mark.timeout(60)
@@ -532,10 +644,13 @@ def test_status_of_a_local_run_shows_its_conversion_and_ensemble_jobs_failed_or_
                          "ensemble": {**entry, "local_job": "78", "err": "/x/78.err", "state": "running"}})
     text, summary = status(cfg)
     assert "conversion: job local 77 failed, log /x/77.err" in text
+    assert "to submit a new ensemble job" not in text  # stopped, not failed: the relaunch says what it does
     assert "ensemble: job local 78 stopped, log /x/78.err" in text  # no launch holds the run any more
     assert summary["ensemble"] == {"job_id": "local 78", "state": "stopped"}
     write_jobs(run_dir, {"kind": "local", "tasks": {}, "ensemble": {**entry, "state": "done"}})
-    assert "ensemble: job local 77 failed, log /x/77.err" in status(cfg)[0]  # done, but metrics.json is gone
+    text = status(cfg)[0]
+    assert "ensemble: job local 77 failed, log /x/77.err" in text  # done, but metrics.json is gone
+    assert "relaunch (the same jobs/launch.py command) to submit a new ensemble job" in text
     (run_dir / "ensemble").mkdir()
     (run_dir / "ensemble" / "metrics.json").write_text("{}")
     assert "ensemble: job local 77 done" in status(cfg)[0]
