@@ -36,7 +36,7 @@ import numpy as np
 
 from skinhpc import CLASSES, NUM_CLASSES
 from skinhpc.config import atomic_write_text
-from skinhpc.rundir import recorded_task_job
+from skinhpc.rundir import finished_metrics, recorded_task_job
 
 MAJORITY_CLASS = "nv"
 FULL_HAM10000_MAJORITY_TOP1 = 6705 / 10015
@@ -172,7 +172,7 @@ def _expected_layout(run_dir: Path) -> tuple[list[str], int, Any]:
     return backbones, num_folds, cfg
 
 
-def _trained_otherwise(fold_dir: Path, run_cfg: Any) -> str:
+def _trained_otherwise(fold_dir: Path, run_cfg: Any, against: str = "the run's config.yaml") -> str:
     """Why a fold's results may not join the run's ("" when they may): its config.yaml differs from
     the run's in a key that changes results (e.g. a fold trained by hand with another lr or other
     weights; paths aside, input files by what they name: ``config.run_config_changes``)."""
@@ -182,8 +182,26 @@ def _trained_otherwise(fold_dir: Path, run_cfg: Any) -> str:
     except ConfigError as e:
         return str(e)
     changed = run_config_changes(run_cfg, fold_cfg) if fold_cfg is not None else []
-    return (f"trained with another config than the run's config.yaml (run -> fold: {'; '.join(changed)}); "
+    return (f"trained with another config than {against} (run -> fold: {'; '.join(changed)}); "
             "not mixed into the run's results") if changed else ""
+
+
+def _first_fold_config(run_dir: Path, backbones: list[str], num_folds: int) -> tuple[Any, str]:
+    """The config.yaml of the run's first finished fold (backbone, then fold order) and its name:
+    what the other folds of a run made by hand (no RUN/config.yaml) must match."""
+    from skinhpc.config import ConfigError, read_saved_config
+    for backbone in backbones:
+        for fold in range(num_folds):
+            fold_dir = run_dir / backbone / f"fold{fold}"
+            if finished_metrics(fold_dir) is None:
+                continue
+            try:
+                cfg = read_saved_config(fold_dir / "config.yaml")
+            except ConfigError:
+                continue
+            if cfg is not None:
+                return cfg, f"{backbone} fold {fold}, the first finished fold (the run has no config.yaml)"
+    return None, ""
 
 
 def _not_started(run_dir: Path, task_key: str) -> str:
@@ -225,6 +243,9 @@ def scan_run(run_dir: str | Path) -> RunScan:
     if not run_dir.is_dir():
         raise EnsembleError(f"{run_dir}: no such run directory")
     backbones, num_folds, run_cfg = _expected_layout(run_dir)
+    against = "the run's config.yaml"
+    if run_cfg is None:  # folds trained by hand: they must still share one config to be averaged
+        run_cfg, against = _first_fold_config(run_dir, backbones, num_folds)
     scan = RunScan(run_dir, backbones, num_folds)
     for backbone in backbones:
         for fold in range(num_folds):
@@ -232,7 +253,7 @@ def scan_run(run_dir: str | Path) -> RunScan:
             if result == "not started":
                 result = _not_started(run_dir, f"{backbone}/fold{fold}")
             if isinstance(result, FoldRun) and run_cfg is not None:
-                result = _trained_otherwise(result.dir, run_cfg) or result
+                result = _trained_otherwise(result.dir, run_cfg, against) or result
             if isinstance(result, FoldRun):
                 scan.finished.append(result)
             else:

@@ -359,6 +359,22 @@ def test_missing_folds_are_reported_and_the_rest_aggregated(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_folds_trained_by_hand_with_other_settings_than_the_first_are_left_out_without_a_run_config(tmp_path):
+    from skinhpc.ensemble import scan_run
+    run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=3)
+    run.fill({"resnet18": 2.0})
+    same = [f"run_dir={run.root}", "backbones=[resnet18]", "split.folds=3"]
+    for fold, extra in ((0, []), (1, ["model.image_size=32"]), (2, [])):  # jobs/train.py by hand, no launcher
+        save_config(load_config([*same, f"fold={fold}", *extra]), run.root / "resnet18" / f"fold{fold}" / "config.yaml")
+    (run.root / "config.yaml").unlink()  # what the launcher writes
+    scan = scan_run(run.root)
+    assert [f.fold for f in scan.finished] == [0, 2]
+    (missing,) = scan.missing
+    assert missing["fold"] == 1 and "than resnet18 fold 0, the first finished fold" in missing["reason"]
+    assert "model.image_size: 64 -> 32" in missing["reason"]
+
+
+@pytest.mark.timeout(60)
 def test_a_missing_fold_whose_local_job_failed_before_it_began_names_the_job_and_its_log(tmp_path):
     from skinhpc.ensemble import scan_run
     run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=3)
