@@ -514,6 +514,19 @@ def _most_common_size(sizes: Counter[tuple[int, int]]) -> tuple[int, int]:
     return max(sizes.items(), key=lambda kv: (kv[1], kv[0][0] * kv[0][1], kv[0]))[0]
 
 
+ASPECT_TOLERANCE = 0.02
+"""Relative difference of width/height beyond which resizing visibly stretches an image."""
+
+
+def stretched_images(paths: Sequence[Path], sizes: Sequence[tuple[int, int]], target: tuple[int, int]
+                     ) -> list[tuple[int, Path, tuple[int, int]]]:
+    """(position, path, (width, height)) of the images whose proportions differ from ``target``'s
+    (width, height): resizing them to it distorts the lesion (a portrait or square photo)."""
+    aspect = target[0] / target[1]
+    return [(i, Path(p), (w, h)) for i, (p, (w, h)) in enumerate(zip(paths, sizes))
+            if abs((w / h) / aspect - 1.0) > ASPECT_TOLERANCE]
+
+
 def stored_size_for(sizes: Counter[tuple[int, int]], max_resolution: int) -> list[int]:
     """[H, W]: the most common (width, height) scaled so its long side is <= max_resolution."""
     width, height = _most_common_size(sizes)
@@ -829,7 +842,15 @@ def convert(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str
         _remove_stale_temps_if_idle(out_dir)
         return _up_to_date_result(manifest, out_dir, start, plan.warnings)
 
-    sizes = Counter(_check_images(plan, workers))
+    image_sizes = _check_images(plan, workers)
+    sizes = Counter(image_sizes)
+    if stretched := stretched_images(plan.paths, image_sizes, _most_common_size(sizes)):
+        w, h = _most_common_size(sizes)
+        rows = [f"{path} ({iw}x{ih}) [{plan.metadata}:{plan.lines[i]}]" for i, path, (iw, ih) in stretched]
+        warning = "\n".join([f"{len(rows)} image(s) have another shape than the usual {w}x{h} and are stretched "
+                             "to it (crop or pad them to that shape first to keep their proportions):"] + _listed(rows))
+        plan.warnings.append(warning)
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     with _termination_as_exception():
         manifest = _write_outputs(plan, fingerprint, sizes, out_dir, workers, start)
     seconds = time.monotonic() - start

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -157,6 +158,22 @@ def _read(path: Path, stored_size: tuple[int, int]) -> np.ndarray | str:
         return f"{path}: cannot read image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
 
 
+def _stretched(paths: Sequence[str], stored_size: tuple[int, int]) -> list[str]:
+    """The images whose proportions differ from the models' stored [H, W]: conversion's resize
+    stretched them (``convert.stretched_images``). Headers only: PIL reads no pixels for .size."""
+    from PIL import Image
+
+    from skinhpc.convert import stretched_images
+    sizes = []
+    for p in paths:
+        try:
+            with Image.open(p) as image:
+                sizes.append(image.size)
+        except Exception:  # read a moment ago; gone since: nothing to say about its shape
+            sizes.append((int(stored_size[1]), int(stored_size[0])))
+    return [str(p) for _, p, _ in stretched_images(paths, sizes, (int(stored_size[1]), int(stored_size[0])))]
+
+
 def _chunks(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -278,6 +295,12 @@ def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, tta: bool 
           f"{_tta_said(models, tta)}", file=sys.stderr)
     result = predict_images(models, paths, tta=tta, batch_size=batch_size, on_error=warn)
     failed = len(input_errors) + len(result.errors)
+    if stretched := _stretched(result.paths, models[0].stored_size):
+        h, w = models[0].stored_size
+        ratio = f"{w // math.gcd(w, h)}:{h // math.gcd(w, h)}"
+        note(f"{len(stretched)} image(s) have another shape than the {ratio} of the images the models were trained "
+             f"on and were stretched to it (crop or pad them to {ratio} first to keep their proportions): "
+             + ", ".join(stretched[:5]) + (f" and {len(stretched) - 5} more" if len(stretched) > 5 else ""))
     if not result.paths:
         # A header-only CSV would replace an earlier --out that still holds answers.
         print(f"error: none of the {failed} input(s) could be read (see above); nothing written", file=sys.stderr)

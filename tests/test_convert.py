@@ -335,6 +335,20 @@ def converted_raw(tmp_path: Path) -> tuple[list[Path], Path, list[str], Path, di
 
 
 @pytest.mark.timeout(240)
+def test_an_image_of_another_shape_is_converted_with_a_warning_naming_it_and_its_row(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+    dirs, csv_path, ids = make_raw(tmp_path)
+    portrait = _find(dirs, ids[5])
+    with Image.open(portrait) as image:
+        image.transpose(Image.Transpose.ROTATE_90).save(portrait)  # 150x200: a phone photo held upright
+    result = convert(dirs, csv_path, tmp_path / "data", workers=2)
+    (warning,) = [w for w in result.warnings if "stretched" in w]
+    assert warning.startswith("1 image(s) have another shape than the usual 200x150 and are stretched to it")
+    assert f"{portrait} (150x200) [{csv_path}:7]" in warning  # line 7: the header, then the 6th row
+    assert "stretched" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(240)
 def test_rerun_is_a_no_op_and_a_failed_rerun_keeps_the_good_output(tmp_path: Path, capsys) -> None:
     dirs, csv_path, ids, out, good = converted_raw(tmp_path)
     manifest = read_manifest(out)

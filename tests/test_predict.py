@@ -136,6 +136,18 @@ def test_output_path_is_checked_first_and_any_file_name_reaches_the_csv(run_dir,
     assert names == ["caf\\xe9.jpg", "ok.jpg"]
 
 
+@pytest.mark.timeout(120)
+def test_an_image_of_another_shape_is_predicted_with_a_warning_naming_it(run_dir, tmp_path, capsys):
+    from PIL import Image
+    portrait = tmp_path / "portrait.jpg"
+    with Image.open(SAMPLE[0]) as image:
+        image.transpose(Image.Transpose.ROTATE_90).save(portrait)
+    assert run_predict(run_dir, [SAMPLE[1], portrait], device="cpu") == 0
+    err = capsys.readouterr().err
+    assert (f"warning: 1 image(s) have another shape than the 4:3 of the images the models were trained on and "
+            f"were stretched to it (crop or pad them to 4:3 first to keep their proportions): {portrait}") in err
+
+
 @pytest.mark.timeout(240)
 def test_unreadable_image_is_named_others_processed_and_exit_nonzero(run_dir, tmp_path):
     folder = tmp_path / "imgs"
