@@ -5,6 +5,9 @@
 
 Checks everything first (columns, classes, unique ids, every image present and decodable) and
 writes nothing on a problem; re-running on an up-to-date folder does nothing.
+
+Exit codes: 0 converted (or already up to date), 2 for bad input (each problem named with its file
+and CSV row), 1 when writing failed, 130 after Ctrl-C (nothing written).
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         convert(args.images, args.metadata, args.out, max_resolution=args.max_resolution,
                 write_mode=args.write_mode, jpeg_quality=args.jpeg_quality, workers=args.workers)
-    except (InputError, ConversionError) as e:
+    except InputError as e:  # 2, as every job's configuration or input error
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # the output folder cannot be made or written (checked inputs raise InputError)

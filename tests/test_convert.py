@@ -254,6 +254,17 @@ def test_missing_image_names_the_file_the_csv_line_and_the_folders(tmp_path: Pat
     assert not out.exists()
 
 
+@pytest.mark.timeout(60)
+def test_an_image_id_written_with_its_suffix_is_told_to_drop_it(tmp_path: Path) -> None:
+    dirs, csv_path, ids = make_raw(tmp_path)
+    _edit_csv(csv_path, _set_cell(4, "image_id", f"{ids[2]}.jpg"))
+    with pytest.raises(InputError) as info:
+        convert(dirs, csv_path, tmp_path / "data", workers=2)
+    assert (f"{csv_path}:4: image_id {ids[2]}.jpg ends with its file's suffix; write it without "
+            f"(image_id {ids[2]}, as in HAM10000's CSV)") in str(info.value)
+    assert ".jpg.jpg" not in str(info.value)
+
+
 @pytest.mark.timeout(120)
 def test_missing_and_corrupt_images_are_reported_in_one_run_each_with_its_row(tmp_path: Path) -> None:
     dirs, csv_path, ids = make_raw(tmp_path)
@@ -450,14 +461,14 @@ def test_cli_bad_input_exits_non_zero_with_a_clean_message(tmp_path: Path, repo_
     cmd = [sys.executable, str(repo_dir / "jobs" / "convert.py"), "--images", *map(str, dirs),
            "--metadata", str(csv_path), "--out", str(tmp_path / "data")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=50)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # an input error, as in every job
     assert proc.stderr.startswith(f"error: {csv_path}:3: image_id")
     assert "unknown dx 'nevus'" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "data").exists()
     _edit_csv(csv_path, _set_cell(3, "dx", "nv"))
     (tmp_path / "afile").write_text("mine")
     proc = subprocess.run(cmd[:-1] + [str(tmp_path / "afile")], capture_output=True, text=True, timeout=50)
-    assert proc.returncode == 1 and "afile: exists and is not a folder" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "afile: exists and is not a folder" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and (tmp_path / "afile").read_text() == "mine"
 
 
