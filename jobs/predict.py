@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PredictError, ModelFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # --out is written at the end, in one rename: an earlier one is intact
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -411,6 +411,10 @@ def fit_weights(prob_list: list[np.ndarray], labels: np.ndarray) -> np.ndarray:
     return w if loss(w) <= loss(uniform) + 1e-12 else uniform
 
 
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+"""The interval fit_temperature searches; a fit at its end means the predictions carry little signal."""
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """Temperature T minimising the NLL of softmax(logits / T) (log-probabilities work as logits).
 
@@ -420,7 +424,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     def loss(log_t: float) -> float:
         return nll(apply_temperature(logits, math.exp(log_t)), labels)
 
-    res = minimize_scalar(loss, bounds=(math.log(0.05), math.log(20.0)), method="bounded",
+    res = minimize_scalar(loss, bounds=(math.log(TEMPERATURE_BOUNDS[0]), math.log(TEMPERATURE_BOUNDS[1])), method="bounded",
                           options={"xatol": 1e-5})
     return float(math.exp(res.x))
 

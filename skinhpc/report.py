@@ -14,6 +14,7 @@ import numpy as np
 
 from skinhpc import CLASSES
 from skinhpc.config import atomic_write
+from skinhpc.ensemble import TEMPERATURE_BOUNDS
 from skinhpc.rundir import LOG_NAME, read_log
 
 if TYPE_CHECKING:
@@ -182,7 +183,7 @@ def _cv_section(results: dict[str, Any]) -> list[str]:
     oof = results["oof"]["metrics"]
     for b, agg in results["cv"].items():
         v = agg["val"]
-        rows.append([f"{b} ({v['n_folds']} folds)"] + [fmt(k, v["mean"][k], v["std"][k]) for k, _ in HEADLINE])
+        rows.append([f"{b} ({v['n_folds']} fold{'s' if v['n_folds'] != 1 else ''})"] + [fmt(k, v["mean"][k], v["std"][k]) for k, _ in HEADLINE])
         rows.append([f"{b} OOF (n={results['oof']['n'][b]})"] + [fmt(k, oof[b].get(k)) for k, _ in HEADLINE])
     for name in cross_backbone_names(results):
         if name in oof:
@@ -210,11 +211,16 @@ def _per_class_section(results: dict[str, Any]) -> list[str]:
     return ["## Per class on the test set", ""] + _table(header, rows) + [""]
 
 
+def _temp(t: float) -> str:
+    """A temperature, marked when the fit stopped at its search interval's end (0.05 or 20)."""
+    return f"{t:.3f}" + (" (bound)" if t <= TEMPERATURE_BOUNDS[0] * 1.001 or t >= TEMPERATURE_BOUNDS[1] * 0.999 else "")
+
+
 def _temps(calibration: dict[str, Any]) -> str:
     temps = calibration["temperature"]
     if len(temps) == 1:
-        return f"{next(iter(temps.values())):.3f}"
-    return ", ".join(f"{b} {t:.3f}" for b, t in temps.items())
+        return _temp(next(iter(temps.values())))
+    return ", ".join(f"{b} {_temp(t)}" for b, t in temps.items())
 
 
 def _calibration_section(results: dict[str, Any]) -> list[str]:
@@ -226,7 +232,11 @@ def _calibration_section(results: dict[str, Any]) -> list[str]:
              "One temperature per backbone, fit on its out-of-fold logits and applied to each of its "
              "fold models before averaging; expected calibration error (15 bins, top label) and "
              "log-loss on the test set before / after.", ""]
-            + _table(["model", "T", "ECE before", "ECE after", "NLL before", "NLL after"], rows) + [""])
+            + _table(["model", "T", "ECE before", "ECE after", "NLL before", "NLL after"], rows) + [""]
+            + (["(bound): the fit stopped at the end of its search interval "
+                f"({TEMPERATURE_BOUNDS[0]}-{TEMPERATURE_BOUNDS[1]:g}): the out-of-fold predictions are nearly "
+                "uninformative (e.g. a model barely trained), and that temperature mostly flattens them.", ""]
+               if any("(bound)" in row[1] for row in rows) else []))
 
 
 def _epochs_text(m: dict[str, Any]) -> str:

@@ -164,6 +164,17 @@ def test_a_one_fold_ensemble_is_not_compared_with_its_own_fold_model(tmp_path):
 
 
 @pytest.mark.timeout(180)
+def test_a_temperature_at_the_end_of_its_search_interval_is_marked_and_one_fold_is_singular(tmp_path):
+    run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=3, n_lesions=150)
+    run.fill({"resnet18": 0.0}, skip={("resnet18", 1), ("resnet18", 2)})  # noise: nothing to calibrate
+    results = run_ensemble(run.root, n_boot=0, plots=False)
+    assert results["calibration"]["resnet18/ensemble"]["temperature"]["resnet18"] == pytest.approx(20.0, rel=1e-3)
+    text = (run.root / "ensemble" / "report.md").read_text()
+    assert "| 20.000 (bound) |" in text and "(bound): the fit stopped at the end of its search interval" in text
+    assert "| resnet18 (1 fold) |" in text
+
+
+@pytest.mark.timeout(180)
 def test_a_later_ensemble_removes_the_figures_it_no_longer_draws(tmp_path):
     run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=2, n_lesions=120)
     run.fill({"resnet18": 2.0})
