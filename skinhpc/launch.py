@@ -1234,6 +1234,8 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
         # The run's own backbones and folds (the command line may not repeat them).
         saved_cfg = from_yaml_file(saved)
         cfg = dataclasses.replace(cfg, backbones=saved_cfg.backbones, split=saved_cfg.split, train=saved_cfg.train)
+    else:
+        cfg = _hand_made_layout(cfg)
     infos = query_jobs(recorded_job_ids(jobs))
     local_running = jobs.get("kind") != "slurm" and bool(running_launch(run_dir))
     rows = [_task_row(cfg, t, jobs["tasks"].get(t.key, {}), infos, local_running) for t in experiment_tasks(cfg)]
@@ -1313,6 +1315,20 @@ def _left_out_lines(cfg: ExperimentConfig, ens_metrics: dict[str, Any]) -> list[
             line += f"; to train it again, move {t.dir(run_dir)} away and relaunch"
         lines.append(line)
     return lines
+
+
+def _hand_made_layout(cfg: ExperimentConfig) -> ExperimentConfig:
+    """A run without config.yaml (its folds trained by hand with jobs/train.py): the folds of its
+    split.json and the backbones of its fold folders, not the command line's defaults."""
+    run_dir = Path(cfg.run_dir)
+    split = read_json(run_dir / "split.json") or {}
+    folds = split.get("folds") if isinstance(split.get("folds"), list) else None
+    found = sorted({p.parent.name for p in run_dir.glob("*/fold[0-9]*") if p.is_dir() and p.parent.name != "ensemble"})
+    if not folds and not found:
+        return cfg
+    backbones = [*(b for b in cfg.backbones if b in found), *(b for b in found if b not in cfg.backbones)] or cfg.backbones
+    split_cfg = dataclasses.replace(cfg.split, folds=len(folds)) if folds else cfg.split
+    return dataclasses.replace(cfg, backbones=backbones, split=split_cfg)
 
 
 def ensemble_headline(metrics: dict[str, Any]) -> list[str]:

@@ -656,6 +656,19 @@ def test_status_of_a_local_run_shows_its_conversion_and_ensemble_jobs_failed_or_
     assert "ensemble: job local 77 done" in status(cfg)[0]
 
 
+@pytest.mark.timeout(60)
+def test_status_of_a_run_made_by_hand_shows_its_split_folds_and_its_backbones(tmp_path: Path) -> None:
+    from skinhpc.launch import status
+    run_dir = tmp_path / "exp"
+    (run_dir / "resnet10t" / "fold1").mkdir(parents=True)  # jobs/train.py by hand: no RUN/config.yaml
+    (run_dir / "resnet10t" / "fold1" / "metrics.json").write_text(json.dumps({"status": "done"}))
+    (run_dir / "split.json").write_text(json.dumps({"folds": [{}, {}, {}], "test": []}))
+    cfg, _ = load_launch_config([f"run_dir={run_dir}"], None, None)  # the command line names neither
+    rows = [line.split()[:4] for line in status(cfg)[0].splitlines()[2:5]]
+    assert rows == [["resnet10t", "0", "-", "not"], ["resnet10t", "1", "-", "done"], ["resnet10t", "2", "-", "not"]]
+    assert "resnet10t  3" not in status(cfg)[0]
+
+
 @pytest.mark.timeout(120)
 def test_sbatch_refusing_a_job_is_a_one_line_error_quoting_it(tmp_path: Path) -> None:
     fake = tmp_path / "bin"
