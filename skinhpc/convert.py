@@ -49,7 +49,10 @@ BETON_NAME = "ham10000.beton"
 INDEX_NAME = "index.csv"
 MANIFEST_NAME = "manifest.json"
 
-REQUIRED_COLUMNS: tuple[str, ...] = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
+REQUIRED_COLUMNS: tuple[str, ...] = ("lesion_id", "image_id", "dx")
+OPTIONAL_COLUMNS: tuple[str, ...] = ("dx_type", "age", "sex", "localization")
+"""HAM10000's other columns: kept in index.csv when the CSV has them (empty otherwise); nothing
+in training reads them, so a CSV of one's own needs only the three required ones."""
 INDEX_COLUMNS: tuple[str, ...] = ("row", "image_id", "lesion_id", "dx", "label", "dx_type", "age", "sex",
                                   "localization")
 WRITE_MODES: tuple[str, ...] = ("jpg", "raw", "proportion")
@@ -225,7 +228,8 @@ def _separator_hint(header: list[str]) -> str:
 
 
 def _check_records(metadata: Path, header: list[str], raw: list[tuple[int, list[str]]],
-                   columns: Sequence[str] = REQUIRED_COLUMNS) -> tuple[list[dict[str, str]], list[int], list[str]]:
+                   columns: Sequence[str] = REQUIRED_COLUMNS, optional: Sequence[str] = ()
+                   ) -> tuple[list[dict[str, str]], list[int], list[str]]:
     name = str(metadata)
     missing = [c for c in columns if c not in header]
     if missing:
@@ -240,7 +244,7 @@ def _check_records(metadata: Path, header: list[str], raw: list[tuple[int, list[
         if len(cells) != len(header):
             problems.append(f"{name}:{line}: {len(cells)} fields, the header has {len(header)}")
             continue
-        rec = {col: cells[header.index(col)].strip() for col in columns}
+        rec = {col: cells[header.index(col)].strip() if col in header else "" for col in (*columns, *optional)}
         image_id = rec["image_id"]
         where = f"{name}:{line}: image_id {image_id!r}"
         if not image_id:
@@ -258,8 +262,10 @@ def _check_records(metadata: Path, header: list[str], raw: list[tuple[int, list[
     return records, lines, problems
 
 
-def _checked_csv(metadata: Path, columns: Sequence[str]) -> tuple[list[dict[str, str]], list[int], list[str]]:
-    """The CSV's records (``columns``, cells stripped), their lines, and every problem found."""
+def _checked_csv(metadata: Path, columns: Sequence[str], optional: Sequence[str] = ()
+                 ) -> tuple[list[dict[str, str]], list[int], list[str]]:
+    """The CSV's records (``columns``, and ``optional`` ones as "" where absent; cells stripped),
+    their lines, and every problem found."""
     if not metadata.is_file():
         return [], [], [f"{metadata}: metadata CSV not found"]
     try:
@@ -273,7 +279,7 @@ def _checked_csv(metadata: Path, columns: Sequence[str]) -> tuple[list[dict[str,
                         "be UTF-8: re-save it as UTF-8 (in Excel: 'CSV UTF-8')"]
     except (OSError, csv.Error) as e:
         return [], [], [f"{metadata}: cannot read the CSV ({e})"]
-    return _check_records(metadata, header, raw, columns)
+    return _check_records(metadata, header, raw, columns, optional)
 
 
 def read_metadata_rows(metadata: str | Path,
@@ -315,7 +321,7 @@ def _plan(image_dirs: Sequence[str | Path], metadata: str | Path) -> _Plan:
     dirs = [Path(d) for d in image_dirs]
     if not dirs:
         raise InputError(["no image folder given"])
-    records, lines, problems = _checked_csv(metadata, REQUIRED_COLUMNS)
+    records, lines, problems = _checked_csv(metadata, REQUIRED_COLUMNS, OPTIONAL_COLUMNS)
     csv_problems = bool(problems)
     found, dir_problems = _list_images(dirs)
     problems += dir_problems
@@ -755,7 +761,7 @@ def _remove_stale_temps_if_idle(out_dir: Path) -> None:
 
 def _index_frame(plan: _Plan) -> Any:
     import pandas as pd
-    frame = pd.DataFrame(plan.records, columns=list(REQUIRED_COLUMNS))
+    frame = pd.DataFrame(plan.records, columns=list(REQUIRED_COLUMNS + OPTIONAL_COLUMNS))
     frame.insert(0, "row", np.arange(len(frame), dtype=np.int64))
     frame["label"] = [CLASS_TO_LABEL[dx] for dx in frame["dx"]]
     return frame[list(INDEX_COLUMNS)]

@@ -186,7 +186,7 @@ def _copy_id(line: int, from_line: int):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("edit, expected", [
-    (_drop_column("sex"), [":1:", "missing column(s) sex"]),
+    (_drop_column("dx"), [":1:", "missing column(s) dx"]),
     (_set_cell(4, "dx", "melanoma"), [":4:", "unknown dx 'melanoma'", "akiec"]),
     (_copy_id(6, 2), [":6:", "duplicates line 2"]),
     (_set_cell(9, "lesion_id", ""), [":9:", "empty lesion_id"]),
@@ -252,6 +252,16 @@ def test_missing_image_names_the_file_the_csv_line_and_the_folders(tmp_path: Pat
     assert f"{csv_path}:12:" in message and f"{ids[10]}.jpg not found" in message
     assert all(str(d) in message for d in dirs)
     assert not out.exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_csv_with_only_lesion_image_and_dx_columns_converts_with_the_others_left_empty(tmp_path: Path) -> None:
+    dirs, csv_path, ids = make_raw(tmp_path)
+    for column in ("dx_type", "age", "sex", "localization"):
+        _edit_csv(csv_path, _drop_column(column))
+    convert(dirs, csv_path, tmp_path / "data", workers=2)
+    index = read_index(tmp_path / "data")
+    assert list(index["image_id"]) == ids and index["sex"].isna().all()
 
 
 @pytest.mark.timeout(60)
