@@ -422,6 +422,9 @@ def build_loader(data_dir: str | Path, rows: Sequence[int] | np.ndarray, *, trai
                           f" {batch_size}; lower train.batch_size")
     common = dict(train=train, batch_size=batch_size, data_cfg=data_cfg, seed=seed, distributed=distributed)
     if _use_ffcv(data_cfg, data_dir, manifest):
+        if not (data_dir / BETON_NAME).is_file():  # FFCV's own error is a traceback deep in its reader
+            raise LoaderError(f"{data_dir / BETON_NAME}: not found, though {data_dir / 'manifest.json'} records "
+                              "it; convert the data again (jobs/convert.py), or relaunch with data.images set")
         source: _Source = _FFCVSource(data_dir / BETON_NAME, rows, device=device, **common)
         kind = "ffcv"
     else:

@@ -135,6 +135,16 @@ def test_rows_outside_the_converted_data_are_rejected_naming_the_index(data_dir:
         _build(data_dir, train=True, rows=np.arange(5))
 
 
+@pytest.mark.timeout(120)
+def test_a_beton_deleted_after_conversion_is_a_loader_error_naming_it(data_dir: Path, tmp_path: Path) -> None:
+    import shutil
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    (copy / "ham10000.beton").unlink()
+    with pytest.raises(LoaderError, match=r"ham10000.beton: not found, though .*manifest.json records it"):
+        _build(copy, train=False, rows=np.array([0, 1]))
+
+
 @pytest.mark.timeout(180)
 def test_pil_loader_serves_the_same_rows_labels_and_pixels_as_ffcv(eval_loader: FoldLoader,
                                                                    train_loader: FoldLoader,
