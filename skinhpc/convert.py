@@ -335,13 +335,15 @@ def _plan(image_dirs: Sequence[str | Path], metadata: str | Path) -> _Plan:
         image_id = rec["image_id"]
         listed.add(image_id)
         where = found.get(image_id, [])
-        if not where and Path(image_id).suffix.lower() in IMAGE_SUFFIXES:
+        with_suffix = Path(image_id).suffix.lower() in IMAGE_SUFFIXES
+        if not where and with_suffix and found.get(Path(image_id).stem):
             problems.append(f"{metadata}:{line}: image_id {image_id} ends with its file's suffix; write it without "
                             f"(image_id {Path(image_id).stem}, as in HAM10000's CSV)")
             continue
         if not where:
-            problems.append(f"{metadata}:{line}: image {image_id}.jpg not found in {folders}"
-                            f" (the name as in the CSV; its suffix may be any of {'/'.join(IMAGE_SUFFIXES)}, in any case)")
+            problems.append(f"{metadata}:{line}: image {image_id if with_suffix else image_id + '.jpg'} not found in "
+                            f"{folders} (the name as in the CSV; its suffix may be any of {'/'.join(IMAGE_SUFFIXES)}, "
+                            "in any case)")
             continue
         if len(where) > 1:
             duplicated.append(f"{image_id}: using {where[0]}, not {', '.join(map(str, where[1:]))}")

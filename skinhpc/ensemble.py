@@ -186,21 +186,21 @@ def _trained_otherwise(fold_dir: Path, run_cfg: Any, against: str = "the run's c
             "not mixed into the run's results") if changed else ""
 
 
-def _first_fold_config(run_dir: Path, backbones: list[str], num_folds: int) -> tuple[Any, str]:
-    """The config.yaml of the run's first finished fold (backbone, then fold order) and its name:
-    what the other folds of a run made by hand (no RUN/config.yaml) must match."""
+def _first_fold_config(run_dir: Path, backbone: str, num_folds: int) -> tuple[Any, str]:
+    """The config.yaml of a backbone's first finished fold and its name: what its other folds
+    must match in a run made by hand (no RUN/config.yaml). Per backbone: each names its own
+    weights file (``model.pretrained=weights/{backbone}.pth`` filled in)."""
     from skinhpc.config import ConfigError, read_saved_config
-    for backbone in backbones:
-        for fold in range(num_folds):
-            fold_dir = run_dir / backbone / f"fold{fold}"
-            if finished_metrics(fold_dir) is None:
-                continue
-            try:
-                cfg = read_saved_config(fold_dir / "config.yaml")
-            except ConfigError:
-                continue
-            if cfg is not None:
-                return cfg, f"{backbone} fold {fold}, the first finished fold (the run has no config.yaml)"
+    for fold in range(num_folds):
+        fold_dir = run_dir / backbone / f"fold{fold}"
+        if finished_metrics(fold_dir) is None:
+            continue
+        try:
+            cfg = read_saved_config(fold_dir / "config.yaml")
+        except ConfigError:
+            continue
+        if cfg is not None:
+            return cfg, f"{backbone} fold {fold}, its first finished fold (the run has no config.yaml)"
     return None, ""
 
 
@@ -243,21 +243,25 @@ def scan_run(run_dir: str | Path) -> RunScan:
     if not run_dir.is_dir():
         raise EnsembleError(f"{run_dir}: no such run directory")
     backbones, num_folds, run_cfg = _expected_layout(run_dir)
-    against = "the run's config.yaml"
-    if run_cfg is None:  # folds trained by hand: they must still share one config to be averaged
-        run_cfg, against = _first_fold_config(run_dir, backbones, num_folds)
     scan = RunScan(run_dir, backbones, num_folds)
     for backbone in backbones:
+        # Folds trained by hand (no RUN/config.yaml) must still share one config to be averaged.
+        ref, against = (run_cfg, "the run's config.yaml") if run_cfg is not None else \
+            _first_fold_config(run_dir, backbone, num_folds)
         for fold in range(num_folds):
             result = _read_fold(backbone, fold, run_dir / backbone / f"fold{fold}")
             if result == "not started":
                 result = _not_started(run_dir, f"{backbone}/fold{fold}")
-            if isinstance(result, FoldRun) and run_cfg is not None:
-                result = _trained_otherwise(result.dir, run_cfg, against) or result
+            if isinstance(result, FoldRun) and ref is not None:
+                result = _trained_otherwise(result.dir, ref, against) or result
             if isinstance(result, FoldRun):
                 scan.finished.append(result)
             else:
-                scan.missing.append({"backbone": backbone, "fold": fold, "reason": result})
+                # "done": the fold had finished (its files damaged, or trained otherwise): another
+                # ensemble would leave it out again (launch.ensemble_current).
+                fold_dir = run_dir / backbone / f"fold{fold}"
+                scan.missing.append({"backbone": backbone, "fold": fold, "reason": result,
+                                     "done": finished_metrics(fold_dir) is not None})
     if not scan.finished:
         reasons = "".join(f"\n  {m['backbone']} fold {m['fold']}: {m['reason']}" for m in scan.missing[:10])
         raise EnsembleError(f"{run_dir}: no finished fold (looked for <backbone>/fold<k>/metrics.json "

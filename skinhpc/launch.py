@@ -44,6 +44,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import re
 import shlex
@@ -54,7 +55,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,7 @@ from skinhpc.config import (
     mixed_config_refusal,
     pretrained_source,
     read_deepspeed_file,
+    read_saved_config,
     result_keys,
     saved_config_changes,
     from_yaml_file,
@@ -489,9 +491,11 @@ def ensemble_current(run_dir: Path, done: list[Task]) -> bool:
     path = run_dir / "ensemble" / "metrics.json"
     try:
         metrics = json.loads(path.read_text())
-        # A fold the ensemble left out (e.g. its predictions damaged) counts as covered until it is
-        # trained again: resubmitting the ensemble cannot change it.
-        covered = {(f["backbone"], int(f["fold"])) for f in metrics["finished"] + metrics.get("missing", [])}
+        # A fold the ensemble left out although it had finished (its predictions damaged, trained
+        # otherwise) counts as covered until it is trained again: another ensemble would leave it
+        # out again. One left out unfinished is covered only by an ensemble run since it finished.
+        left_out_done = [f for f in metrics.get("missing", []) if f.get("done")]
+        covered = {(f["backbone"], int(f["fold"])) for f in metrics["finished"] + left_out_done}
         written = path.stat().st_mtime
         return all((t.backbone, t.fold) in covered and (t.dir(run_dir) / "metrics.json").stat().st_mtime <= written
                    for t in done)
@@ -899,24 +903,26 @@ def nothing_started(run_dir: Path) -> bool:
                for j in ids)
 
 
-def _prepare_run(cfg: ExperimentConfig, converted: bool, remake: bool = False) -> None:
+def _prepare_run(cfg: ExperimentConfig, converted: bool, remake: bool = False, running: Iterable[str] = ()) -> None:
     """Split (once; anew with ``remake``, see ``nothing_started``) and the run's config, both saved
     in the run directory before any job starts."""
     from skinhpc.split import ensure_split
 
     ensure_split(cfg.run_dir, checked_inputs(cfg, converted), cfg.split, remake=remake)
-    save_config(cfg if remake else _with_saved_backbones(cfg), Path(cfg.run_dir) / "config.yaml")
+    save_config(cfg if remake else _with_saved_backbones(cfg, set(running)), Path(cfg.run_dir) / "config.yaml")
 
 
-def _with_saved_backbones(cfg: ExperimentConfig) -> ExperimentConfig:
-    """``cfg`` with every backbone the run's config.yaml already lists: a relaunch with fewer (to
-    resubmit one backbone's folds) plans only those, but must not hide the others from --status
-    and the ensemble."""
+def _with_saved_backbones(cfg: ExperimentConfig, running: set[str]) -> ExperimentConfig:
+    """``cfg`` with the backbones of the run's config.yaml that have work in the run (a fold
+    folder, or a job queued or running): a relaunch with fewer (to resubmit one backbone's folds)
+    plans only those, but must not hide the others from --status and the ensemble. A backbone
+    without any is dropped, as before; one with folds is dropped by moving its folder away."""
     path = Path(cfg.run_dir) / "config.yaml"
     if not path.is_file():
         return cfg
     saved = from_yaml_file(path).backbones
-    merged = [*saved, *(b for b in cfg.backbones if b not in saved)]
+    has_work = {b for b in saved if b in running or any((Path(cfg.run_dir) / b).glob("fold[0-9]*"))}
+    merged = [*(b for b in saved if b in cfg.backbones or b in has_work), *(b for b in cfg.backbones if b not in saved)]
     return cfg if merged == list(cfg.backbones) else dataclasses.replace(cfg, backbones=merged)
 
 
@@ -924,7 +930,7 @@ def _launch_slurm(cfg: ExperimentConfig, echo: Callable[[str], None], remake: bo
     run_dir = Path(cfg.run_dir)
     jobs = read_jobs(run_dir)
     plan = make_plan(cfg, "slurm", jobs, settled_jobs(recorded_job_ids(jobs)))
-    _prepare_run(cfg, converted=plan.convert == "skip", remake=remake)
+    _prepare_run(cfg, converted=plan.convert == "skip", remake=remake, running={k.split("/")[0] for k in plan.others})
     for line in plan.lines():
         echo(line)
     jobs.update(kind="slurm", run_dir=str(run_dir))
@@ -1135,13 +1141,25 @@ def _record_local(run_dir: Path, where: str, job: Any, state: str) -> None:
     the ensemble's list of missing folds: without it a failed local task looked never submitted.
     ``where``: a task's key, "convert" or "ensemble"."""
     jobs = read_jobs(run_dir)
-    entry = {"local_job": str(job.job_id), "state": state, "log": str(job.paths.stdout), "err": str(job.paths.stderr)}
+    entry = {"local_job": str(job.job_id), "state": state, "log": str(job.paths.stdout), "err": str(job.paths.stderr),
+             "time": time.time()}
     if where in ("convert", "ensemble"):
         jobs[where] = entry
     else:
         jobs["tasks"][where] = entry
     jobs["kind"] = "local"
     write_jobs(run_dir, jobs)
+
+
+def _written_since(output: Path, entry: dict[str, Any]) -> bool:
+    """Whether a local job's output exists and is its own or newer: a stopped or failed job whose
+    work was then done by hand (jobs/ensemble.py, jobs/convert.py) reads done. A running job's
+    older output does not count."""
+    try:
+        written = output.stat().st_mtime
+    except OSError:
+        return False
+    return entry.get("state") == "done" or (entry.get("state") != "running" and written >= entry.get("time", math.inf))
 
 
 def _local_state(entry: dict[str, Any], finished: bool, launch_running: bool) -> str:
@@ -1250,7 +1268,7 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     ens_info = infos.get(ens_job)
     if ens_entry.get("local_job"):  # a local launch's ensemble (_record_local)
         ens_job = f"local {ens_entry['local_job']}"
-        ens_state = _local_state(ens_entry, ens_metrics is not None and ens_entry.get("state") == "done",
+        ens_state = _local_state(ens_entry, _written_since(run_dir / "ensemble" / "metrics.json", ens_entry),
                                  local_running)
     elif ens_metrics is not None and not (ens_info and ens_info.live):
         ens_state = "done"
@@ -1261,7 +1279,8 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     failed = [r for r in rows if r.state in ("failed", "cancelled")]
     conv = jobs.get("convert", {})
     if conv.get("local_job"):
-        conv_state = _local_state(conv, conv.get("state") == "done", local_running)
+        data_dir = saved_cfg.data_dir if saved.is_file() else cfg.data_dir
+        conv_state = _local_state(conv, _written_since(data_dir / "manifest.json", conv), local_running)
         lines.append(f"conversion: job local {conv['local_job']} {conv_state}"
                      + (f", log {conv.get('err', '')}" if conv_state in ("failed", "stopped") else ""))
     elif conv.get("job_id"):
@@ -1286,7 +1305,8 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     for r in failed:
         lines.append(f"  {r.state}: {r.task.key} (job {r.job_id}), log {r.log}")
     if failed:
-        lines.append("  relaunch (the same jobs/launch.py command) to resubmit them and a new ensemble job")
+        lines.append(f"  relaunch (jobs/launch.py with backbones including {', '.join(sorted({r.task.backbone for r in failed}))}) "
+                     "to resubmit them and a new ensemble job")
     if ens_state in ("failed", "cancelled") and not failed:
         lines.append("  relaunch (the same jobs/launch.py command) to submit a new ensemble job")
     if ens_state == "done" and ens_metrics:
@@ -1309,10 +1329,10 @@ def _left_out_lines(cfg: ExperimentConfig, ens_metrics: dict[str, Any]) -> list[
     for m in ens_metrics.get("missing", []):
         t = Task(str(m.get("backbone")), int(m.get("fold", -1)))
         line = f"  left out of the ensemble: {t.key}: {m.get('reason')}"
-        if task_done(run_dir, t) and (t.dir(run_dir) / "metrics.json").stat().st_mtime > written:
-            line += "; it has finished since: relaunch to ensemble it too"
-        elif task_done(run_dir, t):
+        if task_done(run_dir, t) and m.get("done") and (t.dir(run_dir) / "metrics.json").stat().st_mtime <= written:
             line += f"; to train it again, move {t.dir(run_dir)} away and relaunch"
+        elif task_done(run_dir, t):
+            line += "; it has finished since: relaunch to ensemble it too"
         lines.append(line)
     return lines
 
@@ -1328,7 +1348,13 @@ def _hand_made_layout(cfg: ExperimentConfig) -> ExperimentConfig:
         return cfg
     backbones = [*(b for b in cfg.backbones if b in found), *(b for b in found if b not in cfg.backbones)] or cfg.backbones
     split_cfg = dataclasses.replace(cfg.split, folds=len(folds)) if folds else cfg.split
-    return dataclasses.replace(cfg, backbones=backbones, split=split_cfg)
+    train = cfg.train  # epochs and select_metric as the folds were trained, not the defaults
+    for path in sorted(run_dir.glob("*/fold[0-9]*/config.yaml")):
+        with contextlib.suppress(ConfigError):
+            if (fold_cfg := read_saved_config(path)) is not None:
+                train = fold_cfg.train
+                break
+    return dataclasses.replace(cfg, backbones=backbones, split=split_cfg, train=train)
 
 
 def ensemble_headline(metrics: dict[str, Any]) -> list[str]:

@@ -273,6 +273,10 @@ def test_an_image_id_written_with_its_suffix_is_told_to_drop_it(tmp_path: Path) 
     assert (f"{csv_path}:4: image_id {ids[2]}.jpg ends with its file's suffix; write it without "
             f"(image_id {ids[2]}, as in HAM10000's CSV)") in str(info.value)
     assert ".jpg.jpg" not in str(info.value)
+    _find(dirs, ids[2]).unlink()  # no file of that name either: no advice to drop the suffix
+    with pytest.raises(InputError) as info:
+        convert(dirs, csv_path, tmp_path / "data", workers=2)
+    assert f"{csv_path}:4: image {ids[2]}.jpg not found in" in str(info.value)
 
 
 @pytest.mark.timeout(120)

@@ -370,8 +370,25 @@ def test_folds_trained_by_hand_with_other_settings_than_the_first_are_left_out_w
     scan = scan_run(run.root)
     assert [f.fold for f in scan.finished] == [0, 2]
     (missing,) = scan.missing
-    assert missing["fold"] == 1 and "than resnet18 fold 0, the first finished fold" in missing["reason"]
+    assert missing["fold"] == 1 and "than resnet18 fold 0, its first finished fold" in missing["reason"]
     assert "model.image_size: 64 -> 32" in missing["reason"]
+
+
+@pytest.mark.timeout(60)
+def test_a_run_made_by_hand_keeps_every_backbone_trained_from_its_own_weights_file(tmp_path):
+    from skinhpc.ensemble import scan_run
+    from skinhpc.config import for_backbone
+    run = FakeRun(tmp_path / "run", backbones=("resnet18", "vgg16"), folds=2)
+    run.fill({"resnet18": 2.0, "vgg16": 1.0})
+    (run.root / "config.yaml").unlink()
+    for backbone in ("resnet18", "vgg16"):
+        (tmp_path / f"{backbone}.pth").write_bytes(backbone.encode())  # two different files
+        for fold in (0, 1):  # as jobs/train.py saves it: the weights path filled in for its backbone
+            cfg = for_backbone(load_config([f"run_dir={run.root}", "split.folds=2", f"fold={fold}",
+                                            f"model.backbone={backbone}", f"model.pretrained={tmp_path}/{{backbone}}.pth"]))
+            save_config(cfg, run.root / backbone / f"fold{fold}" / "config.yaml")
+    scan = scan_run(run.root)
+    assert len(scan.finished) == 4 and not scan.missing
 
 
 @pytest.mark.timeout(60)

@@ -233,7 +233,7 @@ def test_local_kind_runs_whole_experiment_then_relaunch_does_nothing(tmp_path: P
     assert "0 to submit" in again.stdout and "ensemble done, nothing to do" in again.stdout
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)  # two local jobs at once on 2 cores: slow when the machine is busy
 def test_local_parallel_runs_folds_side_by_side_and_a_failure_spares_the_others(tmp_path: Path) -> None:
     run_dir = tmp_path / "exp"
     args = ["--folds", "2", f"run_dir={run_dir}", "cluster.kind=local", "cluster.local_parallel=2",
@@ -460,8 +460,8 @@ def test_a_done_fold_the_ensemble_left_out_is_named_by_status_and_does_not_resub
     ens = tmp_path / "exp" / "ensemble"
     ens.mkdir()
     reason = "metrics.json says done but its predictions are unreadable: predictions_test.npz: truncated"
-    (ens / "metrics.json").write_text(json.dumps({"finished": [{"backbone": "resnet18", "fold": 1}],
-                                                  "missing": [{"backbone": "resnet18", "fold": 0, "reason": reason}]}))
+    (ens / "metrics.json").write_text(json.dumps({"finished": [{"backbone": "resnet18", "fold": 1}], "missing": [
+        {"backbone": "resnet18", "fold": 0, "reason": reason, "done": True}]}))
     plan = _plan_for(tmp_path, {}, {}, converted=True)
     assert plan.ensemble == "skip" and not plan.submit  # another ensemble job would leave it out again
     cfg, _ = load_launch_config([f"run_dir={tmp_path / 'exp'}", "backbones=[resnet18]"], None, 2)
@@ -472,6 +472,13 @@ def test_a_done_fold_the_ensemble_left_out_is_named_by_status_and_does_not_resub
     os.utime(tmp_path / "exp" / "resnet18" / "fold0" / "metrics.json", (later, later))
     assert "it has finished since: relaunch to ensemble it too" in status(cfg)[0]
     assert _plan_for(tmp_path, {}, {}, converted=True).ensemble == "submit"
+    # Left out as not started, then copied in with its old mtime (cp -a, rsync -a): not covered.
+    (ens / "metrics.json").write_text(json.dumps({"finished": [{"backbone": "resnet18", "fold": 1}], "missing": [
+        {"backbone": "resnet18", "fold": 0, "reason": "not started", "done": False}]}))
+    earlier = ens.stat().st_mtime - 100
+    os.utime(tmp_path / "exp" / "resnet18" / "fold0" / "metrics.json", (earlier, earlier))
+    assert _plan_for(tmp_path, {}, {}, converted=True).ensemble == "submit"
+    assert "not started; it has finished since: relaunch to ensemble it too" in status(cfg)[0]
 
 
 @pytest.mark.timeout(60)
@@ -507,8 +514,14 @@ def test_a_relaunch_with_fewer_backbones_keeps_the_others_in_the_run_and_its_ens
     assert plan.others == {"vgg16/fold0": "6_2", "vgg16/fold1": "6_3"} and plan.ensemble == "submit"
     assert "  keep   vgg16/fold1 (job 6_3; a backbone of the run not in this launch's backbones)" in plan.lines()
     again, _ = load_launch_config([f"run_dir={run_dir}", "backbones=[resnet18]"], None, 2)
-    _prepare_run(again, converted=False)
+    _prepare_run(again, converted=False, running={"vgg16"})
     assert from_yaml_file(run_dir / "config.yaml").backbones == ["resnet18", "vgg16"]  # --status shows both
+    _prepare_run(again, converted=False)  # vgg16 with nothing queued, running or on disk: dropped, as asked
+    assert from_yaml_file(run_dir / "config.yaml").backbones == ["resnet18"]
+    _prepare_run(first, converted=False)
+    (run_dir / "vgg16" / "fold0").mkdir(parents=True)  # one that trained stays until its folder is moved away
+    _prepare_run(again, converted=False)
+    assert from_yaml_file(run_dir / "config.yaml").backbones == ["resnet18", "vgg16"]
     launch_mod.write_jobs(run_dir, jobs)
     monkeypatch.setattr(launch_mod, "query_jobs", lambda ids: infos)
     said: list[str] = []
@@ -654,6 +667,11 @@ def test_status_of_a_local_run_shows_its_conversion_and_ensemble_jobs_failed_or_
     (run_dir / "ensemble").mkdir()
     (run_dir / "ensemble" / "metrics.json").write_text("{}")
     assert "ensemble: job local 77 done" in status(cfg)[0]
+    # Stopped, then run by hand (jobs/ensemble.py): its metrics.json is newer than the record.
+    write_jobs(run_dir, {"kind": "local", "tasks": {}, "ensemble": {**entry, "state": "stopped", "time": 1.0}})
+    assert "ensemble: job local 77 done" in status(cfg)[0]
+    write_jobs(run_dir, {"kind": "local", "tasks": {}, "ensemble": {**entry, "state": "failed", "time": 4e9}})
+    assert "ensemble: job local 77 failed" in status(cfg)[0]  # what is there is older than the failure
 
 
 @pytest.mark.timeout(60)
@@ -663,9 +681,13 @@ def test_status_of_a_run_made_by_hand_shows_its_split_folds_and_its_backbones(tm
     (run_dir / "resnet10t" / "fold1").mkdir(parents=True)  # jobs/train.py by hand: no RUN/config.yaml
     (run_dir / "resnet10t" / "fold1" / "metrics.json").write_text(json.dumps({"status": "done"}))
     (run_dir / "split.json").write_text(json.dumps({"folds": [{}, {}, {}], "test": []}))
+    save_config(load_config([f"run_dir={run_dir}", "model.backbone=resnet10t", "fold=1", "split.folds=3",
+                             "train.epochs=3"]), run_dir / "resnet10t" / "fold1" / "config.yaml")
+    (run_dir / "resnet10t" / "fold1" / "log.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in range(3)))
     cfg, _ = load_launch_config([f"run_dir={run_dir}"], None, None)  # the command line names neither
-    rows = [line.split()[:4] for line in status(cfg)[0].splitlines()[2:5]]
-    assert rows == [["resnet10t", "0", "-", "not"], ["resnet10t", "1", "-", "done"], ["resnet10t", "2", "-", "not"]]
+    rows = [line.split()[:5] for line in status(cfg)[0].splitlines()[2:5]]
+    assert rows == [["resnet10t", "0", "-", "not", "submitted"], ["resnet10t", "1", "-", "done", "3/3"],
+                    ["resnet10t", "2", "-", "not", "submitted"]]
     assert "resnet10t  3" not in status(cfg)[0]
 
 
