@@ -421,14 +421,27 @@ def _matches(out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | Non
         return None
 
 
+def _recorded_files(manifest: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """(file name, manifest key) of what a conversion wrote: the .beton (when there is one) and index.csv."""
+    return ((BETON_NAME, "beton"), (INDEX_NAME, "index")) if manifest["beton"] is not None else ((INDEX_NAME, "index"),)
+
+
+def _size_problem(out_dir: Path, manifest: dict[str, Any]) -> str:
+    """A recorded file missing or not of the size the manifest records ("" when none is)."""
+    for name, key in _recorded_files(manifest):
+        path = out_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != manifest[key]["size"]:
+            return (f"{path} has {path.stat().st_size} bytes but {MANIFEST_NAME} records {manifest[key]['size']} "
+                    "(cut short or replaced)")
+    return ""
+
+
 def _files_intact(out_dir: Path, manifest: dict[str, Any]) -> bool:
     """The .beton (when there is one) and index.csv have the size and sha256 the manifest records."""
-    files = ((BETON_NAME, "beton"), (INDEX_NAME, "index")) if manifest["beton"] is not None else ((INDEX_NAME, "index"),)
-    for name, key in files:
-        path = out_dir / name
-        if path.stat().st_size != manifest[key]["size"] or sha256_file(path) != manifest[key]["sha256"]:
-            return False
-    return True
+    return not _size_problem(out_dir, manifest) and all(
+        sha256_file(out_dir / name) == manifest[key]["sha256"] for name, key in _recorded_files(manifest))
 
 
 def conversion_problem(out_dir: str | Path) -> str:
@@ -436,20 +449,11 @@ def conversion_problem(out_dir: str | Path) -> str:
     index.csv missing or not of the size the manifest records. Sizes only: the sha256 of a full
     .beton (gigabytes) is too slow for every launch; a file cut short or deleted is what happens."""
     try:
-        manifest = read_manifest(out_dir)
-        files = ((BETON_NAME, "beton"), (INDEX_NAME, "index")) if manifest["beton"] is not None else ((INDEX_NAME, "index"),)
-        for name, key in files:
-            path = Path(out_dir) / name
-            if not path.is_file():
-                return f"{path} is missing"
-            if path.stat().st_size != manifest[key]["size"]:
-                return (f"{path} has {path.stat().st_size} bytes but {MANIFEST_NAME} records {manifest[key]['size']} "
-                        "(cut short or replaced)")
+        return _size_problem(Path(out_dir), read_manifest(out_dir))
     except InputError as e:
         return str(e)
     except (OSError, KeyError, TypeError) as e:
         return f"{Path(out_dir) / MANIFEST_NAME}: not a conversion manifest ({e!r})"
-    return ""
 
 
 def kept_without_sources(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str | Path, *,
@@ -856,8 +860,9 @@ def convert(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str
 
     image_sizes = _check_images(plan, workers)
     sizes = Counter(image_sizes)
-    if stretched := stretched_images(plan.paths, image_sizes, _most_common_size(sizes)):
-        w, h = _most_common_size(sizes)
+    usual = _most_common_size(sizes)
+    if stretched := stretched_images(plan.paths, image_sizes, usual):
+        w, h = usual
         rows = [f"{path} ({iw}x{ih}) [{plan.metadata}:{plan.lines[i]}]" for i, path, (iw, ih) in stretched]
         warning = "\n".join([f"{len(rows)} image(s) have another shape than the usual {w}x{h} and are stretched "
                              "to it (crop or pad them to that shape first to keep their proportions):"] + _listed(rows))
