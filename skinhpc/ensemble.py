@@ -36,7 +36,7 @@ import numpy as np
 
 from skinhpc import CLASSES, NUM_CLASSES
 from skinhpc.config import atomic_write_text
-from skinhpc.rundir import finished_metrics, recorded_task_job
+from skinhpc.rundir import finished_metrics, recorded_task_job, run_layout
 
 MAJORITY_CLASS = "nv"
 FULL_HAM10000_MAJORITY_TOP1 = 6705 / 10015
@@ -156,19 +156,10 @@ def _expected_layout(run_dir: Path) -> tuple[list[str], int, Any]:
             backbones, num_folds = list(cfg.backbones), cfg.split.folds
         except Exception as e:  # OmegaConf and validation errors alike: name the file, no traceback
             raise EnsembleError(f"{cfg_path}: {e}") from None
-    split_path = run_dir / "split.json"
-    if split_path.is_file():
-        try:
-            num_folds = max(num_folds, len(json.loads(split_path.read_text())["folds"]))
-        except (ValueError, KeyError, TypeError) as e:
-            raise EnsembleError(f"{split_path}: not a split file ({e})") from None
-    for sub in sorted(run_dir.iterdir()):
-        fold_dirs = list(sub.glob("fold[0-9]*")) if sub.is_dir() else []
-        if fold_dirs and sub.name not in backbones and sub.name != "ensemble":
-            backbones.append(sub.name)
-        for d in fold_dirs:
-            if d.name[4:].isdigit():
-                num_folds = max(num_folds, int(d.name[4:]) + 1)
+    try:
+        backbones, num_folds = run_layout(run_dir, backbones, num_folds)
+    except ValueError as e:
+        raise EnsembleError(str(e)) from None
     return backbones, num_folds, cfg
 
 
@@ -216,11 +207,12 @@ def _not_started(run_dir: Path, task_key: str) -> str:
     return "not started"
 
 
-def _read_fold(backbone: str, fold: int, fold_dir: Path) -> FoldRun | str:
+def _read_fold(run_dir: Path, backbone: str, fold: int) -> FoldRun | str:
     """The finished fold, or the reason it does not count as finished."""
+    fold_dir = run_dir / backbone / f"fold{fold}"
     status_path = fold_dir / "metrics.json"
     if not status_path.is_file():
-        return "not started" if not fold_dir.exists() else "not finished (no metrics.json)"
+        return _not_started(run_dir, f"{backbone}/fold{fold}") if not fold_dir.exists() else "not finished (no metrics.json)"
     try:
         status = json.loads(status_path.read_text())
     except ValueError as e:
@@ -249,9 +241,7 @@ def scan_run(run_dir: str | Path) -> RunScan:
         ref, against = (run_cfg, "the run's config.yaml") if run_cfg is not None else \
             _first_fold_config(run_dir, backbone, num_folds)
         for fold in range(num_folds):
-            result = _read_fold(backbone, fold, run_dir / backbone / f"fold{fold}")
-            if result == "not started":
-                result = _not_started(run_dir, f"{backbone}/fold{fold}")
+            result = _read_fold(run_dir, backbone, fold)
             if isinstance(result, FoldRun) and ref is not None:
                 result = _trained_otherwise(result.dir, ref, against) or result
             if isinstance(result, FoldRun):

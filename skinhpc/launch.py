@@ -67,7 +67,8 @@ from submitit.core.utils import FailedJobError
 from submitit.slurm.slurm import _make_sbatch_string
 
 from skinhpc import REPO_DIR, SAMPLE_METADATA
-from skinhpc.rundir import JOBS_PATH, LOG_NAME, finished_metrics, kept_val_balanced_accuracy, read_json, read_log
+from skinhpc.rundir import (JOBS_PATH, LOG_NAME, finished_metrics, kept_val_balanced_accuracy, read_json, read_log,
+                            run_layout)
 from skinhpc.config import (
     ClusterConfig,
     FILE_KEYS,
@@ -1235,7 +1236,7 @@ def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict
         state = "failed" if state == "completed" else state  # ended without metrics.json
         # Cancelled, ended or being requeued: SLURM tells which once it is no longer COMPLETING.
         state = "completing" if info is not None and info.live and info.slurm_state == "COMPLETING" else state
-        state = "blocked" if dependency_never_satisfied(infos.get(job)) else state  # its conversion failed
+        state = "blocked" if dependency_never_satisfied(info) else state  # its conversion failed
     epoch = f"{max(int(r.get('epoch', 0)) for r in rows) + 1}/{cfg.train.epochs}" if rows else f"0/{cfg.train.epochs}"
     kept = kept_val_balanced_accuracy(rows, metrics, cfg.train.select_metric)
     best = f"{kept:.4f}" if kept is not None else "-"
@@ -1341,13 +1342,14 @@ def _hand_made_layout(cfg: ExperimentConfig) -> ExperimentConfig:
     """A run without config.yaml (its folds trained by hand with jobs/train.py): the folds of its
     split.json and the backbones of its fold folders, not the command line's defaults."""
     run_dir = Path(cfg.run_dir)
-    split = read_json(run_dir / "split.json") or {}
-    folds = split.get("folds") if isinstance(split.get("folds"), list) else None
-    found = sorted({p.parent.name for p in run_dir.glob("*/fold[0-9]*") if p.is_dir() and p.parent.name != "ensemble"})
+    try:
+        found, folds = run_layout(run_dir)
+    except ValueError:  # an unreadable split.json: the ensemble names it
+        return cfg
     if not folds and not found:
         return cfg
     backbones = [*(b for b in cfg.backbones if b in found), *(b for b in found if b not in cfg.backbones)] or cfg.backbones
-    split_cfg = dataclasses.replace(cfg.split, folds=len(folds)) if folds else cfg.split
+    split_cfg = dataclasses.replace(cfg.split, folds=folds) if folds >= 2 else cfg.split  # split.folds >= 2
     train = cfg.train  # epochs and select_metric as the folds were trained, not the defaults
     for path in sorted(run_dir.glob("*/fold[0-9]*/config.yaml")):
         with contextlib.suppress(ConfigError):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 METRICS_NAME = "metrics.json"
 """Written last by a fold's training: its presence with status done means the fold is finished."""
@@ -94,6 +94,27 @@ def kept_val_balanced_accuracy(rows: list[dict[str, Any]], metrics: dict[str, An
         if replaces_best(select_metric, value, best, have_best=kept is not None):
             kept, best = float(row["val_balanced_accuracy"]), value
     return kept
+
+
+def run_layout(run_dir: Path, backbones: Sequence[str] = (), num_folds: int = 0) -> tuple[list[str], int]:
+    """The backbones and fold count of a run directory: those given (its config.yaml's), the fold
+    count raised to its split.json's, and every backbone folder with fold folders on disk added,
+    so that nothing trained is ever ignored. ValueError names an unreadable split.json."""
+    run_dir, backbones = Path(run_dir), list(backbones)
+    split_path = run_dir / "split.json"
+    if split_path.is_file():
+        try:
+            num_folds = max(num_folds, len(json.loads(split_path.read_text())["folds"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{split_path}: not a split file ({e})") from None
+    for sub in sorted(run_dir.iterdir()) if run_dir.is_dir() else []:
+        fold_dirs = list(sub.glob("fold[0-9]*")) if sub.is_dir() else []
+        if fold_dirs and sub.name not in backbones and sub.name != "ensemble":
+            backbones.append(sub.name)
+        for d in fold_dirs:
+            if d.name[4:].isdigit():
+                num_folds = max(num_folds, int(d.name[4:]) + 1)
+    return backbones, num_folds
 
 
 def recorded_task_job(run_dir: Path, task_key: str) -> dict[str, Any]:
