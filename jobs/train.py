@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     from skinhpc.checkpoint import ResumeMismatch
     from skinhpc.config import ConfigError, load_config
     from skinhpc.convert import InputError
-    from skinhpc.distributed import DistributedError
+    from skinhpc.distributed import DistributedError, first_rank
     from skinhpc.load import LoaderError
     from skinhpc.models import ModelFileError, PretrainedWeightsError
     from skinhpc.split import SplitError
@@ -39,23 +39,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C before the training loop (set-up): nothing new to keep
-        if _first_rank():
+        if first_rank():
             print("interrupted before training started; run the same command again to start", file=sys.stderr)
         return 130
-    if result.get("status") in ("preempted", "interrupted") and _first_rank():
+    if result.get("status") in ("preempted", "interrupted") and first_rank():
         print(f"{result['status']} at epoch {result.get('epoch')} step {result.get('step')}: checkpoint saved; "
               "run the same command again to resume", file=sys.stderr)
     return 130 if result.get("status") == "interrupted" else 0
-
-
-def _first_rank() -> bool:
-    """Whether this process says how the run stopped: under torchrun or srun every rank stops
-    alike, and a line per rank would repeat it."""
-    from skinhpc.distributed import DistributedError, read_ranks
-    try:
-        return read_ranks()[0] == 0
-    except DistributedError:
-        return True
 
 
 if __name__ == "__main__":

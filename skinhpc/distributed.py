@@ -79,6 +79,15 @@ def read_ranks() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def first_rank() -> bool:
+    """Whether this process is rank 0 (or alone), before any process group exists: the one that
+    says how a run stopped, where every rank stops alike."""
+    try:
+        return read_ranks()[0] == 0
+    except DistributedError:
+        return True
+
+
 def _slurm_master() -> tuple[str, str]:
     """First host of the SLURM allocation and a port from the job id (same on every task)."""
     nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
