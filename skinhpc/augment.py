@@ -22,13 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from skinhpc.config import AugmentConfig
+from skinhpc.config import AugmentConfig, elastic_grid_points
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop
-_ELASTIC_MAX_GRID = 32  # cap on the control grid of the elastic field (cost, and finer is noise)
 
 
 def batch_generator(seed: int, epoch: int, step: int, rank: int = 0) -> torch.Generator:
@@ -120,7 +119,7 @@ def sample_crop_boxes(gen: torch.Generator, n: int, height: int, width: int,
 
 def elastic_grid_size(cfg: AugmentConfig) -> int:
     """Control points per side of the elastic field: one per ``elastic_sigma`` of the side."""
-    return max(2, min(_ELASTIC_MAX_GRID, math.ceil(1.0 / max(cfg.elastic_sigma, 1e-6)) + 1))
+    return elastic_grid_points(cfg.elastic_sigma)
 
 
 def draw_params(gen: torch.Generator, n: int, height: int, width: int, cfg: AugmentConfig) -> AugmentParams:

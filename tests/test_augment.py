@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from skinhpc.augment import (IMAGENET_MEAN, IMAGENET_STD, apply_params, batch_generator, crop_resize_uint8,
-                             draw_params, eval_transform, normalize, sample_crop_boxes, train_transform)
-from skinhpc.config import AugmentConfig
+from skinhpc.augment import (IMAGENET_MEAN, IMAGENET_STD, _elastic_displacement, apply_params, batch_generator,
+                             crop_resize_uint8, draw_params, eval_transform, normalize, sample_crop_boxes,
+                             train_transform)
+from skinhpc.config import AugmentConfig, ConfigError, max_elastic_alpha
 
 H, W, SIZE, N = 60, 80, 32, 6
 
@@ -43,7 +44,7 @@ ONE_AT_A_TIME = {
     "contrast": dict(contrast=0.5),
     "blur": dict(blur_p=1.0, blur_sigma=[1.0, 2.0]),
     "color_shift": dict(color_shift=0.1),
-    "elastic": dict(elastic_p=1.0, elastic_alpha=0.08, elastic_sigma=0.15),
+    "elastic": dict(elastic_p=1.0, elastic_alpha=0.035, elastic_sigma=0.15),
 }
 
 
@@ -73,6 +74,30 @@ def test_each_augmentation_alone_changes_the_batch_keeps_shape_and_dtype_and_is_
     assert torch.equal(out, again)
     changed = (out - base).abs().flatten(1).amax(1) > 1e-3
     assert bool(changed.all()), f"{name} left samples {(~changed).nonzero().flatten().tolist()} unchanged"
+
+
+def _smallest_jacobian(cfg: AugmentConfig, size: int = 96, n: int = 64) -> float:
+    """The smallest Jacobian determinant of the elastic warp (pixel units) over ``n`` draws."""
+    field = draw_params(batch_generator(3, 0, 0), n, H, W, cfg).elastic_field
+    px = _elastic_displacement(field, size, cfg.elastic_alpha) * (size / 2)
+    dxdx = torch.diff(px[..., 0], dim=2)[:, :-1, :] + 1
+    dxdy = torch.diff(px[..., 0], dim=1)[:, :, :-1]
+    dydx = torch.diff(px[..., 1], dim=2)[:, :-1, :]
+    dydy = torch.diff(px[..., 1], dim=1)[:, :, :-1] + 1
+    return float((dxdx * dydy - dxdy * dydx).min())
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("sigma", [0.04, 0.1, 0.3])
+def test_the_largest_allowed_elastic_distortion_never_folds_the_image(sigma: float) -> None:
+    allowed = AugmentConfig(elastic_sigma=sigma, elastic_alpha=max_elastic_alpha(sigma))
+    assert _smallest_jacobian(allowed) > 0
+    assert _smallest_jacobian(AugmentConfig()) > 0.1  # the defaults
+    # What the check guards against: 2.5 times the limit folds (the old default was 2.6 times).
+    with pytest.raises(ConfigError, match=r"aug.elastic_alpha=.* fold the image over itself.*at most"):
+        AugmentConfig(elastic_sigma=sigma, elastic_alpha=2.5 * max_elastic_alpha(sigma))
+    folding = AugmentConfig(elastic_sigma=sigma, elastic_p=0.0, elastic_alpha=2.5 * max_elastic_alpha(sigma))
+    assert _smallest_jacobian(folding) < 0
 
 
 @pytest.mark.timeout(30)
