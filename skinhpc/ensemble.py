@@ -669,7 +669,8 @@ def _backbone_numbers(folds: list[FoldRun], test_labels: np.ndarray) -> tuple[di
     (every fold model, then the fold ensemble)."""
     per_fold = {f"fold{f.fold}": {"val": metrics_of(f.val.probs, f.val.labels),
                                   "test": metrics_of(f.test.probs, f.test.labels),
-                                  **{k: f.status.get(k) for k in ("best_epoch", "epochs_trained", "epochs", "stopped")}}
+                                  **{k: f.status.get(k) for k in ("best_epoch", "select_metric", "epochs_trained",
+                                                                  "epochs", "stopped")}}
                 for f in folds}
     cv = {"val": aggregate_folds([m["val"] for m in per_fold.values()]),
           "test": aggregate_folds([m["test"] for m in per_fold.values()]),
@@ -679,6 +680,22 @@ def _backbone_numbers(folds: list[FoldRun], test_labels: np.ndarray) -> tuple[di
     entries.append(TestEntry(f"{folds[0].backbone}/ensemble", "backbone_ensemble", ens_probs,
                              metrics_of(ens_probs, test_labels)))
     return per_fold, cv, entries
+
+
+def class_counts(preds: Predictions) -> dict[str, dict[str, int]]:
+    """Images and lesions of each class: how much a per-class number rests on."""
+    return {cls: {"images": int(np.sum(preds.labels == i)),
+                  "lesions": len(np.unique(preds.lesion_ids[preds.labels == i]))} for i, cls in enumerate(CLASSES)}
+
+
+def _absent_classes(folds: list[FoldRun]) -> dict[str, list[str]]:
+    """The classes each fold's validation set lacks (its balanced accuracy and macro AUC average
+    over the others). Every backbone's fold k validates on the same images: one look per fold."""
+    absent: dict[str, list[str]] = {}
+    for f in folds:
+        present = set(np.unique(f.val.labels).tolist())
+        absent.setdefault(f"fold{f.fold}", [c for i, c in enumerate(CLASSES) if i not in present])
+    return {k: v for k, v in sorted(absent.items()) if v}
 
 
 def _oof_ensembles(oof_preds: dict[str, Predictions]) -> tuple[np.ndarray, dict[str, Predictions]]:
@@ -755,6 +772,8 @@ def evaluate_run(scan: RunScan, *, n_boot: int = 1000, seed: int = 0,
         "finished": [{"backbone": f.backbone, "fold": f.fold} for f in scan.finished],
         "missing": scan.missing,
         "n_test": len(test_labels), "n_test_lesions": len(np.unique(test_lesions)),
+        "test_classes": class_counts(scan.finished[0].test),
+        "val_absent_classes": _absent_classes(scan.finished),
         "majority_class": MAJORITY_CLASS,
         "majority_top1_full_ham10000": FULL_HAM10000_MAJORITY_TOP1,
         "per_fold": per_fold,

@@ -119,8 +119,13 @@ def _test_section(results: dict[str, Any]) -> list[str]:
              f"answers \"{results['majority_class']}\" for every image: {fmt('top1', base['top1'])}% top-1 on this "
              f"test set (on the full HAM10000 it scores {results['majority_top1_full_ham10000'] * 100:.2f}% "
              f"top-1) but only {fmt('balanced_accuracy', base['balanced_accuracy'])}% balanced accuracy — "
-             "which is why balanced accuracy leads. Fold models: mean ± std over folds; ensembles: "
-             "value [bootstrap 95% CI over lesions].", ""]
+             "which is why balanced accuracy leads. Fold models: mean ± std over folds (the sample standard "
+             "deviation, n − 1); ensembles: value [bootstrap 95% CI over lesions].", ""]
+    absent = [c for c, n in (results.get("test_classes") or {}).items() if n["images"] == 0]
+    if absent:
+        lines += [f"**No test image of class{'es' if len(absent) > 1 else ''} {', '.join(absent)}**: balanced accuracy and macro AUC average "
+                  f"over the {len(CLASSES) - len(absent)} classes present, so they do not compare with a "
+                  "test set that has all seven.", ""]
     header = ["model"] + [h for _, h in HEADLINE]
     rows = [_test_row(f"majority class (\"{results['majority_class']}\")", results, "majority_nv")]
     for b, agg in results["cv"].items():
@@ -168,6 +173,27 @@ def _paired_section(results: dict[str, Any]) -> list[str]:
             + _table(["comparison"] + [h for _, h in PAIRED] + ["resamples better"], rows) + [""])
 
 
+def _selection_note(results: dict[str, Any]) -> list[str]:
+    """Why these validation numbers lean optimistic: the same fold picked each model's epoch."""
+    chosen = sorted({m.get("select_metric") or "balanced_accuracy" for folds in results["per_fold"].values()
+                     for m in folds.values()} - {"last"})
+    if not chosen:
+        return []
+    return [f"Each fold model kept the epoch with the best validation {' / '.join(c.replace('_', ' ') for c in chosen)} "
+            "(`train.select_metric`) on this same validation fold, so the numbers of this section lean "
+            "optimistic, and so, slightly, do the weights and temperatures fit on them; the test set above "
+            "played no part in any choice. `train.select_metric=last` keeps the last epoch instead.", ""]
+
+
+def _absent_val_note(results: dict[str, Any]) -> list[str]:
+    absent = results.get("val_absent_classes") or {}
+    if not absent:
+        return []
+    return ["**Validation folds without every class** (their balanced accuracy and macro AUC average over "
+            "the classes present): " + "; ".join(f"{fold} has no {', '.join(cls)}" for fold, cls in absent.items())
+            + ".", ""]
+
+
 def _cv_section(results: dict[str, Any]) -> list[str]:
     whole = ("the whole train+val set (every image predicted once, by the fold model that did not train on it)"
              if not results["missing"] else
@@ -178,6 +204,7 @@ def _cv_section(results: dict[str, Any]) -> list[str]:
              + (" The ensembles' OOF rows cover the images every backbone predicted; the weighted ensemble's "
                 "is scored on the images its weights were fit on, so it flatters it."
                 if cross_backbone_names(results) else ""), ""]
+    lines += _selection_note(results) + _absent_val_note(results)
     header = ["backbone"] + [h for _, h in HEADLINE]
     rows = []
     oof = results["oof"]["metrics"]
@@ -194,11 +221,12 @@ def _cv_section(results: dict[str, Any]) -> list[str]:
 
 def _per_class_section(results: dict[str, Any]) -> list[str]:
     names = ensemble_names(results)
-    header = ["class"] + [f"{n} sens. / spec. %" for n in names] + [f"{b} folds: sens. / spec. % (mean ± std)"
-                                                                   for b in results["cv"]]
+    counts = results.get("test_classes") or {}
+    header = (["class"] + (["test images / lesions"] if counts else []) + [f"{n} sens. / spec. %" for n in names]
+              + [f"{b} folds: sens. / spec. % (mean ± std)" for b in results["cv"]])
     rows = []
     for cls in CLASSES:
-        row = [cls]
+        row = [cls] + ([f"{counts[cls]['images']} / {counts[cls]['lesions']}"] if counts else [])
         for n in names:
             m = results["test"][n]
             sens, spec = m["sensitivity"].get(cls), m["specificity"].get(cls)
@@ -208,7 +236,10 @@ def _per_class_section(results: dict[str, Any]) -> list[str]:
             row.append(f"{fmt('sensitivity', mean['sensitivity'][cls], std['sensitivity'][cls])} / "
                        f"{fmt('specificity', mean['specificity'][cls], std['specificity'][cls])}")
         rows.append(row)
-    return ["## Per class on the test set", ""] + _table(header, rows) + [""]
+    return (["## Per class on the test set", "",
+             "Sensitivity (recall) and specificity of each class. A rare class's numbers rest on few lesions "
+             "(second column): one lesion more or less moves them by many points.", ""]
+            + _table(header, rows) + [""])
 
 
 def _temp(t: float) -> str:
@@ -236,7 +267,21 @@ def _calibration_section(results: dict[str, Any]) -> list[str]:
             + (["(bound): the fit stopped at the end of its search interval "
                 f"({TEMPERATURE_BOUNDS[0]}-{TEMPERATURE_BOUNDS[1]:g}): the out-of-fold predictions are nearly "
                 "uninformative (e.g. a model barely trained), and that temperature mostly flattens them.", ""]
-               if any("(bound)" in row[1] for row in rows) else []))
+               if any("(bound)" in row[1] for row in rows) else [])
+            + _worse_after_scaling(results))
+
+
+def _worse_after_scaling(results: dict[str, Any]) -> list[str]:
+    """Name the ensembles whose test calibration the temperature made worse: it was fit on the
+    out-of-fold predictions, and did not carry over to the test set."""
+    worse = [name for name in ensemble_names(results) if (c := results["calibration"].get(name)) is not None
+             and any(c[after] is not None and c[before] is not None and c[after] > c[before]
+                     for before, after in (("ece_before", "ece_after"), ("nll_before", "nll_after")))]
+    if not worse:
+        return []
+    return [f"**Worse after scaling on the test set**: {', '.join(worse)}. The temperature fit on the out-of-fold "
+            "predictions did not carry over; with few out-of-fold images, or models that behave differently "
+            "on their validation folds than on the test set, use the unscaled probabilities.", ""]
 
 
 def _epochs_text(m: dict[str, Any]) -> str:

@@ -865,7 +865,8 @@ class FoldTrainer:
         if best is None or self.tcfg.select_metric != "balanced_accuracy":
             best_metric = val_metrics.get("balanced_accuracy")  # what model_best.pt records
         result = {"status": "done", "backbone": self.cfg.model.backbone, "fold": self.cfg.fold,
-                  "best_epoch": best_epoch, "epochs_trained": st["epoch"], "epochs": self.tcfg.epochs,
+                  "best_epoch": best_epoch, "select_metric": self.tcfg.select_metric,
+                  "epochs_trained": st["epoch"], "epochs": self.tcfg.epochs,
                   "stopped": st["stop_reason"] or None, "world_size": env.world_size,
                   "strategy": self.tcfg.strategy, "val": val_metrics, "test": test_metrics}
         if env.is_main:

@@ -18,9 +18,10 @@ from skinhpc.ensemble import run_ensemble  # noqa: E402
 from skinhpc.report import plot_confusion, plot_curves  # noqa: E402
 from skinhpc.rundir import read_log  # noqa: E402
 
-from test_ensemble import FakeRun, noisy_probs  # noqa: E402
+from test_ensemble import FakeRun, noisy_probs, write_npz  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+K = len(CLASSES)
 
 
 def assert_png(path: Path) -> None:
@@ -202,3 +203,54 @@ def test_fold_table_shows_the_best_epoch_of_those_trained_and_why_a_fold_stopped
     assert "| resnet18 | fold1 | 2 of 2 (time limit; 5 planned) |" in text
     assert "| resnet18 | fold2 | 4 of 4 (early stop; 6 planned) |" in text
     assert "**Stopped by the time limit** (`train.stop_after_min`) before their last epoch: resnet18 fold1 after 2 of 5 epochs." in text
+
+
+def _sharpen(probs: np.ndarray, power: float) -> np.ndarray:
+    p = probs ** power
+    return p / p.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.timeout(180)
+def test_report_says_what_each_number_rests_on_and_where_it_leans(tmp_path):
+    """Class counts beside the per-class numbers, which std, classes a test or validation set lacks,
+    that the validation fold also chose each fold's epoch, and a temperature that did not carry over."""
+    run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=3, n_lesions=150)
+    df, vasc = CLASSES.index("df"), CLASSES.index("vasc")
+    keep_test = run.test_rows[run.labels[run.test_rows] != df]
+    rng = np.random.default_rng(0)
+    val_absent = {}
+    for fold in range(3):
+        v = run.val_rows[fold]
+        if fold == 0:
+            v = v[run.labels[v] != vasc]
+        val_absent[f"fold{fold}"] = [c for i, c in enumerate(CLASSES) if i not in set(run.labels[v])]
+        d = run.write_fold("resnet18", fold, noisy_probs(run.labels[run.val_rows[fold]], 1.0, rng),
+                           noisy_probs(run.labels[run.test_rows], 3.0, rng), select_metric="balanced_accuracy")
+        # overconfident on validation, not on test: the out-of-fold temperature flattens the test set
+        write_npz(d / "predictions_val.npz", _sharpen(noisy_probs(run.labels[v], 1.0, rng), 4.0), run.labels[v], v,
+                  run.lesions[v])
+        write_npz(d / "predictions_test.npz", noisy_probs(run.labels[keep_test], 3.0, rng), run.labels[keep_test],
+                  keep_test, run.lesions[keep_test])
+    results = run_ensemble(run.root, n_boot=0, plots=False)
+    text = (run.root / "ensemble" / "report.md").read_text()
+    nv = run.labels[keep_test] == CLASSES.index("nv")
+    assert results["test_classes"]["nv"] == {"images": int(nv.sum()), "lesions": len(set(run.lesions[keep_test][nv]))}
+    assert results["test_classes"]["df"] == {"images": 0, "lesions": 0}
+    assert f"| nv | {int(nv.sum())} / {len(set(run.lesions[keep_test][nv]))} |" in text
+    assert "the sample standard deviation, n − 1" in text
+    absent = [c for i, c in enumerate(CLASSES) if i not in set(run.labels[keep_test])]
+    assert "df" in absent
+    assert (f"**No test image of class{'es' if len(absent) > 1 else ''} {', '.join(absent)}**: balanced accuracy "
+            f"and macro AUC average over the {K - len(absent)} classes") in text
+    assert "vasc" in val_absent["fold0"]
+    assert results["val_absent_classes"] == {k: v for k, v in val_absent.items() if v}
+    assert f"fold0 has no {', '.join(val_absent['fold0'])}" in text
+    assert "kept the epoch with the best validation balanced accuracy" in text
+    assert "**Worse after scaling on the test set**: resnet18/ensemble." in text
+
+    for fold in range(3):  # the last epoch kept: no choice was made on validation
+        status = json.loads((run.root / "resnet18" / f"fold{fold}" / "metrics.json").read_text())
+        status["select_metric"] = "last"
+        (run.root / "resnet18" / f"fold{fold}" / "metrics.json").write_text(json.dumps(status))
+    run_ensemble(run.root, n_boot=0, plots=False)
+    assert "kept the epoch with the best" not in (run.root / "ensemble" / "report.md").read_text()
