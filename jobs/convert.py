@@ -30,7 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="how FFCV stores pixels (default jpg)")
     parser.add_argument("--jpeg-quality", type=int, default=90, metavar="Q", help="JPEG quality (default 90)")
     parser.add_argument("--workers", type=int, default=0, metavar="N", help="processes; 0 = all cores (default)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.workers < 0:  # as data.convert_workers: 0 is "all cores", a negative count is a typo
+        parser.error(f"--workers must be >= 0 (0 = all cores), not {args.workers}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

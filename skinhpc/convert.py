@@ -26,6 +26,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -662,6 +663,39 @@ def _writer_main(paths: list[Path], labels: list[int], stored_size: list[int], d
     writer.from_indexed_dataset(_BetonSource(paths, labels, stored_size, counter, errors, rows_where), chunksize=chunk)
 
 
+def _dead_children(pid: int) -> int:
+    """How many children of ``pid`` have died unreaped (zombies). FFCV's writer joins its workers
+    only after the last sample, so a worker that died of an exception (a full disk) stays a zombie
+    while the writer waits for it forever. Linux /proc; 0 where it cannot be read."""
+    dead = 0
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return 0
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (command name)"
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and fields[0] == "Z" and fields[1] == str(pid):
+            dead += 1
+    return dead
+
+
+def _writer_failure(dest: Path, page_size: int) -> str:
+    """Why a writer worker may have died: a full disk, said with the numbers, or its own message."""
+    try:
+        free = shutil.disk_usage(dest.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < 2 * page_size:
+        return f"no space left on device writing {dest.name} in {dest.parent} ({free / 2**20:.1f} MiB free)"
+    return "see the worker's error above"
+
+
 def _stop(proc: mp.process.BaseProcess) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # the writer and FFCV's workers
@@ -698,6 +732,9 @@ def _write_beton(plan: _Plan, stored_size: list[int], dest: Path, settings: dict
                 break
             if done != last_done:
                 last_done, last_change = done, time.monotonic()
+            elif time.monotonic() - last_change > 2.0 and _dead_children(proc.pid):
+                raise ConversionError(f"an FFCV writer worker died ({done}/{len(plan.paths)} images): "
+                                      f"{_writer_failure(dest, settings['page_size'])}; stopped the writer")
             elif time.monotonic() - last_change > stall_timeout_s:
                 raise ConversionError(f"the FFCV writer made no progress for {stall_timeout_s:.0f} s"
                                       f" ({done}/{len(plan.paths)} images); stopped it")

@@ -551,3 +551,25 @@ def test_input_error_survives_pickling_as_a_job_result_does() -> None:
     error = InputError([f"a.csv:{line}: bad" for line in range(2, 30)])
     copy = pickle.loads(pickle.dumps(error))
     assert str(copy) == str(error) and copy.problems == error.problems
+
+
+@pytest.mark.timeout(120)
+def test_a_writer_worker_dying_of_a_full_disk_stops_the_conversion_at_once(tmp_path: Path) -> None:
+    """A write past RLIMIT_FSIZE fails with EFBIG as one on a full disk fails with ENOSPC: FFCV's
+    worker dies and its writer would wait for it forever; the conversion must end within seconds."""
+    out = tmp_path / "out"
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+        "import runpy\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script, str(skinhpc.REPO_DIR / "jobs" / "convert.py"), "--images", str(skinhpc.SAMPLE_IMAGES),
+                           "--metadata", str(skinhpc.SAMPLE_METADATA), "--out", str(out), "--workers", "1"],
+                          capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 1, proc.stderr
+    assert "error: an FFCV writer worker died" in proc.stderr and "stopped the writer" in proc.stderr
+    assert time.monotonic() - start < 60  # not the 300 s stall timeout
+    assert not out.exists() or not [p for p in out.iterdir() if p.name != ".lock"]
