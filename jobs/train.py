@@ -28,10 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     from skinhpc.load import LoaderError
     from skinhpc.models import ModelFileError, PretrainedWeightsError
     from skinhpc.split import SplitError
-    from skinhpc.train import train_fold
+    from skinhpc.train import FoldBusy, train_fold
 
     user_errors = (ConfigError, InputError, SplitError, ResumeMismatch, LoaderError, DistributedError,
-                   PretrainedWeightsError, ModelFileError)
+                   PretrainedWeightsError, ModelFileError, FoldBusy)
     try:
         cfg = load_config(args.overrides, args.config)
         result = train_fold(cfg)

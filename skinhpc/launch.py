@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -56,10 +55,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import submitit
 from omegaconf import OmegaConf
@@ -67,8 +66,8 @@ from submitit.core.utils import FailedJobError
 from submitit.slurm.slurm import _make_sbatch_string
 
 from skinhpc import REPO_DIR, SAMPLE_METADATA
-from skinhpc.rundir import (JOBS_PATH, LOG_NAME, finished_metrics, kept_val_balanced_accuracy, read_json, read_log,
-                            run_layout)
+from skinhpc.rundir import (JOBS_PATH, LOG_NAME, TRAIN_LOCK, Busy, exclusive_lock, finished_metrics,
+                            kept_val_balanced_accuracy, lock_holder, read_json, read_log, run_layout)
 from skinhpc.config import (
     ClusterConfig,
     FILE_KEYS,
@@ -429,24 +428,9 @@ def write_jobs(run_dir: Path, jobs: dict[str, Any]) -> None:
     atomic_write_text(launch_dir(run_dir) / JOBS_FILE, json.dumps(jobs, indent=1) + "\n")
 
 
-def _lock_holder(f: IO[str]) -> str:
-    """What the holder of a launch lock wrote in it ("pid N on host")."""
-    f.seek(0)
-    return f.read().strip() or "another process"
-
-
 def running_launch(run_dir: Path) -> str:
     """Who holds the run's launch lock now ("pid N on host"), or "" when no launch is running."""
-    path = launch_dir(run_dir) / LOCK_FILE
-    try:
-        with open(path) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                return ""
-            except BlockingIOError:
-                return _lock_holder(f)
-    except OSError:
-        return ""
+    return lock_holder(launch_dir(run_dir) / LOCK_FILE)
 
 
 def _local_launch_note(run_dir: Path, jobs: dict[str, Any]) -> str:
@@ -463,23 +447,13 @@ def _local_launch_note(run_dir: Path, jobs: dict[str, Any]) -> str:
 def launch_lock(run_dir: Path) -> Iterator[None]:
     """Exclusive, non-blocking lock of the run: a second launch stops instead of double-submitting."""
     path = launch_dir(run_dir) / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
+    with ExitStack() as held:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LaunchError(f"another launch of {run_dir} is in progress ({_lock_holder(f)}, lock {path}); "
+            held.enter_context(exclusive_lock(path))
+        except Busy as e:  # only the taking of the lock: a Busy from the launch itself is its own
+            raise LaunchError(f"another launch of {run_dir} is in progress ({e}, lock {path}); "
                               "nothing submitted — check with --status when it is done") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.seek(0)
-            f.truncate()
-            fcntl.flock(f, fcntl.LOCK_UN)
+        yield
 
 
 def task_done(run_dir: Path, task: Task) -> bool:
@@ -828,6 +802,10 @@ def make_plan(cfg: ExperimentConfig, kind: str, jobs: dict[str, Any], infos: dic
         job = jobs["tasks"].get(t.key, {}).get("job_id", "")
         if task_done(run_dir, t):
             plan.done.append(t)
+        elif kind != "slurm" and (holder := lock_holder(t.dir(run_dir) / TRAIN_LOCK)):
+            # Not SLURM's: a process here, e.g. the task of a local launch that was killed, trains it.
+            raise LaunchError(f"{t.backbone} fold {t.fold} is being trained by {holder} ({t.dir(run_dir)}); wait "
+                              "for it to end or stop it, then launch again")
         elif alive(job):
             plan.active[t.key] = job
         else:
@@ -1226,10 +1204,11 @@ def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict
         job = f"local {entry['local_job']}"
     if metrics is not None:
         state = "done"
-    elif entry.get("local_job"):
-        state = _local_state(entry, False, local_launch_running)
-    elif not job:
-        state = "started" if rows else "not submitted"
+    elif entry.get("local_job") or not job:
+        state = (_local_state(entry, False, local_launch_running) if entry.get("local_job")
+                 else "started" if rows else "not submitted")
+        # A local task whose launch was killed goes on training: its fold's lock says so.
+        state = "running" if lock_holder(t.dir(run_dir) / TRAIN_LOCK) else state
     else:
         info = infos.get(job)
         state = job_state(info)

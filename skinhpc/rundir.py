@@ -5,8 +5,12 @@ import it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,6 +20,56 @@ LOG_NAME = "log.jsonl"
 """One JSON object per finished epoch."""
 JOBS_PATH = Path("launch") / "jobs.json"
 """The launcher's record of a run's jobs, relative to the run directory (``launch.read_jobs``)."""
+TRAIN_LOCK = ".train.lock"
+"""In a fold's folder: locked by the process training the fold (``exclusive_lock``)."""
+
+
+class Busy(RuntimeError):
+    """Another process holds the lock; the message is what it wrote in it ("pid N on host")."""
+
+
+def lock_holder(path: Path) -> str:
+    """Who holds the lock on ``path`` now ("pid N on host"), or "" when nobody does."""
+    try:
+        with open(path) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return ""
+            except BlockingIOError:
+                f.seek(0)
+                return f.read().strip() or "another process"
+    except OSError:
+        return ""
+
+
+@contextmanager
+def exclusive_lock(path: Path, required: bool = True) -> Iterator[None]:
+    """Hold an exclusive, non-blocking flock on ``path`` for the block, with "pid N on host" in the
+    file; raise ``Busy`` when another process holds it. The kernel releases it when the holder
+    dies, however it dies, so a killed holder never blocks the next try. ``required=False``: where
+    the filesystem refuses locks (some network filesystems), go on unlocked."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise Busy(f.read().strip() or "another process") from None
+        except OSError:
+            if required:
+                raise
+            yield
+            return
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -71,8 +71,8 @@ from skinhpc.config import (INPUTS_NAME, ConfigError, ExperimentConfig, TrainCon
                             mixed_config_refusal, pretrained_source, read_deepspeed_file, read_saved_config,
                             run_config_changes, save_config)
 from skinhpc.distributed import DistEnv
-from skinhpc.rundir import (LOG_NAME, METRICS_NAME, finished_metrics, metric_value, read_log, replaces_best,
-                             selected_key)
+from skinhpc.rundir import (LOG_NAME, METRICS_NAME, TRAIN_LOCK, Busy, exclusive_lock, finished_metrics, metric_value,
+                             read_log, replaces_best, selected_key)
 
 PREEMPT_ENV = "SKINHPC_TEST_PREEMPT_AT_STEP"
 PREEMPT_SIGNAL_ENV = "SKINHPC_TEST_PREEMPT_SIGNAL"
@@ -123,7 +123,8 @@ def train_fold(cfg: ExperimentConfig) -> dict:
     env = distributed.setup(cfg.train.device, cfg.train.strategy)
     clean = False
     try:
-        result = FoldTrainer(cfg, env, out).run()
+        with _fold_lock(out) if env.is_main else contextlib.nullcontext():
+            result = FoldTrainer(cfg, env, out).run()
         clean = True
         return result
     except SystemExit:
@@ -137,6 +138,25 @@ def train_fold(cfg: ExperimentConfig) -> dict:
 
 
 # --------------------------------------------------------------------------- small pieces
+
+class FoldBusy(RuntimeError):
+    """Another process is training this fold now."""
+
+
+@contextlib.contextmanager
+def _fold_lock(out: Path) -> Iterator[None]:
+    """Two processes training one fold would write the same checkpoints and log lines: the second
+    stops. Held by rank 0 (the others write nothing of their own there); released by the kernel
+    when the holder dies, so a killed job never blocks its requeue. Filesystems without locks: none."""
+    lock = out / TRAIN_LOCK
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(exclusive_lock(lock, required=False))
+        except Busy as e:
+            raise FoldBusy(f"{out} is being trained by another process ({e}, lock {lock}): wait for it to end "
+                           "or stop it, then run again") from None
+        yield
+
 
 def _log_to_stdout() -> None:
     """skinhpc's log lines (e.g. which pretrained tensors were loaded) into the job's output, as

@@ -27,7 +27,7 @@ from skinhpc.config import ConfigError, ExperimentConfig, SplitConfig, TrainConf
 from skinhpc.convert import read_index
 from skinhpc.split import SPLIT_NAME
 from skinhpc.models import backbone_and_head_params, create_model
-from skinhpc.rundir import read_log, replaces_best
+from skinhpc.rundir import TRAIN_LOCK, exclusive_lock, lock_holder, read_log, replaces_best
 from skinhpc.train import (KILL_ENV, PREEMPT_ENV, PREEMPT_SIGNAL_ENV, FoldTrainer, PreemptionFlag, class_weights, fold_dir, lr_at, make_criterion,
                            time_box_reached, train_accuracies, train_fold, upgrade_loop_state)
 
@@ -226,6 +226,23 @@ def test_preempted_mid_epoch_run_resumes_bit_identical(tmp_path: Path, data_dir:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
+def test_a_second_process_training_the_same_fold_is_refused_naming_the_first(tmp_path: Path, data_dir: Path) -> None:
+    """Two trainers of one fold would interleave their checkpoints and log lines (a local launch's
+    task goes on training after its launch is killed; a relaunch would start a second)."""
+    from skinhpc.train import FoldBusy
+    write_tiny_split(tmp_path, data_dir)
+    lock = tmp_path / "resnet18" / "fold0" / TRAIN_LOCK
+    with exclusive_lock(lock):  # what the first trainer holds while it trains
+        with pytest.raises(FoldBusy, match=rf"fold0 is being trained by another process \(pid {os.getpid()} on "):
+            train_fold(load_config(overrides(tmp_path, data_dir, "train.epochs=1")))
+        assert lock_holder(lock).startswith(f"pid {os.getpid()} on ")
+    assert not (tmp_path / "resnet18" / "fold0" / "log.jsonl").exists()
+    assert lock_holder(lock) == ""  # released with its holder; the fold then trains as usual
+    train_fold(load_config(overrides(tmp_path, data_dir, "train.epochs=1", "train.max_steps_per_epoch=1")))
+    assert (tmp_path / "resnet18" / "fold0" / "metrics.json").is_file() and lock_holder(lock) == ""
+
+
 def test_a_fold_of_a_launched_run_trained_by_hand_with_other_settings_is_refused(tmp_path: Path,
                                                                                 data_dir: Path) -> None:
     write_tiny_split(tmp_path, data_dir)
