@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--reference: the name {name!r} is given twice")
         references[name] = path
 
+    from skinhpc.config import os_error_text
     from skinhpc.ensemble import EnsembleError, run_ensemble, summary
     try:
         results = run_ensemble(args.run_dir, n_boot=args.n_boot, seed=args.seed, plots=not args.no_plots,
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except EnsembleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. a full disk or a read-only run directory
+        print(f"error: {os_error_text(e)}", file=sys.stderr)
+        return 1
     print(summary(results))
     return 0
 

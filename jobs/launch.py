@@ -13,7 +13,7 @@ slurm/NAME.yaml; cluster.kind=auto|slurm|local|debug. See skinhpc/launch.py.
 import argparse
 import sys
 
-from skinhpc.config import ConfigError
+from skinhpc.config import ConfigError, os_error_text
 from skinhpc.launch import LaunchError, cancel, launch, load_launch_config, status
 
 
@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # SplitError, InputError (convert): user errors with file and row
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the run directory cannot be written (read-only, a file, a full disk)
+        print(f"error: {os_error_text(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # cluster.kind=local waits for its tasks: Ctrl-C lands here
         print("interrupted: finished folds and checkpoints are kept; rerun the same command to resume",
               file=sys.stderr)

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     args = parser.parse_args(argv)
 
+    from skinhpc.config import os_error_text
     from skinhpc.models import ModelFileError
     from skinhpc.predict import PredictError, run_predict
     try:
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PredictError, ModelFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # --out cannot be written (a full disk): an earlier file there is intact
+        print(f"error: {os_error_text(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # --out is written at the end, in one rename: an earlier one is intact
         print("interrupted: nothing was written", file=sys.stderr)
         return 130

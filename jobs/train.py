@@ -6,7 +6,8 @@
 
 Exit codes: 0 finished (or already finished), 0 after a preemption signal once the checkpoint is
 saved (rerun the same command to resume), 130 after Ctrl-C (the checkpoint of the step it stopped at
-is saved once training has started), 2 for a configuration or input error.
+is saved once training has started), 2 for a configuration or input error (or another process training the
+fold), 1 when a file cannot be written (a full disk: the newest complete checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_intermixed_args(argv)  # --config may come after key=value overrides
 
     from skinhpc.checkpoint import ResumeMismatch
-    from skinhpc.config import ConfigError, load_config
+    from skinhpc.config import ConfigError, load_config, os_error_text
     from skinhpc.convert import InputError
     from skinhpc.distributed import DistributedError, first_rank
     from skinhpc.load import LoaderError
@@ -38,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk or a read-only run directory: said, not a traceback
+        print(f"error: {os_error_text(e)}; what was saved before is kept (the newest complete checkpoint): "
+              "fix it and run the same command again to resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C before the training loop (set-up): nothing new to keep
         if first_rank():
             print("interrupted before training started; run the same command again to start", file=sys.stderr)

@@ -21,6 +21,7 @@ flipped bit, which ``torch.load`` reads without complaint) is skipped with a war
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -30,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -105,10 +106,39 @@ def _rank_file(rank: int) -> str:
 
 
 def _torch_save(obj: Any, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except RuntimeError as e:  # torch's writer wraps a full disk's OSError in "unexpected pos ..."
+        cause = _os_error_in(e)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(path)) from e
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+    """The OSError among an exception's causes, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _removed_on_failure(tmp: Path, remove: bool = True) -> Iterator[None]:
+    """A checkpoint that failed half-way (a full disk) leaves no temporary folder behind
+    (``remove``: on rank 0, which made it)."""
+    try:
+        yield
+    except OSError:
+        if remove:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _torch_load(path: Path) -> Any:
@@ -203,22 +233,25 @@ def save_checkpoint(ckpt_dir: str | Path, epoch: int, step: int, *, env: DistEnv
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     distributed.barrier(env)
-    if engine is not None:
-        engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={"train_state": train_state}, save_latest=False)
-    elif env.is_main:
-        assert model is not None and optimizer is not None
-        _torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict() if scaler is not None else None,
-                     "train_state": train_state}, tmp / STATE)
-    _torch_save({"rng": rng_state(env.device), "local": rank_state or {}}, tmp / _rank_file(env.rank))
-    distributed.barrier(env)
+    with _removed_on_failure(tmp, env.is_main):
+        if engine is not None:
+            engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={"train_state": train_state},
+                                   save_latest=False)
+        elif env.is_main:
+            assert model is not None and optimizer is not None
+            _torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict() if scaler is not None else None,
+                         "train_state": train_state}, tmp / STATE)
+        _torch_save({"rng": rng_state(env.device), "local": rank_state or {}}, tmp / _rank_file(env.rank))
+        distributed.barrier(env)
+        if env.is_main:
+            meta = {"tag": tag, "epoch": epoch, "step": step, "global_step": train_state.get("global_step"),
+                    "world_size": env.world_size, "strategy": "deepspeed" if engine is not None else "ddp",
+                    "resume_keys": resume_keys, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    **_file_record(tmp)}
+            atomic_write_text(tmp / META, json.dumps(meta, indent=1) + "\n")
+            _swap_in(tmp, final)
     if env.is_main:
-        meta = {"tag": tag, "epoch": epoch, "step": step, "global_step": train_state.get("global_step"),
-                "world_size": env.world_size, "strategy": "deepspeed" if engine is not None else "ddp",
-                "resume_keys": resume_keys, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                **_file_record(tmp)}
-        atomic_write_text(tmp / META, json.dumps(meta, indent=1) + "\n")
-        _swap_in(tmp, final)
         prune(ckpt_dir, keep_last)
     distributed.barrier(env)
     return final
@@ -241,8 +274,9 @@ def save_best(ckpt_dir: str | Path, state_dict: dict, meta: dict) -> None:
     tmp = ckpt_dir / f".tmp-{BEST}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    _torch_save(state_dict, tmp / "model.pt")
-    atomic_write_text(tmp / META, json.dumps({**meta, **_file_record(tmp)}, indent=1) + "\n")
+    with _removed_on_failure(tmp):
+        _torch_save(state_dict, tmp / "model.pt")
+        atomic_write_text(tmp / META, json.dumps({**meta, **_file_record(tmp)}, indent=1) + "\n")
     _swap_in(tmp, ckpt_dir / BEST)
 
 

@@ -653,7 +653,16 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # e.g. a read-only filesystem: the error that matters is the one raised above
+            pass
+
+
+def os_error_text(e: OSError) -> str:
+    """An OSError as "PATH: reason", as the jobs print it instead of a traceback."""
+    reason = e.strerror or str(e)
+    return f"{e.filename}: {reason}" if e.filename is not None else reason
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -269,6 +269,8 @@ def _check_out(out: str | Path) -> None:
         raise PredictError(f"--out {out}: is a folder; give a file name")
     if not out.parent.is_dir():
         raise PredictError(f"--out {out}: folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):  # before the models run (a read-only filesystem says so even to root)
+        raise PredictError(f"--out {out}: folder {out.parent} cannot be written")
 
 
 def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, tta: bool | None = None,

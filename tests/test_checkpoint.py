@@ -3,6 +3,7 @@ checkpoint, pruning, and refusing a resume whose settings changed."""
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 from pathlib import Path
@@ -183,3 +184,28 @@ def test_saving_the_same_position_twice_replaces_the_folder(tmp_path: Path) -> N
     info, _ = load_latest(tmp_path, env=ENV, resume_keys=KEYS, model=model2, optimizer=opt2)
     assert info.path.name == "e001-s000000"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e001-s000000"]
+
+
+@pytest.mark.timeout(60)
+def test_a_checkpoint_that_fills_the_disk_leaves_no_half_folder_and_the_earlier_one_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, opt = make_objects()
+    save(tmp_path, model, opt, 0, 3)
+
+    def full_disk(obj, f) -> None:  # as torch's zip writer reports ENOSPC: wrapped in its own error
+        f.write(b"x" * 100)
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 100 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        save(tmp_path, model, opt, 1, 0)
+    assert caught.value.errno == errno.ENOSPC and ".tmp-e001-s000000" in caught.value.filename
+    with pytest.raises(OSError, match="No space left on device"):
+        checkpoint.save_best(tmp_path, model.state_dict(), {"epoch": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e000-s000003"]  # nothing half-written
+    monkeypatch.undo()
+    info, _ = load_latest(tmp_path, env=ENV, resume_keys=KEYS, model=model, optimizer=opt)
+    assert (info.epoch, info.step) == (0, 3)

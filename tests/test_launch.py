@@ -889,3 +889,31 @@ def test_a_relative_weights_file_is_made_absolute_for_jobs_started_elsewhere(tmp
     assert cfg.model.pretrained == str(tmp_path / "weights" / "r.pth")
     for flag in ("true", "false"):
         assert absolute_paths(load_config([f"model.pretrained={flag}"])).model.pretrained.lower() == flag
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("job, target, argv", [
+    ("train", "skinhpc.train.train_fold", ["run_dir=x"]),
+    ("ensemble", "skinhpc.ensemble.run_ensemble", ["RUN"]),
+    ("predict", "skinhpc.predict.run_predict", ["--run", "RUN", "a.jpg"]),
+    ("launch", "launch", ["--folds", "2"]),
+])
+def test_every_job_says_a_failed_write_in_one_line_and_exits_1(job: str, target: str, argv: list[str],
+                                                               monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A full disk or a read-only run directory: the path and the system's reason, no traceback."""
+    import importlib
+    import runpy
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", "/full/RUN/ensemble/.report.md.tmp-1")
+
+    main = runpy.run_path(str(REPO_DIR / "jobs" / f"{job}.py"))["main"]
+    if "." in target:  # imported inside main() when it runs
+        module, name = target.rsplit(".", 1)
+        monkeypatch.setattr(importlib.import_module(module), name, full_disk)
+    else:  # imported at the top of the job's file
+        monkeypatch.setitem(main.__globals__, target, full_disk)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: /full/RUN/ensemble/.report.md.tmp-1: No space left on device")
+    assert "Traceback" not in err
