@@ -65,7 +65,7 @@ from omegaconf import OmegaConf
 from submitit.core.utils import FailedJobError
 from submitit.slurm.slurm import _make_sbatch_string
 
-from skinhpc import REPO_DIR, SAMPLE_METADATA
+from skinhpc import PROFILE_DIR, REPO_DIR, SAMPLE_METADATA
 from skinhpc.rundir import (JOBS_PATH, LOG_NAME, TRAIN_LOCK, Busy, exclusive_lock, finished_metrics,
                             kept_val_balanced_accuracy, lock_holder, read_json, read_log, run_layout)
 from skinhpc.config import (
@@ -95,7 +95,6 @@ FAIL_ENV = "SKINHPC_TEST_FAIL_TASKS"
 LAUNCH_DIR = JOBS_PATH.parent.name
 JOBS_FILE = JOBS_PATH.name
 LOCK_FILE = "lock"
-PROFILE_DIR = REPO_DIR / "slurm"
 ACTIVE = ("pending", "running", "requeued")
 # SLURM states (squeue/sacct) → the launcher's words.
 _RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING"}

@@ -1,9 +1,12 @@
 """The one config mechanism: defaults < configs/default.yaml < preset < file < key=value."""
 
+import os
 import re
+from pathlib import Path
 
 import pytest
 
+from skinhpc import REPO_DIR
 from skinhpc.config import ConfigError, ExperimentConfig, diff_keys, from_yaml_file, load_config, save_config
 
 
@@ -154,3 +157,32 @@ def test_the_deepspeed_config_is_no_preset_and_says_where_it_goes() -> None:
     with pytest.raises(ConfigError, match=r"configs/deepspeed\.yaml is no preset but a DeepSpeed config: pass it "
                                           r"as train\.deepspeed\.config=configs/deepspeed\.yaml"):
         load_config(["preset=deepspeed"])
+
+
+@pytest.mark.timeout(300)
+def test_an_installed_wheel_finds_its_presets_and_cluster_profiles_without_the_clone(tmp_path: Path) -> None:
+    """jobs/ run with a pip-installed skinhpc (not editable) read configs/ and slurm/ from the wheel."""
+    import subprocess
+    import sys
+    import zipfile
+
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "wheel"), str(REPO_DIR)], capture_output=True, text=True, timeout=240)
+    assert build.returncode == 0, build.stderr
+    wheel = next((tmp_path / "wheel").glob("skinhpc-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"skinhpc/configs/default.yaml", "skinhpc/configs/sample.yaml", "skinhpc/slurm/local.yaml"} <= set(names)
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")  # what pip install puts in site-packages
+    probe = ("import skinhpc\n"
+             "from skinhpc.config import load_config, preset_names\n"
+             "from skinhpc.launch import profile_path\n"
+             "print(skinhpc.__file__)\n"
+             "print(load_config(['preset=sample']).model.image_size, preset_names())\n"
+             "print(profile_path('local'))\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith(str(tmp_path / "site"))  # the installed copy, not the clone
+    assert "sample" in lines[1] and lines[2] == str(tmp_path / "site" / "skinhpc" / "slurm" / "local.yaml")
