@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -805,15 +808,41 @@ def run_ensemble(run_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, plot
     results, arrays = evaluate_run(scan, n_boot=n_boot, seed=seed, references=refs)
     results["references"] = {f"reference/{name}": str(Path(path).absolute()) for name, path in (references or {}).items()}
     out_dir = Path(run_dir) / "ensemble"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results["plots"] = report.make_plots(results, arrays, scan, out_dir) if plots else []
-    atomic_write_text(out_dir / "report.md", report.markdown(results))
-    atomic_write_text(out_dir / "metrics.json", json.dumps(results, indent=1, allow_nan=False) + "\n")
-    # Figures of an earlier ensemble of this run (a backbone since dropped, --no-plots now) would
-    # sit beside numbers they no longer show.
-    for stale in set(out_dir.glob("*.png")) - {out_dir / name for name in results["plots"]}:
-        stale.unlink(missing_ok=True)
+    _recover(out_dir)
+    new_dir = out_dir.with_name(f".ensemble.tmp-{os.getpid()}")
+    shutil.rmtree(new_dir, ignore_errors=True)
+    new_dir.mkdir()
+    try:
+        results["plots"] = report.make_plots(results, arrays, scan, new_dir) if plots else []
+        atomic_write_text(new_dir / "report.md", report.markdown(results))
+        atomic_write_text(new_dir / "metrics.json", json.dumps(results, indent=1, allow_nan=False) + "\n")
+        _swap_in_dir(new_dir, out_dir)
+    finally:
+        shutil.rmtree(new_dir, ignore_errors=True)
     return results
+
+
+def _swap_in_dir(new_dir: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` with ``new_dir`` as a whole: the figures, report.md and metrics.json of
+    one ensemble never sit beside another's (an earlier run's figures of a backbone since dropped,
+    or the new figures of a run killed before its metrics.json)."""
+    old = out_dir.with_name(f".ensemble.old-{os.getpid()}")
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(new_dir, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover(out_dir: Path) -> None:
+    """After an ensemble killed between the two renames of ``_swap_in_dir``: its earlier outputs
+    back in place; temporary folders of killed ensembles removed (those older than an hour: a
+    younger one may be another ensemble's, still writing)."""
+    leftovers = sorted(out_dir.parent.glob(".ensemble.old-*"), key=lambda p: p.stat().st_mtime)
+    if leftovers and not out_dir.exists():
+        os.replace(leftovers.pop(), out_dir)
+    for stale in leftovers + list(out_dir.parent.glob(".ensemble.tmp-*")):
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def summary(results: dict[str, Any]) -> str:

@@ -254,3 +254,36 @@ def test_report_says_what_each_number_rests_on_and_where_it_leans(tmp_path):
         (run.root / "resnet18" / f"fold{fold}" / "metrics.json").write_text(json.dumps(status))
     run_ensemble(run.root, n_boot=0, plots=False)
     assert "kept the epoch with the best" not in (run.root / "ensemble" / "report.md").read_text()
+
+
+@pytest.mark.timeout(180)
+def test_an_ensemble_that_fails_half_way_leaves_the_earlier_outputs_whole(tmp_path, monkeypatch):
+    """Figures, report.md and metrics.json are replaced together, or not at all."""
+    import os
+    import time
+
+    from skinhpc import report
+    run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=2, n_lesions=120)
+    run.fill({"resnet18": 2.0})
+    run_ensemble(run.root, n_boot=10, plots=True)
+    out = run.root / "ensemble"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def killed(results):  # fails after the figures were drawn, before report.md and metrics.json
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "markdown", killed)
+    with pytest.raises(OSError):
+        run_ensemble(run.root, n_boot=20, plots=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in run.root.iterdir() if p.name.startswith(".ensemble")) == []
+    monkeypatch.undo()
+
+    # Killed between the two renames: the earlier outputs come back; an old temporary folder goes.
+    os.replace(out, run.root / ".ensemble.old-4242")
+    stale = run.root / ".ensemble.tmp-4243"
+    stale.mkdir()
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    assert run_ensemble(run.root, n_boot=10, plots=False)["plots"] == []
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "report.md"]
+    assert not [p for p in run.root.iterdir() if p.name.startswith(".ensemble")]
