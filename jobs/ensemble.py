@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", action="append", default=[], metavar="NAME=FILE",
                         help="test predictions (predictions_test.npz) of an outside model to compare with; repeatable")
     args = parser.parse_args(argv)
+    if args.n_boot < 0:
+        parser.error(f"--n-boot must be >= 0 (0: no intervals), not {args.n_boot}")
     references = {}
     for item in args.reference:
         name, sep, path = item.partition("=")

@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     args = parser.parse_args(argv)
+    if args.batch_size < 1:  # said before the models are loaded
+        parser.error(f"--batch-size must be >= 1, not {args.batch_size}")
 
     from skinhpc.config import os_error_text
     from skinhpc.models import ModelFileError

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from skinhpc import CLASSES
-from skinhpc.config import ModelConfig, atomic_write, backbone_weights, pretrained_source
+from skinhpc.config import ConfigError, ModelConfig, atomic_write, backbone_weights, pretrained_source
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _build(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
         return VGG16GAP(num_classes, model_cfg.gap_filters, model_cfg.drop_rate)
     why = unknown_backbone(model_cfg.backbone)
     if why:
-        raise ValueError(why)
+        raise ConfigError(why)
     return timm.create_model(model_cfg.backbone, pretrained=False, num_classes=num_classes,
                              drop_rate=model_cfg.drop_rate, **_size_kwargs(model_cfg))
 
@@ -194,7 +194,7 @@ def _create_from_hub(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
     name = model_cfg.backbone
     hub = HUB_NAME.get(name, name)
     if not timm.is_model(hub):
-        raise ValueError(f"model.backbone={name!r} is neither a timm model nor vgg16_gap")
+        raise ConfigError(unknown_backbone(hub) or f"model.backbone={name!r} is neither a timm model nor vgg16_gap")
     if not timm.models.is_model_pretrained(hub):
         raise PretrainedWeightsError(f"timm has no pretrained weights for {hub!r}; use model.pretrained=false "
                                      f"or a local weights file")

@@ -104,6 +104,9 @@ def train_fold(cfg: ExperimentConfig) -> dict:
     _log_to_stdout()
     cfg = absolute_paths(for_backbone(cfg))  # the fold's config.yaml names its own weights file, absolute
     out = fold_dir(cfg)
+    from skinhpc.models import unknown_backbone
+    if why := unknown_backbone(cfg.model.backbone):  # before anything is written for it
+        raise ConfigError(why)
     conflicts = fold_config_conflicts(out, cfg)
     if conflicts:
         raise ConfigError(conflicts)

@@ -476,6 +476,10 @@ def test_a_reference_of_another_test_set_is_refused_with_its_file_named(tmp_path
     proc = subprocess.run([sys.executable, str(REPO_DIR / "jobs" / "ensemble.py"), str(run.root), "--reference",
                            str(short)], capture_output=True, text=True, timeout=50)
     assert proc.returncode == 2 and "expected NAME=FILE" in proc.stderr
+    table = tmp_path / "reference.csv"  # e.g. predict's CSV instead of a training's .npz
+    table.write_text("image,akiec\nx.jpg,0.1\n")
+    with pytest.raises(EnsembleError, match=r"reference.csv: not a prediction file \(an .npz as training writes"):
+        run_ensemble(run.root, n_boot=0, plots=False, references={"x": table})
 
 
 @pytest.mark.timeout(60)

@@ -460,6 +460,10 @@ def test_train_job_reports_a_config_error_without_traceback(tmp_path: Path) -> N
     assert res.returncode == 2
     assert "error: train.precision=fp16 is not supported" in res.stderr
     assert "Traceback" not in res.stderr
+    res = run_job([f"run_dir={tmp_path / 'typo'}", "model.backbone=resnet1888"], timeout=100)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "error: model.backbone='resnet1888' is neither a timm model nor vgg16_gap. Similar timm names:" in res.stderr
+    assert not (tmp_path / "typo").exists()  # nothing written for it (split.json, fold folder)
 
 
 @pytest.mark.timeout(30)
