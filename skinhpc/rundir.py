@@ -58,6 +58,10 @@ def exclusive_lock(path: Path, required: bool = True) -> Iterator[None]:
         except OSError:
             if required:
                 raise
+            locked = False
+        else:
+            locked = True
+        if not locked:
             yield
             return
         f.seek(0)
