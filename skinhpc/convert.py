@@ -663,10 +663,12 @@ def _writer_main(paths: list[Path], labels: list[int], stored_size: list[int], d
     writer.from_indexed_dataset(_BetonSource(paths, labels, stored_size, counter, errors, rows_where), chunksize=chunk)
 
 
-def _dead_children(pid: int) -> int:
-    """How many children of ``pid`` have died unreaped (zombies). FFCV's writer joins its workers
-    only after the last sample, so a worker that died of an exception (a full disk) stays a zombie
-    while the writer waits for it forever. Linux /proc; 0 where it cannot be read."""
+def _failed_children(pid: int) -> int:
+    """How many children of ``pid`` have ended unreaped (zombies) with a failure. FFCV's writer
+    never joins its workers: one that died of an exception (a full disk) stays a zombie while the
+    writer waits for its samples forever, and so does one that finished its share, which is why
+    the exit code (field 52 of /proc/PID/stat, in waitpid's form: 0 for a clean exit) is read.
+    Linux /proc; 0 where it cannot be read."""
     dead = 0
     try:
         entries = os.listdir("/proc")
@@ -680,7 +682,8 @@ def _dead_children(pid: int) -> int:
                 fields = f.read().rsplit(")", 1)[1].split()  # after "pid (command name)"
         except (OSError, IndexError):
             continue
-        if len(fields) > 1 and fields[0] == "Z" and fields[1] == str(pid):
+        # fields[0] is field 3 of stat (the state), fields[1] field 4 (the parent), fields[49] field 52.
+        if len(fields) > 49 and fields[0] == "Z" and fields[1] == str(pid) and fields[49] != "0":
             dead += 1
     return dead
 
@@ -732,7 +735,7 @@ def _write_beton(plan: _Plan, stored_size: list[int], dest: Path, settings: dict
                 break
             if done != last_done:
                 last_done, last_change = done, time.monotonic()
-            elif time.monotonic() - last_change > 2.0 and _dead_children(proc.pid):
+            elif time.monotonic() - last_change > 2.0 and _failed_children(proc.pid):
                 raise ConversionError(f"an FFCV writer worker died ({done}/{len(plan.paths)} images): "
                                       f"{_writer_failure(dest, settings['page_size'])}; stopped the writer")
             elif time.monotonic() - last_change > stall_timeout_s:

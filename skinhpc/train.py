@@ -521,6 +521,8 @@ class FoldTrainer:
             # (config.yaml holds their names only, and a file can be replaced under its name).
             atomic_write_text(out / INPUTS_NAME, json.dumps(input_file_digests(self.cfg), indent=1) + "\n")
         self._open_logs()
+        if warning := self.cfg.aug.folding_warning():
+            _say(warning, env)
         self._t0 = time.monotonic()  # train.stop_after_min counts this job's training, not its set-up
         self._first_epoch = self.state["epoch"]
         self.flag.install()

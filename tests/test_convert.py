@@ -573,3 +573,26 @@ def test_a_writer_worker_dying_of_a_full_disk_stops_the_conversion_at_once(tmp_p
     assert "error: an FFCV writer worker died" in proc.stderr and "stopped the writer" in proc.stderr
     assert time.monotonic() - start < 60  # not the 300 s stall timeout
     assert not out.exists() or not [p for p in out.iterdir() if p.name != ".lock"]
+
+
+@pytest.mark.timeout(30)
+def test_only_a_writer_worker_that_failed_counts_as_dead_not_one_that_finished_its_share() -> None:
+    """FFCV never joins its workers: one that finished cleanly stays a zombie until the end, and a
+    slow final flush must not read as a crash."""
+    from skinhpc.convert import _failed_children
+    clean = os.fork()
+    if clean == 0:
+        os._exit(0)
+    failed = os.fork()
+    if failed == 0:
+        os._exit(3)
+    try:
+        deadline = time.monotonic() + 10
+        while _failed_children(os.getpid()) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # the clean one has surely ended too
+        assert _failed_children(os.getpid()) == 1
+    finally:
+        os.waitpid(clean, 0)
+        os.waitpid(failed, 0)
+    assert _failed_children(os.getpid()) == 0
