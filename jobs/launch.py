@@ -15,6 +15,7 @@ import sys
 
 from skinhpc.config import ConfigError, os_error_text
 from skinhpc.launch import LaunchError, cancel, launch, load_launch_config, status
+from skinhpc.rundir import Busy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         for note in notes:
             print(note)
         launch(cfg, dry_run=args.dry_run)
-    except (ConfigError, LaunchError) as e:
+    except (ConfigError, LaunchError, Busy) as e:  # Busy: a fold another process trains (debug launch)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # SplitError, InputError (convert): user errors with file and row

@@ -66,8 +66,8 @@ from submitit.core.utils import FailedJobError
 from submitit.slurm.slurm import _make_sbatch_string
 
 from skinhpc import PROFILE_DIR, REPO_DIR, SAMPLE_METADATA
-from skinhpc.rundir import (JOBS_PATH, LOG_NAME, TRAIN_LOCK, Busy, exclusive_lock, finished_metrics,
-                            kept_val_balanced_accuracy, lock_holder, read_json, read_log, run_layout)
+from skinhpc.rundir import (JOBS_PATH, LOG_NAME, Busy, exclusive_lock, finished_metrics, kept_val_balanced_accuracy,
+                            lock_holder, read_json, read_log, run_layout, train_lock)
 from skinhpc.config import (
     ClusterConfig,
     FILE_KEYS,
@@ -806,7 +806,7 @@ def make_plan(cfg: ExperimentConfig, kind: str, jobs: dict[str, Any], infos: dic
         job = jobs["tasks"].get(t.key, {}).get("job_id", "")
         if task_done(run_dir, t):
             plan.done.append(t)
-        elif kind != "slurm" and (holder := lock_holder(t.dir(run_dir) / TRAIN_LOCK)):
+        elif kind != "slurm" and (holder := lock_holder(train_lock(run_dir, t.backbone, t.fold))):
             # Not SLURM's: a process here, e.g. the task of a local launch that was killed, trains it.
             raise LaunchError(f"{t.backbone} fold {t.fold} is being trained by {holder} ({t.dir(run_dir)}); wait "
                               "for it to end or stop it, then launch again")
@@ -1212,7 +1212,7 @@ def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict
         state = (_local_state(entry, False, local_launch_running) if entry.get("local_job")
                  else "started" if rows else "not submitted")
         # A local task whose launch was killed goes on training: its fold's lock says so.
-        state = "running" if lock_holder(t.dir(run_dir) / TRAIN_LOCK) else state
+        state = "running" if lock_holder(train_lock(run_dir, t.backbone, t.fold)) else state
     else:
         info = infos.get(job)
         state = job_state(info)

@@ -9,6 +9,7 @@ import fcntl
 import json
 import math
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,8 +21,14 @@ LOG_NAME = "log.jsonl"
 """One JSON object per finished epoch."""
 JOBS_PATH = Path("launch") / "jobs.json"
 """The launcher's record of a run's jobs, relative to the run directory (``launch.read_jobs``)."""
-TRAIN_LOCK = ".train.lock"
-"""In a fold's folder: locked by the process training the fold (``exclusive_lock``)."""
+LOCKS_DIR = ".locks"
+"""In the run directory: the lock files of the folds being trained (``train_lock``)."""
+
+
+def train_lock(run_dir: Path, backbone: str, fold: int) -> Path:
+    """The lock file of a fold, held by the process training it (``exclusive_lock``). Beside the
+    fold folders, not inside: a trainer that fails during set-up leaves no fold folder behind."""
+    return Path(run_dir) / LOCKS_DIR / f"{backbone}.fold{fold}.lock"
 
 
 class Busy(RuntimeError):
@@ -42,16 +49,31 @@ def lock_holder(path: Path) -> str:
         return ""
 
 
+def _flock_soon(f: Any, patience_s: float) -> None:
+    """LOCK_EX within ``patience_s``: a ``lock_holder`` look holds the lock for microseconds, and
+    must not turn a trainer or launch away. BlockingIOError when it stays held."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
 @contextmanager
-def exclusive_lock(path: Path, required: bool = True) -> Iterator[None]:
-    """Hold an exclusive, non-blocking flock on ``path`` for the block, with "pid N on host" in the
-    file; raise ``Busy`` when another process holds it. The kernel releases it when the holder
-    dies, however it dies, so a killed holder never blocks the next try. ``required=False``: where
-    the filesystem refuses locks (some network filesystems), go on unlocked."""
+def exclusive_lock(path: Path, required: bool = True, patience_s: float = 0.5) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` for the block, with "pid N on host" in the file; raise
+    ``Busy`` when another process still holds it after ``patience_s``. The kernel releases it when
+    the holder dies, however it dies, so a killed holder never blocks the next try (on a network
+    filesystem, once the server notices). ``required=False``: where the filesystem refuses locks,
+    go on unlocked."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_soon(f, patience_s)
         except BlockingIOError:
             f.seek(0)
             raise Busy(f.read().strip() or "another process") from None

@@ -71,8 +71,8 @@ from skinhpc.config import (INPUTS_NAME, ConfigError, ExperimentConfig, TrainCon
                             mixed_config_refusal, pretrained_source, read_deepspeed_file, read_saved_config,
                             run_config_changes, save_config)
 from skinhpc.distributed import DistEnv
-from skinhpc.rundir import (LOG_NAME, METRICS_NAME, TRAIN_LOCK, Busy, exclusive_lock, finished_metrics, metric_value,
-                             read_log, replaces_best, selected_key)
+from skinhpc.rundir import (LOG_NAME, METRICS_NAME, Busy, exclusive_lock, finished_metrics, metric_value, read_log,
+                             replaces_best, selected_key, train_lock)
 
 PREEMPT_ENV = "SKINHPC_TEST_PREEMPT_AT_STEP"
 PREEMPT_SIGNAL_ENV = "SKINHPC_TEST_PREEMPT_SIGNAL"
@@ -126,7 +126,17 @@ def train_fold(cfg: ExperimentConfig) -> dict:
     env = distributed.setup(cfg.train.device, cfg.train.strategy)
     clean = False
     try:
-        with _fold_lock(out) if env.is_main else contextlib.nullcontext():
+        with contextlib.ExitStack() as held:
+            # Rank 0 takes the fold's lock and tells every rank what follows: they all stop, or
+            # all return the metrics of a fold another process finished meanwhile, or all train.
+            code, why = (_take_fold_lock(held, cfg, out) if env.is_main else (_GO, ""))
+            code = distributed.max_int(env, code)
+            if code == _BUSY:
+                raise FoldBusy(why or f"{out} is being trained by another process (rank 0 says which)")
+            if code == _DONE:
+                _say(f"{out}: finished by another process meanwhile (metrics.json); nothing to do", env)
+                clean = True
+                return finished_metrics(out) or {"status": "done"}
             result = FoldTrainer(cfg, env, out).run()
         clean = True
         return result
@@ -142,23 +152,40 @@ def train_fold(cfg: ExperimentConfig) -> dict:
 
 # --------------------------------------------------------------------------- small pieces
 
-class FoldBusy(RuntimeError):
+class FoldBusy(Busy):
     """Another process is training this fold now."""
 
 
-@contextlib.contextmanager
-def _fold_lock(out: Path) -> Iterator[None]:
-    """Two processes training one fold would write the same checkpoints and log lines: the second
-    stops. Held by rank 0 (the others write nothing of their own there); released by the kernel
-    when the holder dies, so a killed job never blocks its requeue. Filesystems without locks: none."""
-    lock = out / TRAIN_LOCK
-    with contextlib.ExitStack() as held:
+_GO, _DONE, _BUSY = 0, 1, 2  # what rank 0 found when it took the fold's lock (the largest wins)
+STALE_LOCK_WAIT_S = 180.0
+"""How long a lock held from another host is waited for. A node that died keeps its locks on a
+network filesystem until the server notices (NFSv4: a 90 s lease): its requeued job, started on
+another node, must not fail for that."""
+
+
+def _take_fold_lock(held: contextlib.ExitStack, cfg: ExperimentConfig, out: Path) -> tuple[int, str]:
+    """Rank 0: lock the fold for this process (two trainers of one fold would write the same
+    checkpoints and log lines) and say what follows: (_GO, ""), (_DONE, "") when the fold was
+    finished by the process that held the lock before, or (_BUSY, why). A holder on this host is
+    alive (the kernel releases a dead one's lock); one on another host is waited for up to
+    ``STALE_LOCK_WAIT_S``, then taken for a dead node's and training goes on without the lock."""
+    lock = train_lock(Path(cfg.run_dir), cfg.model.backbone, cfg.fold)
+    host, deadline = os.uname().nodename, time.monotonic() + STALE_LOCK_WAIT_S
+    while True:
         try:
             held.enter_context(exclusive_lock(lock, required=False))
+            break
         except Busy as e:
-            raise FoldBusy(f"{out} is being trained by another process ({e}, lock {lock}): wait for it to end "
-                           "or stop it, then run again") from None
-        yield
+            holder = str(e)
+            if holder.endswith(f" on {host}") or holder == "another process":
+                return _BUSY, (f"{out} is being trained by another process ({holder}, lock {lock}): wait for it "
+                               "to end or stop it, then run again")
+            if time.monotonic() >= deadline:
+                _say(f"WARNING: {lock} is still held by {holder} after {STALE_LOCK_WAIT_S:.0f} s; taken for a "
+                     "lock a failed node left on the network filesystem: training without it")
+                break
+            time.sleep(5.0)
+    return (_DONE, "") if finished_metrics(out) is not None else (_GO, "")
 
 
 def _log_to_stdout() -> None:

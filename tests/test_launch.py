@@ -685,14 +685,14 @@ def test_folds_given_twice_must_agree() -> None:
 def test_a_fold_still_trained_after_its_local_launch_was_killed_shows_running_and_blocks_a_relaunch(
         tmp_path: Path) -> None:
     from skinhpc.launch import LaunchError, make_plan, status, write_jobs
-    from skinhpc.rundir import TRAIN_LOCK, exclusive_lock
+    from skinhpc.rundir import exclusive_lock, train_lock
     run_dir = tmp_path / "exp"
     cfg, _ = load_launch_config([f"run_dir={run_dir}", "backbones=[resnet18]"], None, 2)
     # The launch was killed (no launch lock) while fold 1's task ran: the record still says running.
     tasks = {"resnet18/fold1": {"local_job": "77", "log": "/x/77.out", "err": "/x/77.err", "state": "running"}}
     write_jobs(run_dir, {"kind": "local", "tasks": tasks})
     assert re.search(r"resnet18 +1 +local 77 +stopped", status(cfg)[0])
-    with exclusive_lock(run_dir / "resnet18" / "fold1" / TRAIN_LOCK):  # its task, still training
+    with exclusive_lock(train_lock(run_dir, "resnet18", 1)):  # its task, still training
         assert re.search(r"resnet18 +1 +local 77 +running", status(cfg)[0])
         with pytest.raises(LaunchError, match=rf"resnet18 fold 1 is being trained by pid {os.getpid()} on "):
             make_plan(cfg, "local", {"tasks": tasks}, {})

@@ -8,6 +8,7 @@ Runs on a tiny fold of the converted bundled sample: the test writes the run's s
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from skinhpc.config import ConfigError, ExperimentConfig, SplitConfig, TrainConf
 from skinhpc.convert import read_index
 from skinhpc.split import SPLIT_NAME
 from skinhpc.models import backbone_and_head_params, create_model
-from skinhpc.rundir import TRAIN_LOCK, exclusive_lock, lock_holder, read_log, replaces_best
+from skinhpc.rundir import exclusive_lock, lock_holder, read_log, replaces_best, train_lock
 from skinhpc.train import (KILL_ENV, PREEMPT_ENV, PREEMPT_SIGNAL_ENV, FoldTrainer, PreemptionFlag, class_weights, fold_dir, lr_at, make_criterion,
                            time_box_reached, train_accuracies, train_fold, upgrade_loop_state)
 
@@ -225,24 +226,43 @@ def test_preempted_mid_epoch_run_resumes_bit_identical(tmp_path: Path, data_dir:
     assert_same_run(uninterrupted, out)
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.timeout(120)
-def test_a_second_process_training_the_same_fold_is_refused_naming_the_first(tmp_path: Path, data_dir: Path) -> None:
+@pytest.mark.timeout(180)
+def test_a_second_process_training_the_same_fold_is_refused_naming_the_first(tmp_path: Path, data_dir: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Two trainers of one fold would interleave their checkpoints and log lines (a local launch's
     task goes on training after its launch is killed; a relaunch would start a second)."""
+    import skinhpc.train as train_module
     from skinhpc.train import FoldBusy
     write_tiny_split(tmp_path, data_dir)
-    lock = tmp_path / "resnet18" / "fold0" / TRAIN_LOCK
+    lock = train_lock(tmp_path, "resnet18", 0)
     with exclusive_lock(lock):  # what the first trainer holds while it trains
         with pytest.raises(FoldBusy, match=rf"fold0 is being trained by another process \(pid {os.getpid()} on "):
             train_fold(load_config(overrides(tmp_path, data_dir, "train.epochs=1")))
         assert lock_holder(lock).startswith(f"pid {os.getpid()} on ")
-    assert not (tmp_path / "resnet18" / "fold0" / "log.jsonl").exists()
+        # Every rank stops, not only rank 0, which holds the answer (DDP, two processes).
+        res = run_job(overrides(tmp_path, data_dir, "train.epochs=1"), nproc=2, timeout=150)
+        assert res.returncode != 0 and "is being trained by another process (pid" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "resnet18").exists()  # a refused trainer leaves no fold folder
     assert lock_holder(lock) == ""  # released with its holder; the fold then trains as usual
-    train_fold(load_config(overrides(tmp_path, data_dir, "train.epochs=1", "train.max_steps_per_epoch=1")))
+
+    # A lock another host holds (a node that died, on a network filesystem) is waited for, then passed.
+    monkeypatch.setattr(train_module, "STALE_LOCK_WAIT_S", 0.0)
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write("pid 4242 on a-node-that-died\n")
+        f.flush()
+        train_fold(load_config(overrides(tmp_path, data_dir, "train.epochs=1", "train.max_steps_per_epoch=1")))
     assert (tmp_path / "resnet18" / "fold0" / "metrics.json").is_file() and lock_holder(lock) == ""
 
+    # Finished by the lock's holder between this trainer's first look and its lock: nothing to do.
+    done = (tmp_path / "resnet18" / "fold0" / "metrics.json").read_text()
+    looks = iter([None])
+    monkeypatch.setattr(train_module, "finished_metrics", lambda out: next(looks, json.loads(done)))
+    assert train_fold(load_config(overrides(tmp_path, data_dir, "train.epochs=1", "train.max_steps_per_epoch=1"))) \
+        == json.loads(done)
 
+
+@pytest.mark.timeout(60)
 def test_a_fold_of_a_launched_run_trained_by_hand_with_other_settings_is_refused(tmp_path: Path,
                                                                                 data_dir: Path) -> None:
     write_tiny_split(tmp_path, data_dir)
