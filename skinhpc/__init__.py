@@ -13,7 +13,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 # Presets and cluster profiles: the clone's top-level folders, or their copies inside an installed
 # wheel (pyproject.toml maps configs/ and slurm/ to skinhpc/configs and skinhpc/slurm).
-_IN_REPO = (REPO_DIR / "configs" / "default.yaml").is_file()
+_IN_REPO = (REPO_DIR / "jobs" / "launch.py").is_file() and (REPO_DIR / "configs" / "default.yaml").is_file()
 CONFIG_DIR = REPO_DIR / "configs" if _IN_REPO else PACKAGE_DIR / "configs"
 PROFILE_DIR = REPO_DIR / "slurm" if _IN_REPO else PACKAGE_DIR / "slurm"
 SAMPLE_DIR = PACKAGE_DIR / "sample"

@@ -659,6 +659,10 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e  # a failed write() names no file: name it
     finally:
         try:
             tmp.unlink(missing_ok=True)

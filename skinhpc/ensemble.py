@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import yaml
 
 from skinhpc import CLASSES, NUM_CLASSES
 from skinhpc.config import atomic_write_text
@@ -672,8 +673,8 @@ def _backbone_numbers(folds: list[FoldRun], test_labels: np.ndarray) -> tuple[di
     (every fold model, then the fold ensemble)."""
     per_fold = {f"fold{f.fold}": {"val": metrics_of(f.val.probs, f.val.labels),
                                   "test": metrics_of(f.test.probs, f.test.labels),
-                                  **{k: f.status.get(k) for k in ("best_epoch", "select_metric", "epochs_trained",
-                                                                  "epochs", "stopped")}}
+                                  **{k: f.status.get(k) for k in ("best_epoch", "epochs_trained", "epochs", "stopped")},
+                                  "select_metric": _select_metric(f)}
                 for f in folds}
     cv = {"val": aggregate_folds([m["val"] for m in per_fold.values()]),
           "test": aggregate_folds([m["test"] for m in per_fold.values()]),
@@ -683,6 +684,17 @@ def _backbone_numbers(folds: list[FoldRun], test_labels: np.ndarray) -> tuple[di
     entries.append(TestEntry(f"{folds[0].backbone}/ensemble", "backbone_ensemble", ens_probs,
                              metrics_of(ens_probs, test_labels)))
     return per_fold, cv, entries
+
+
+def _select_metric(fold: FoldRun) -> str | None:
+    """How the fold chose the epoch it kept: its metrics.json says (since it records it), else its
+    config.yaml; None when neither can be read."""
+    if fold.status.get("select_metric"):
+        return fold.status["select_metric"]
+    try:
+        return (yaml.safe_load((fold.dir / "config.yaml").read_text()) or {})["train"]["select_metric"]
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return None
 
 
 def class_counts(preds: Predictions) -> dict[str, dict[str, int]]:
@@ -809,7 +821,7 @@ def run_ensemble(run_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, plot
     results["references"] = {f"reference/{name}": str(Path(path).absolute()) for name, path in (references or {}).items()}
     out_dir = Path(run_dir) / "ensemble"
     _recover(out_dir)
-    new_dir = out_dir.with_name(f".ensemble.tmp-{os.getpid()}")
+    new_dir = out_dir.with_name(f".ensemble.tmp-{_me()}")
     shutil.rmtree(new_dir, ignore_errors=True)
     new_dir.mkdir()
     try:
@@ -822,27 +834,53 @@ def run_ensemble(run_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, plot
     return results
 
 
+def _me() -> str:
+    """This process, in temporary names: host and pid (ensembles may run on several nodes)."""
+    return f"{os.uname().nodename}-{os.getpid()}"
+
+
+def _is_output(path: Path) -> bool:
+    return path.name in ("metrics.json", "report.md") or path.suffix == ".png"
+
+
 def _swap_in_dir(new_dir: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` with ``new_dir`` as a whole: the figures, report.md and metrics.json of
-    one ensemble never sit beside another's (an earlier run's figures of a backbone since dropped,
-    or the new figures of a run killed before its metrics.json)."""
-    old = out_dir.with_name(f".ensemble.old-{os.getpid()}")
+    """Replace the ensemble's outputs in ``out_dir`` with those in ``new_dir`` as a whole: the
+    figures, report.md and metrics.json of one ensemble never sit beside another's (an earlier
+    run's figures of a backbone since dropped, or the new figures of a run killed before its
+    metrics.json). Anything else a user put in ``out_dir`` moves along."""
+    old = out_dir.with_name(f".ensemble.old-{_me()}")
     if out_dir.exists():
         os.replace(out_dir, old)
     os.replace(new_dir, out_dir)
+    _carry_over(old, out_dir)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _recover(out_dir: Path) -> None:
+def _carry_over(old: Path, out_dir: Path) -> None:
+    """Move what is not an ensemble output (a user's notes) from ``old`` into ``out_dir``."""
+    for other in old.iterdir() if old.is_dir() else []:
+        if not _is_output(other) and not (out_dir / other.name).exists():
+            os.replace(other, out_dir / other.name)
+
+
+def _recover(out_dir: Path, now: float | None = None) -> None:
     """After an ensemble killed between the two renames of ``_swap_in_dir``: its earlier outputs
-    back in place; temporary folders of killed ensembles removed (those older than an hour: a
-    younger one may be another ensemble's, still writing)."""
-    leftovers = sorted(out_dir.parent.glob(".ensemble.old-*"), key=lambda p: p.stat().st_mtime)
-    if leftovers and not out_dir.exists():
-        os.replace(leftovers.pop(), out_dir)
-    for stale in leftovers + list(out_dir.parent.glob(".ensemble.tmp-*")):
-        if time.time() - stale.stat().st_mtime > 3600:
-            shutil.rmtree(stale, ignore_errors=True)
+    back in place. Only folders older than a minute count as left by a killed ensemble (a younger
+    one may be another ensemble's between its renames); temporary folders older than an hour go."""
+    now = time.time() if now is None else now
+    def age(p: Path) -> float:
+        try:
+            return now - p.stat().st_mtime
+        except OSError:  # removed meanwhile by the ensemble it belongs to
+            return 0.0
+    olds = sorted((p for p in out_dir.parent.glob(".ensemble.old-*") if age(p) > 60), key=age)
+    if olds and not out_dir.exists():
+        os.replace(olds.pop(0), out_dir)  # the youngest: the outputs of the last ensemble
+    for stale in olds:
+        _carry_over(stale, out_dir)
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in (p for p in out_dir.parent.glob(".ensemble.tmp-*") if age(p) > 3600):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def summary(results: dict[str, Any]) -> str:

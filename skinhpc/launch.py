@@ -141,8 +141,8 @@ def load_launch_config(overrides: list[str], config_file: str | None = None,
     ``folds`` is the ``--folds K`` shorthand for ``split.folds=K``. No data configured → the sample
     preset (load_config applies it); the notes say so.
     """
-    given = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "split.folds"]
-    if folds is not None and any(value != str(folds) for value in given):
+    given = [o.split("=", 1)[1].strip() for o in overrides if "=" in o and o.split("=", 1)[0].strip() == "split.folds"]
+    if folds is not None and any(value.lstrip("0") != str(folds).lstrip("0") for value in given):
         raise ConfigError(f"--folds {folds} and split.folds={given[-1]} disagree: give one of them")
     overrides = list(overrides) + ([f"split.folds={folds}"] if folds is not None else [])
     cfg = load_config(overrides, config_file)

@@ -175,8 +175,10 @@ def _paired_section(results: dict[str, Any]) -> list[str]:
 
 def _selection_note(results: dict[str, Any]) -> list[str]:
     """Why these validation numbers lean optimistic: the same fold picked each model's epoch."""
+    # Unknown (a fold from before select_metric was recorded, its config gone): the default. One
+    # epoch trained: nothing to choose from.
     chosen = sorted({m.get("select_metric") or "balanced_accuracy" for folds in results["per_fold"].values()
-                     for m in folds.values()} - {"last"})
+                     for m in folds.values() if (m.get("epochs_trained") or 2) > 1} - {"last"})
     if not chosen:
         return []
     return [f"Each fold model kept the epoch with the best validation {' / '.join(c.replace('_', ' ') for c in chosen)} "
@@ -274,12 +276,16 @@ def _calibration_section(results: dict[str, Any]) -> list[str]:
 def _worse_after_scaling(results: dict[str, Any]) -> list[str]:
     """Name the ensembles whose test calibration the temperature made worse: it was fit on the
     out-of-fold predictions, and did not carry over to the test set."""
-    worse = [name for name in ensemble_names(results) if (c := results["calibration"].get(name)) is not None
-             and any(c[after] is not None and c[before] is not None and c[after] > c[before]
-                     for before, after in (("ece_before", "ece_after"), ("nll_before", "nll_after")))]
+    worse = []
+    for name in ensemble_names(results):
+        c = results["calibration"].get(name) or {}
+        what = [label for label, before, after in (("ECE", "ece_before", "ece_after"), ("NLL", "nll_before", "nll_after"))
+                if c.get(after) is not None and c.get(before) is not None and c[after] > c[before]]
+        if what:
+            worse.append(f"{name} ({' and '.join(what)})")
     if not worse:
         return []
-    return [f"**Worse after scaling on the test set**: {', '.join(worse)}. The temperature fit on the out-of-fold "
+    return [f"**Worse after scaling on the test set**: {'; '.join(worse)}. The temperature fit on the out-of-fold "
             "predictions did not carry over; with few out-of-fold images, or models that behave differently "
             "on their validation folds than on the test set, use the unscaled probabilities.", ""]
 

@@ -186,3 +186,18 @@ def test_an_installed_wheel_finds_its_presets_and_cluster_profiles_without_the_c
     lines = out.stdout.splitlines()
     assert lines[0].startswith(str(tmp_path / "site"))  # the installed copy, not the clone
     assert "sample" in lines[1] and lines[2] == str(tmp_path / "site" / "skinhpc" / "slurm" / "local.yaml")
+
+
+def test_a_failed_atomic_write_names_its_file_and_leaves_the_earlier_one(tmp_path: Path) -> None:
+    from skinhpc.config import atomic_write, atomic_write_text, os_error_text
+    target = tmp_path / "metrics.json"
+    atomic_write_text(target, "earlier")
+
+    def full_disk(f) -> None:
+        f.write(b"half")
+        raise OSError(28, "No space left on device")  # as write() raises it: no file name
+
+    with pytest.raises(OSError) as caught:
+        atomic_write(target, full_disk)
+    assert os_error_text(caught.value) == f"{target}: No space left on device"
+    assert target.read_text() == "earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]

@@ -677,8 +677,11 @@ def test_status_of_a_local_run_shows_its_conversion_and_ensemble_jobs_failed_or_
 @pytest.mark.timeout(60)
 def test_folds_given_twice_must_agree() -> None:
     assert load_launch_config(["split.folds=3"], None, 3)[0].split.folds == 3
+    assert load_launch_config(["split.folds=03"], None, 3)[0].split.folds == 3
     with pytest.raises(ConfigError, match=r"--folds 2 and split.folds=3 disagree"):
         load_launch_config(["split.folds=3"], None, 2)
+    with pytest.raises(ConfigError, match=r"not key=value"):  # not an IndexError
+        load_launch_config(["split.folds"], None, 2)
 
 
 @pytest.mark.timeout(60)

@@ -246,13 +246,24 @@ def test_report_says_what_each_number_rests_on_and_where_it_leans(tmp_path):
     assert results["val_absent_classes"] == {k: v for k, v in val_absent.items() if v}
     assert f"fold0 has no {', '.join(val_absent['fold0'])}" in text
     assert "kept the epoch with the best validation balanced accuracy" in text
-    assert "**Worse after scaling on the test set**: resnet18/ensemble." in text
+    assert "**Worse after scaling on the test set**: resnet18/ensemble (ECE and NLL)." in text
 
     for fold in range(3):  # the last epoch kept: no choice was made on validation
         status = json.loads((run.root / "resnet18" / f"fold{fold}" / "metrics.json").read_text())
         status["select_metric"] = "last"
         (run.root / "resnet18" / f"fold{fold}" / "metrics.json").write_text(json.dumps(status))
     run_ensemble(run.root, n_boot=0, plots=False)
+    assert "kept the epoch with the best" not in (run.root / "ensemble" / "report.md").read_text()
+    from skinhpc.config import load_config, save_config
+    cfg = load_config([f"run_dir={run.root}", "backbones=[resnet18]", "split.folds=3", "train.select_metric=last"])
+    save_config(cfg, run.root / "config.yaml")
+    for fold in range(3):  # a fold from before metrics.json recorded it: its config.yaml says
+        d = run.root / "resnet18" / f"fold{fold}"
+        status = json.loads((d / "metrics.json").read_text())
+        del status["select_metric"]
+        (d / "metrics.json").write_text(json.dumps(status))
+        save_config(cfg, d / "config.yaml")
+    assert run_ensemble(run.root, n_boot=0, plots=False)["per_fold"]["resnet18"]["fold0"]["select_metric"] == "last"
     assert "kept the epoch with the best" not in (run.root / "ensemble" / "report.md").read_text()
 
 
@@ -279,11 +290,16 @@ def test_an_ensemble_that_fails_half_way_leaves_the_earlier_outputs_whole(tmp_pa
     assert sorted(p.name for p in run.root.iterdir() if p.name.startswith(".ensemble")) == []
     monkeypatch.undo()
 
-    # Killed between the two renames: the earlier outputs come back; an old temporary folder goes.
-    os.replace(out, run.root / ".ensemble.old-4242")
-    stale = run.root / ".ensemble.tmp-4243"
+    # Killed between the two renames: the earlier outputs come back, with a user's notes; an old
+    # temporary folder goes; a young one may be another ensemble's at work, and stays.
+    (out / "notes.txt").write_text("mine")
+    os.replace(out, run.root / ".ensemble.old-node1-4242")
+    hour_ago = time.time() - 3700
+    os.utime(run.root / ".ensemble.old-node1-4242", (hour_ago, hour_ago))
+    stale, young = run.root / ".ensemble.tmp-node1-4243", run.root / ".ensemble.tmp-node2-4244"
     stale.mkdir()
-    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    young.mkdir()
+    os.utime(stale, (hour_ago, hour_ago))
     assert run_ensemble(run.root, n_boot=10, plots=False)["plots"] == []
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "report.md"]
-    assert not [p for p in run.root.iterdir() if p.name.startswith(".ensemble")]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "notes.txt", "report.md"]
+    assert [p.name for p in run.root.iterdir() if p.name.startswith(".ensemble")] == [young.name]
