@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk or a read-only run directory: said, not a traceback
-        print(f"error: {os_error_text(e)}; once fixed, the same command resumes from the newest complete "
-              "checkpoint", file=sys.stderr)
+        print(f"error: {os_error_text(e)}; once fixed, run the same command again (it resumes from the newest "
+              "complete checkpoint, if there is one)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C before the training loop (set-up): nothing new to keep
         if first_rank():

@@ -660,7 +660,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        if e.filename is not None:
+        if e.filename is not None or e.errno is None:
             raise
         raise OSError(e.errno, e.strerror, str(path)) from e  # a failed write() names no file: name it
     finally:

@@ -840,7 +840,9 @@ def _me() -> str:
 
 
 def _is_output(path: Path) -> bool:
-    return path.name in ("metrics.json", "report.md") or path.suffix == ".png"
+    """One of the files an ensemble writes (report.make_plots' figures among them)."""
+    return path.name in ("metrics.json", "report.md") or (
+        path.suffix == ".png" and path.name.startswith(("confusion_", "roc_", "reliability_", "curves_")))
 
 
 def _swap_in_dir(new_dir: Path, out_dir: Path) -> None:
@@ -866,20 +868,30 @@ def _carry_over(old: Path, out_dir: Path) -> None:
 def _recover(out_dir: Path, now: float | None = None) -> None:
     """After an ensemble killed between the two renames of ``_swap_in_dir``: its earlier outputs
     back in place. Only folders older than a minute count as left by a killed ensemble (a younger
-    one may be another ensemble's between its renames); temporary folders older than an hour go."""
+    one may be another ensemble's between its renames); temporary folders older than an hour go.
+    Ages are from st_ctime: a rename leaves a folder's mtime as it was, and changes its ctime."""
     now = time.time() if now is None else now
-    def age(p: Path) -> float:
-        try:
-            return now - p.stat().st_mtime
-        except OSError:  # removed meanwhile by the ensemble it belongs to
-            return 0.0
-    olds = sorted((p for p in out_dir.parent.glob(".ensemble.old-*") if age(p) > 60), key=age)
+
+    def aged(pattern: str, older_than: float) -> list[Path]:
+        """The folders matching ``pattern`` older than ``older_than`` s, youngest first."""
+        found = []
+        for p in out_dir.parent.glob(pattern):
+            try:
+                found.append((now - p.stat().st_ctime, p))
+            except OSError:  # removed meanwhile by the ensemble it belongs to
+                continue
+        return [p for age, p in sorted(found) if age > older_than]
+
+    olds = aged(".ensemble.old-*", 60)
     if olds and not out_dir.exists():
-        os.replace(olds.pop(0), out_dir)  # the youngest: the outputs of the last ensemble
+        try:
+            os.replace(olds.pop(0), out_dir)  # the youngest: the outputs of the last ensemble
+        except OSError:  # another ensemble got there first
+            pass
     for stale in olds:
         _carry_over(stale, out_dir)
         shutil.rmtree(stale, ignore_errors=True)
-    for stale in (p for p in out_dir.parent.glob(".ensemble.tmp-*") if age(p) > 3600):
+    for stale in aged(".ensemble.tmp-*", 3600):
         shutil.rmtree(stale, ignore_errors=True)
 
 

@@ -806,12 +806,13 @@ def make_plan(cfg: ExperimentConfig, kind: str, jobs: dict[str, Any], infos: dic
         job = jobs["tasks"].get(t.key, {}).get("job_id", "")
         if task_done(run_dir, t):
             plan.done.append(t)
-        elif kind != "slurm" and (holder := lock_holder(train_lock(run_dir, t.backbone, t.fold))):
-            # Not SLURM's: a process here, e.g. the task of a local launch that was killed, trains it.
-            raise LaunchError(f"{t.backbone} fold {t.fold} is being trained by {holder} ({t.dir(run_dir)}); wait "
-                              "for it to end or stop it, then launch again")
         elif alive(job):
             plan.active[t.key] = job
+        elif holder := lock_holder(train_lock(run_dir, t.backbone, t.fold)):
+            # Not one of this launch's queued jobs: e.g. the task of a local launch that was killed.
+            raise LaunchError(f"{t.backbone} fold {t.fold} is being trained by {holder} ({t.dir(run_dir)}); wait "
+                              "for it to end or stop it, then launch again (if its node is down, delete "
+                              f"{train_lock(run_dir, t.backbone, t.fold)})")
         else:
             plan.submit.append(t)
     # Backbones launched into the run before but not in this launch: not planned, but the ensemble

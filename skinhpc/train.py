@@ -118,7 +118,7 @@ def train_fold(cfg: ExperimentConfig) -> dict:
     if changed:
         raise ConfigError(mixed_config_refusal(run_config.parent, "launched", changed))
     done = finished_metrics(out)
-    if done is not None:
+    if done is not None and distributed.read_ranks()[1] == 1:  # several ranks: rank 0 decides, below
         _say(f"{out}: already finished (metrics.json); nothing to do")
         return done
     if cfg.train.strategy == "deepspeed" and cfg.train.precision == "fp16":
@@ -127,14 +127,8 @@ def train_fold(cfg: ExperimentConfig) -> dict:
     clean = False
     try:
         with contextlib.ExitStack() as held:
-            # Rank 0 takes the fold's lock and tells every rank what follows: they all stop, or
-            # all return the metrics of a fold another process finished meanwhile, or all train.
-            code, why = (_take_fold_lock(held, cfg, out) if env.is_main else (_GO, ""))
-            code = distributed.max_int(env, code)
-            if code == _BUSY:
-                raise FoldBusy(why or f"{out} is being trained by another process (rank 0 says which)")
-            if code == _DONE:
-                _say(f"{out}: finished by another process meanwhile (metrics.json); nothing to do", env)
+            if _agree_on_fold(held, cfg, out, env) == _DONE:
+                _say(f"{out}: already finished (metrics.json); nothing to do", env)
                 clean = True
                 return finished_metrics(out) or {"status": "done"}
             result = FoldTrainer(cfg, env, out).run()
@@ -156,36 +150,54 @@ class FoldBusy(Busy):
     """Another process is training this fold now."""
 
 
-_GO, _DONE, _BUSY = 0, 1, 2  # what rank 0 found when it took the fold's lock (the largest wins)
-STALE_LOCK_WAIT_S = 180.0
-"""How long a lock held from another host is waited for. A node that died keeps its locks on a
-network filesystem until the server notices (NFSv4: a 90 s lease): its requeued job, started on
-another node, must not fail for that."""
+_GO, _DONE, _BUSY, _FAILED = 0, 1, 2, 3  # what rank 0 found when it took the fold's lock (the largest wins)
+FOREIGN_LOCK_WAIT_S = 120.0
+"""How long a lock held from another host is waited for before giving up. A node that died keeps
+its locks on a network filesystem until the server notices (NFSv4: a 90 s lease)."""
+
+
+def _agree_on_fold(held: contextlib.ExitStack, cfg: ExperimentConfig, out: Path, env: DistEnv) -> int:
+    """Rank 0 takes the fold's lock and every rank learns what follows, so none is left waiting
+    for a rank 0 that has gone: train (_GO) or return the finished fold's metrics (_DONE), or
+    all raise (another process trains the fold; rank 0 failed)."""
+    code, why, error = _GO, "", None
+    if env.is_main:
+        try:
+            code, why = _take_fold_lock(held, cfg, out)
+        except Exception as e:  # e.g. the run directory cannot be written: the others must hear
+            code, error = _FAILED, e
+    code = distributed.max_int(env, code)
+    if code == _FAILED:
+        if error is not None:
+            raise error
+        raise distributed.DistributedError(f"{out}: rank 0 failed before training; its error says why")
+    if code == _BUSY:
+        raise FoldBusy(why or f"{out} is being trained by another process (rank 0 names it)")
+    return code
 
 
 def _take_fold_lock(held: contextlib.ExitStack, cfg: ExperimentConfig, out: Path) -> tuple[int, str]:
     """Rank 0: lock the fold for this process (two trainers of one fold would write the same
-    checkpoints and log lines) and say what follows: (_GO, ""), (_DONE, "") when the fold was
-    finished by the process that held the lock before, or (_BUSY, why). A holder on this host is
-    alive (the kernel releases a dead one's lock); one on another host is waited for up to
-    ``STALE_LOCK_WAIT_S``, then taken for a dead node's and training goes on without the lock."""
+    checkpoints and log lines) and say what follows: (_GO, ""), (_DONE, "") when the process that
+    held the lock before finished the fold, or (_BUSY, why). A holder on this host is alive (the
+    kernel releases a dead one's lock); one on another host is waited for ``FOREIGN_LOCK_WAIT_S``
+    (a dead node's lock on a network filesystem lasts until its lease ends), then refused too:
+    whether it still trains cannot be told from here, and two trainers must never share a fold."""
     lock = train_lock(Path(cfg.run_dir), cfg.model.backbone, cfg.fold)
-    host, deadline = os.uname().nodename, time.monotonic() + STALE_LOCK_WAIT_S
+    host, deadline = os.uname().nodename, time.monotonic() + FOREIGN_LOCK_WAIT_S
     while True:
         try:
             held.enter_context(exclusive_lock(lock, required=False))
-            break
+            return (_DONE, "") if finished_metrics(out) is not None else (_GO, "")
         except Busy as e:
             holder = str(e)
-            if holder.endswith(f" on {host}") or holder == "another process":
+            here = holder.endswith(f" on {host}") or holder == "another process"
+            if here or time.monotonic() >= deadline:
+                dead_node = "" if here else (" If that node is down, its lock outlived it on the network "
+                                             f"filesystem: delete {lock} and run again.")
                 return _BUSY, (f"{out} is being trained by another process ({holder}, lock {lock}): wait for it "
-                               "to end or stop it, then run again")
-            if time.monotonic() >= deadline:
-                _say(f"WARNING: {lock} is still held by {holder} after {STALE_LOCK_WAIT_S:.0f} s; taken for a "
-                     "lock a failed node left on the network filesystem: training without it")
-                break
+                               f"to end or stop it, then run again.{dead_node}")
             time.sleep(5.0)
-    return (_DONE, "") if finished_metrics(out) is not None else (_GO, "")
 
 
 def _log_to_stdout() -> None:

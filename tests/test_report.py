@@ -290,16 +290,20 @@ def test_an_ensemble_that_fails_half_way_leaves_the_earlier_outputs_whole(tmp_pa
     assert sorted(p.name for p in run.root.iterdir() if p.name.startswith(".ensemble")) == []
     monkeypatch.undo()
 
-    # Killed between the two renames: the earlier outputs come back, with a user's notes; an old
-    # temporary folder goes; a young one may be another ensemble's at work, and stays.
+    # Killed between the two renames: the earlier outputs come back with a user's files, but only
+    # once the folder is older than a minute (a younger one may be another ensemble's, mid-swap).
+    from skinhpc.ensemble import _recover
     (out / "notes.txt").write_text("mine")
+    (out / "my_figure.png").write_bytes(PNG_SIGNATURE)
     os.replace(out, run.root / ".ensemble.old-node1-4242")
-    hour_ago = time.time() - 3700
-    os.utime(run.root / ".ensemble.old-node1-4242", (hour_ago, hour_ago))
-    stale, young = run.root / ".ensemble.tmp-node1-4243", run.root / ".ensemble.tmp-node2-4244"
-    stale.mkdir()
-    young.mkdir()
-    os.utime(stale, (hour_ago, hour_ago))
+    tmp = run.root / ".ensemble.tmp-node2-4244"
+    tmp.mkdir()
+    _recover(out)
+    assert not out.exists() and tmp.exists()  # too young to touch
+    _recover(out, now=time.time() + 120)
+    assert (out / "notes.txt").exists() and tmp.exists()  # restored; a temporary folder waits an hour
+    _recover(out, now=time.time() + 3700)
+    assert not tmp.exists()
     assert run_ensemble(run.root, n_boot=10, plots=False)["plots"] == []
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "notes.txt", "report.md"]
-    assert [p.name for p in run.root.iterdir() if p.name.startswith(".ensemble")] == [young.name]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "my_figure.png", "notes.txt", "report.md"]
+    assert not [p for p in run.root.iterdir() if p.name.startswith(".ensemble")]

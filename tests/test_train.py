@@ -245,13 +245,16 @@ def test_a_second_process_training_the_same_fold_is_refused_naming_the_first(tmp
     assert not (tmp_path / "resnet18").exists()  # a refused trainer leaves no fold folder
     assert lock_holder(lock) == ""  # released with its holder; the fold then trains as usual
 
-    # A lock another host holds (a node that died, on a network filesystem) is waited for, then passed.
-    monkeypatch.setattr(train_module, "STALE_LOCK_WAIT_S", 0.0)
+    # A lock another host holds is waited for (a dead node's lasts until its lease ends), then refused:
+    # whether that trainer still runs cannot be told from here.
+    monkeypatch.setattr(train_module, "FOREIGN_LOCK_WAIT_S", 0.0)
     with open(lock, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        f.write("pid 4242 on a-node-that-died\n")
+        f.write("pid 4242 on another-node\n")
         f.flush()
-        train_fold(load_config(overrides(tmp_path, data_dir, "train.epochs=1", "train.max_steps_per_epoch=1")))
+        with pytest.raises(FoldBusy, match=r"\(pid 4242 on another-node, lock .*If that node is down.*delete"):
+            train_fold(load_config(overrides(tmp_path, data_dir, "train.epochs=1")))
+    train_fold(load_config(overrides(tmp_path, data_dir, "train.epochs=1", "train.max_steps_per_epoch=1")))
     assert (tmp_path / "resnet18" / "fold0" / "metrics.json").is_file() and lock_holder(lock) == ""
 
     # Finished by the lock's holder between this trainer's first look and its lock: nothing to do.
@@ -260,6 +263,18 @@ def test_a_second_process_training_the_same_fold_is_refused_naming_the_first(tmp
     monkeypatch.setattr(train_module, "finished_metrics", lambda out: next(looks, json.loads(done)))
     assert train_fold(load_config(overrides(tmp_path, data_dir, "train.epochs=1", "train.max_steps_per_epoch=1"))) \
         == json.loads(done)
+
+
+@pytest.mark.timeout(180)
+def test_every_rank_stops_when_rank_0_fails_to_take_the_folds_lock(tmp_path: Path, data_dir: Path) -> None:
+    """Rank 0 failing before it tells the others (here: RUN/.locks is a file) must not leave them
+    waiting in a collective until the process group's timeout."""
+    write_tiny_split(tmp_path, data_dir)
+    (tmp_path / ".locks").write_text("not a folder")
+    start = time.monotonic()
+    res = run_job(overrides(tmp_path, data_dir, "train.epochs=1"), nproc=2, timeout=150)
+    assert res.returncode != 0 and time.monotonic() - start < 120
+    assert ".locks: File exists" in res.stderr and "rank 0 failed before training" in res.stderr, res.stderr[-2000:]
 
 
 @pytest.mark.timeout(60)
