@@ -35,6 +35,16 @@ class Busy(RuntimeError):
     """Another process holds the lock; the message is what it wrote in it ("pid N on host")."""
 
 
+UNNAMED_HOLDER = "another process"
+"""A holder that has not yet written who it is (it took the lock a moment ago)."""
+
+
+def _holder(f: Any) -> str:
+    """What the holder of the lock on open file ``f`` wrote in it ("pid N on host")."""
+    f.seek(0)
+    return f.read().strip() or UNNAMED_HOLDER
+
+
 def lock_holder(path: Path) -> str:
     """Who holds the lock on ``path`` now ("pid N on host"), or "" when nobody does."""
     try:
@@ -43,8 +53,7 @@ def lock_holder(path: Path) -> str:
                 fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 return ""
             except BlockingIOError:
-                f.seek(0)
-                return f.read().strip() or "another process"
+                return _holder(f)
     except OSError:
         return ""
 
@@ -75,8 +84,7 @@ def exclusive_lock(path: Path, required: bool = True, patience_s: float = 0.5) -
         try:
             _flock_soon(f, patience_s)
         except BlockingIOError:
-            f.seek(0)
-            raise Busy(f.read().strip() or "another process") from None
+            raise Busy(_holder(f)) from None
         except OSError:
             if required:
                 raise

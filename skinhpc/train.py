@@ -71,8 +71,8 @@ from skinhpc.config import (INPUTS_NAME, ConfigError, ExperimentConfig, TrainCon
                             mixed_config_refusal, pretrained_source, read_deepspeed_file, read_saved_config,
                             run_config_changes, save_config)
 from skinhpc.distributed import DistEnv
-from skinhpc.rundir import (LOG_NAME, METRICS_NAME, Busy, exclusive_lock, finished_metrics, metric_value, read_log,
-                             replaces_best, selected_key, train_lock)
+from skinhpc.rundir import (LOG_NAME, METRICS_NAME, UNNAMED_HOLDER, Busy, exclusive_lock, finished_metrics,
+                             metric_value, read_log, replaces_best, selected_key, train_lock)
 
 PREEMPT_ENV = "SKINHPC_TEST_PREEMPT_AT_STEP"
 PREEMPT_SIGNAL_ENV = "SKINHPC_TEST_PREEMPT_SIGNAL"
@@ -191,7 +191,7 @@ def _take_fold_lock(held: contextlib.ExitStack, cfg: ExperimentConfig, out: Path
             return (_DONE, "") if finished_metrics(out) is not None else (_GO, "")
         except Busy as e:
             holder = str(e)
-            here = holder.endswith(f" on {host}") or holder == "another process"
+            here = holder.endswith(f" on {host}") or holder == UNNAMED_HOLDER
             if here or time.monotonic() >= deadline:
                 dead_node = "" if here else (" If that node is down, its lock outlived it on the network "
                                              f"filesystem: delete {lock} and run again.")
