@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import yaml
 
 from skinhpc import CLASSES, NUM_CLASSES
 from skinhpc.config import atomic_write_text
@@ -691,10 +690,12 @@ def _select_metric(fold: FoldRun) -> str | None:
     config.yaml; None when neither can be read."""
     if fold.status.get("select_metric"):
         return fold.status["select_metric"]
+    from skinhpc.config import ConfigError, read_saved_config
     try:
-        return (yaml.safe_load((fold.dir / "config.yaml").read_text()) or {})["train"]["select_metric"]
-    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        cfg = read_saved_config(fold.dir / "config.yaml")
+    except ConfigError:
         return None
+    return cfg.train.select_metric if cfg is not None else None
 
 
 def class_counts(preds: Predictions) -> dict[str, dict[str, int]]:
@@ -705,11 +706,8 @@ def class_counts(preds: Predictions) -> dict[str, dict[str, int]]:
 
 def _absent_classes(folds: list[FoldRun]) -> dict[str, list[str]]:
     """The classes each fold's validation set lacks (its balanced accuracy and macro AUC average
-    over the others). Every backbone's fold k validates on the same images: one look per fold."""
-    absent: dict[str, list[str]] = {}
-    for f in folds:
-        present = set(np.unique(f.val.labels).tolist())
-        absent.setdefault(f"fold{f.fold}", [c for i, c in enumerate(CLASSES) if i not in present])
+    over the others). Every backbone's fold k validates on the same images: one entry per fold."""
+    absent = {f"fold{f.fold}": [c for i, c in enumerate(CLASSES) if not np.any(f.val.labels == i)] for f in folds}
     return {k: v for k, v in sorted(absent.items()) if v}
 
 
@@ -841,8 +839,8 @@ def _me() -> str:
 
 def _is_output(path: Path) -> bool:
     """One of the files an ensemble writes (report.make_plots' figures among them)."""
-    return path.name in ("metrics.json", "report.md") or (
-        path.suffix == ".png" and path.name.startswith(("confusion_", "roc_", "reliability_", "curves_")))
+    from skinhpc.report import FIGURE_PREFIXES
+    return path.name in ("metrics.json", "report.md") or (path.suffix == ".png" and path.name.startswith(FIGURE_PREFIXES))
 
 
 def _swap_in_dir(new_dir: Path, out_dir: Path) -> None:

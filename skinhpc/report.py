@@ -24,6 +24,9 @@ HEADLINE = (("balanced_accuracy", "balanced acc. %"), ("top1", "top-1 %"), ("top
             ("auroc_macro", "AUC (macro)"), ("f1_macro", "F1 (macro) %"), ("loss", "loss"))
 PERCENT = {"balanced_accuracy", "top1", "top2", "f1_macro", "sensitivity", "specificity"}
 CROSS_BACKBONE = ("ensemble_mean", "ensemble_weighted")
+FIGURE_PREFIXES = ("confusion_", "roc_", "reliability_", "curves_")
+"""Every figure ``make_plots`` draws starts with one of these: the ensemble's swap of its folder
+tells them from a user's own files."""
 
 
 def cross_backbone_names(results: dict[str, Any]) -> tuple[str, ...]:
@@ -453,6 +456,7 @@ def make_plots(results: dict[str, Any], arrays: dict[str, Any], scan: "RunScan",
     written = []
 
     def out(name: str) -> Path:
+        assert name.startswith(FIGURE_PREFIXES), name  # else a later ensemble would keep it as a user's file
         written.append(name)
         return out_dir / name
 
