@@ -808,11 +808,10 @@ def make_plan(cfg: ExperimentConfig, kind: str, jobs: dict[str, Any], infos: dic
             plan.done.append(t)
         elif alive(job):
             plan.active[t.key] = job
-        elif holder := lock_holder(train_lock(run_dir, t.backbone, t.fold)):
+        elif holder := lock_holder(lock := train_lock(run_dir, t.backbone, t.fold)):
             # Not one of this launch's queued jobs: e.g. the task of a local launch that was killed.
             raise LaunchError(f"{t.backbone} fold {t.fold} is being trained by {holder} ({t.dir(run_dir)}); wait "
-                              "for it to end or stop it, then launch again (if its node is down, delete "
-                              f"{train_lock(run_dir, t.backbone, t.fold)})")
+                              f"for it to end or stop it, then launch again (if its node is down, delete {lock})")
         else:
             plan.submit.append(t)
     # Backbones launched into the run before but not in this launch: not planned, but the ensemble
@@ -1209,11 +1208,10 @@ def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict
         job = f"local {entry['local_job']}"
     if metrics is not None:
         state = "done"
-    elif entry.get("local_job") or not job:
-        state = (_local_state(entry, False, local_launch_running) if entry.get("local_job")
-                 else "started" if rows else "not submitted")
-        # A local task whose launch was killed goes on training: its fold's lock says so.
-        state = "running" if lock_holder(train_lock(run_dir, t.backbone, t.fold)) else state
+    elif entry.get("local_job"):
+        state = _local_state(entry, False, local_launch_running)
+    elif not job:
+        state = "started" if rows else "not submitted"
     else:
         info = infos.get(job)
         state = job_state(info)
@@ -1221,6 +1219,8 @@ def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict
         # Cancelled, ended or being requeued: SLURM tells which once it is no longer COMPLETING.
         state = "completing" if info is not None and info.live and info.slurm_state == "COMPLETING" else state
         state = "blocked" if dependency_never_satisfied(info) else state  # its conversion failed
+    if metrics is None and not entry.get("job_id") and lock_holder(train_lock(run_dir, t.backbone, t.fold)):
+        state = "running"  # a local or hand-run trainer, e.g. the task of a local launch that was killed
     epoch = f"{max(int(r.get('epoch', 0)) for r in rows) + 1}/{cfg.train.epochs}" if rows else f"0/{cfg.train.epochs}"
     kept = kept_val_balanced_accuracy(rows, metrics, cfg.train.select_metric)
     best = f"{kept:.4f}" if kept is not None else "-"
