@@ -23,7 +23,9 @@ Pretrained weights (``model.pretrained``):
   Accepted: a plain state dict, a checkpoint dict holding it under ``state_dict_ema``/``model_ema``/
   ``state_dict``/``model`` (timm's train.py, skinhpc's ``model_best.pt``), or ``.safetensors``;
   ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes are stripped, torchvision's VGG key
-  names are mapped to timm's. Files are read with ``torch.load(weights_only=True)`` or safetensors,
+  names are mapped to timm's, and so are those of Cadene's ``pretrainedmodels`` SE-ResNeXt files (e.g.
+  ``se_resnext101_32x4d-3b2fe3d8.pth``, the usual source of the paper's SE-ResNeXt-101) for timm's
+  ``seresnext*``. Files are read with ``torch.load(weights_only=True)`` or safetensors,
   never unpickled (a pickle from elsewhere can run code).
 
 When loading weights, a head layer whose shape differs from this model's (ImageNet's 1000 classes vs 7)
@@ -339,6 +341,32 @@ def _torchvision_vgg_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
+# Cadene's pretrainedmodels SENet names (timm's legacy_se* models keep them) -> timm's ResNet names.
+SENET_PREFIXES = (("layer0.conv1.", "conv1."), ("layer0.bn1.", "bn1."), ("last_linear.", "fc."))
+
+
+def _is_senet_file_for_resnext(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """A Cadene SENet file (``layer0.conv1``) for a timm ResNeXt. Only the ResNeXt blocks are the
+    same network in both (stride in the 3x3 conv); Cadene's SE-ResNets stride in the first 1x1
+    conv, timm's seresnet in the 3x3, so those files would load and compute something else."""
+    if not isinstance(model, timm.models.resnet.ResNet) or "layer0.conv1.weight" not in state:
+        return False
+    return getattr(getattr(model.layer1[0], "conv2", None), "groups", 1) > 1
+
+
+def _senet_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cadene's SE-ResNeXt keys as timm's seresnext has them: the stem's ``layer0.`` dropped,
+    ``se_module`` -> ``se``, ``last_linear`` -> ``fc``. The one difference left is the stem's max
+    pool (Cadene's rounds up, timm's pads by one: the same output size at even input sizes, windows
+    shifted by a pixel), harmless to fine-tuning."""
+    def renamed(key: str) -> str:
+        for old, new in SENET_PREFIXES:
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key.replace(".se_module.", ".se.")
+    return {renamed(k): v for k, v in state.items()}
+
+
 def head_prefixes(model: nn.Module) -> tuple[str, ...]:
     """Dotted-name prefixes of the head modules (see ``head_modules``), e.g. ``("fc.",)``."""
     heads = {id(m) for m in head_modules(model)}
@@ -352,6 +380,8 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], sourc
     the backbone random without a word); one log line lists what was loaded and what was not."""
     if isinstance(model, (VGG16GAP, timm.models.vgg.VGG)) and any(k.startswith("classifier.") for k in state):
         state = _torchvision_vgg_to_timm(state)
+    if _is_senet_file_for_resnext(model, state):
+        state = _senet_to_timm(state)
     state = _resampled_pos_embed(model, state, source)
     own = model.state_dict()
     head = head_prefixes(model)
@@ -377,10 +407,12 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], sourc
     missing = [k for k in own if k not in loadable and k not in reinit]
     lacking = [k for k in missing if not k.startswith(head) and not k.endswith("num_batches_tracked")]
     if lacking:
+        hint = ("Cadene's pretrainedmodels SENet layout: timm's legacy_se* backbones, e.g. legacy_seresnet50, "
+                "take it as it is" if "layer0.conv1.weight" in state else "weights of another architecture or "
+                "layout? README, 'Running on a real cluster', shows how to save timm's")
         raise PretrainedWeightsError(f"{source} does not fit {type(model).__name__}: it lacks {len(lacking)} of the "
                                      f"backbone's {len(own)} tensors ({_short(lacking, 4)}); tensors it has that the "
-                                     f"model does not: {_short(unused, 4)} (weights of another architecture or "
-                                     f"layout? README, 'Running on a real cluster', shows how to save timm's)")
+                                     f"model does not: {_short(unused, 4)} ({hint})")
     # Extra tensors inside the model's own modules (resnet34's layer1.2.* for resnet18's layer1)
     # are a deeper sibling's blocks: loading the rest would give a network that was never trained
     # as such. Extra tensors elsewhere are layers the model replaces (vgg16's FC6/FC7 for

@@ -205,6 +205,34 @@ def test_torchvision_named_vgg16_weights_load_into_timm_vgg16(tmp_path):
     assert own["head.fc.weight"].shape == (7, 4096)
 
 
+@pytest.mark.timeout(180)
+def test_cadene_se_resnext_file_loads_into_timm_seresnext_as_the_same_network(tmp_path):
+    # The paper's SE-ResNeXt usually comes from Cadene's pretrainedmodels (layer0.conv1, se_module,
+    # last_linear); timm's legacy_ models keep that layout, so one of them stands in for the file.
+    torch.manual_seed(0)
+    cadene = timm.create_model("legacy_seresnext50_32x4d", num_classes=7).eval()
+    path = tmp_path / "se_resnext50_32x4d-a260b3a4.pth"
+    torch.save(cadene.state_dict(), path)
+    model = create_model(ModelConfig(backbone="seresnext50_32x4d", pretrained=str(path), drop_rate=0.0)).eval()
+    model.fc.load_state_dict(cadene.last_linear.state_dict())  # the head is re-initialised on purpose
+    model.maxpool = nn.MaxPool2d(3, stride=2, ceil_mode=True)  # Cadene's stem pool, the one difference
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), cadene(x), atol=1e-6)
+
+
+@pytest.mark.timeout(60)
+def test_cadene_se_resnet_file_is_refused_with_the_timm_legacy_name(tmp_path):
+    # Cadene's SE-ResNets stride in the first 1x1 conv, timm's seresnet in the 3x3: same shapes,
+    # another network, so no renaming; the error points to timm's legacy_seresnet*.
+    path = tmp_path / "se_resnet18.pth"
+    torch.save(timm.create_model("legacy_seresnet18").state_dict(), path)
+    with pytest.raises(PretrainedWeightsError, match=r"se_resnet18\.pth.*legacy_se"):
+        create_model(ModelConfig(backbone="seresnet18", pretrained=str(path)))
+    model = create_model(ModelConfig(backbone="legacy_seresnet18", pretrained=str(path)))
+    assert model.last_linear.out_features == 7
+
+
 @pytest.mark.timeout(30)
 def test_missing_weights_file_names_the_path(tmp_path):
     path = tmp_path / "nope" / "resnet152.pth"
