@@ -21,7 +21,8 @@ Pretrained weights (``model.pretrained``):
   (for ``vgg16_gap`` save ``vgg16``), or ``huggingface-cli download timm/resnet152.a1h_in1k
   model.safetensors --local-dir weights/``; then pass ``model.pretrained=/path/to/resnet152.pth``.
   Accepted: a plain state dict, a checkpoint dict holding it under ``state_dict_ema``/``model_ema``/
-  ``state_dict``/``model`` (timm's train.py, skinhpc's ``model_best.pt``), or ``.safetensors``;
+  ``state_dict``/``model`` (timm's train.py, with its saved options, skinhpc's ``model_best.pt``),
+  or ``.safetensors``;
   ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes are stripped, torchvision's VGG key
   names are mapped to timm's, and so are those of Cadene's ``pretrainedmodels`` SE-ResNeXt files (e.g.
   ``se_resnext101_32x4d-3b2fe3d8.pth``, the usual source of the paper's SE-ResNeXt-101) for timm's
@@ -41,14 +42,16 @@ Trained models are stored by ``save_model_file`` as ``model_best.pt`` and read b
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import logging
 import math
 import os
+import re
 import socket
 import urllib.parse
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -286,18 +289,40 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
             obj: Any = load_file(str(path), device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            # timm's train.py saves its argparse options beside the weights: a Namespace is a bag
+            # of attributes, safe to rebuild (its values still pass weights_only's checks).
+            with _namespace_allowed():
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle/zip/safetensors errors have many types; name the file
         raise PretrainedWeightsError(
-            f"model.pretrained: cannot read {path} as a weights file ({str(e).splitlines()[0][:300]}). "
+            f"model.pretrained: cannot read {path} as a weights file ({load_error_text(e)}). "
             f"It must load with torch.load(weights_only=True) (tensors, no pickled objects) or be "
-            f".safetensors; re-save it with torch.save(model.state_dict(), path).") from None
+            f".safetensors. If you trust the file, keep its weights only: sd = torch.load(path, "
+            f"weights_only=False); torch.save(sd.get('state_dict', sd), 'weights.pth') (for a checkpoint "
+            f"dict, the key holding the model's tensors).") from None
     state = _find_state_dict(obj)
     if state is None:
         keys = ", ".join(map(str, list(obj)[:10])) if isinstance(obj, dict) else type(obj).__name__
         raise PretrainedWeightsError(f"model.pretrained: {path} holds no state dict (found: {keys}); expected "
                                      f"tensors by name, or a dict with one of {', '.join(CHECKPOINT_KEYS)}")
     return {_strip_prefixes(k): v for k, v in state.items()}
+
+
+def _namespace_allowed() -> AbstractContextManager:
+    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    return safe_globals([argparse.Namespace]) if safe_globals else nullcontext()
+
+
+def load_error_text(e: BaseException, limit: int = 300) -> str:
+    """One readable line for a failed torch.load/safetensors read: torch's weights_only refusal is a
+    paragraph with terminal colour codes whose reason ("Unsupported global: ...") is on a later line;
+    an empty file raises an EOFError with no message."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+    lines = [line for line in lines if line]
+    reason = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+    if isinstance(e, EOFError) and not reason:
+        reason = "the file is empty or cut short"
+    return f"{type(e).__name__}: {reason}"[:limit] if reason else type(e).__name__
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -554,7 +579,7 @@ def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # zip/pickle errors have many types; the user needs the file name
-        raise ModelFileError(f"cannot read model file {path}: {str(e).splitlines()[0][:300]}") from None
+        raise ModelFileError(f"cannot read model file {path}: {load_error_text(e)}") from None
     if not isinstance(blob, dict) or not _is_state_dict(blob.get("state_dict")) or not isinstance(blob.get("model"), dict):
         raise ModelFileError(f"{path} is not a skinhpc model file (needs 'state_dict' and 'model' entries)")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}

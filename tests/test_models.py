@@ -241,11 +241,32 @@ def test_missing_weights_file_names_the_path(tmp_path):
 
 
 @pytest.mark.timeout(30)
-def test_pickled_objects_are_refused_with_a_clear_message(tmp_path):
+def test_a_timm_train_checkpoint_with_its_saved_options_loads_its_ema_weights(tmp_path):
+    # timm's train.py saves args=argparse.Namespace(...) beside state_dict and state_dict_ema.
+    ema = _imagenet_resnet18()
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 3, "arch": "resnet18", "args": argparse.Namespace(model="resnet18", lr=0.1, device="cuda:0"),
+                "state_dict": {k: torch.zeros_like(v) for k, v in ema.items()}, "state_dict_ema": ema}, path)
+    _assert_backbone_loaded(create_model(ModelConfig(backbone="resnet18", pretrained=str(path))), ema)
+
+
+@pytest.mark.timeout(30)
+def test_pickled_objects_are_refused_naming_the_object_without_terminal_codes(tmp_path):
     path = tmp_path / "train_checkpoint.pth"
-    torch.save({"args": argparse.Namespace(lr=0.1), "state_dict": _imagenet_resnet18()}, path)
-    with pytest.raises(PretrainedWeightsError, match=r"cannot read .*weights_only=True"):
+    torch.save({"args": Path("/somewhere"), "state_dict": _imagenet_resnet18()}, path)
+    with pytest.raises(PretrainedWeightsError, match=r"cannot read .*Unsupported global.*Path.*weights_only=True") as e:
         create_model(ModelConfig(backbone="resnet18", pretrained=str(path)))
+    assert "\x1b" not in str(e.value)
+
+
+@pytest.mark.timeout(30)
+def test_an_empty_weights_or_model_file_is_named_as_empty(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    path.touch()  # a failed download, or a full quota
+    with pytest.raises(PretrainedWeightsError, match=rf"cannot read {path} .*empty or cut short"):
+        create_model(ModelConfig(backbone="resnet18", pretrained=str(path)))
+    with pytest.raises(ModelFileError, match=rf"cannot read model file {path}: .*empty or cut short"):
+        load_model_file(path)
 
 
 @pytest.mark.timeout(60)
