@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from skinhpc.config import MAX_RESOLUTION
 from skinhpc.convert import WRITE_MODES, ConversionError, InputError, convert
 
 
@@ -24,8 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="folder(s) holding <image_id>.jpg (the download splits them over two)")
     parser.add_argument("--metadata", required=True, metavar="CSV", help="HAM10000_metadata.csv")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder of the converted data")
-    parser.add_argument("--max-resolution", type=int, default=256, metavar="N",
-                        help="longest side of the stored images, never upscaled (default 256)")
+    parser.add_argument("--max-resolution", type=int, default=MAX_RESOLUTION, metavar="N",
+                        help=f"longest side of the stored images, never upscaled (default {MAX_RESOLUTION})")
     parser.add_argument("--write-mode", choices=WRITE_MODES, default="jpg",
                         help="how FFCV stores pixels (default jpg)")
     parser.add_argument("--jpeg-quality", type=int, default=90, metavar="Q", help="JPEG quality (default 90)")

@@ -24,6 +24,7 @@ import functools
 import hashlib
 import io
 import json
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -44,7 +45,7 @@ from PIL import Image, ImageFile
 
 import skinhpc
 from skinhpc import CLASS_TO_LABEL, CLASSES
-from skinhpc.config import DataConfig, atomic_write_text, available_cores, sha256_file
+from skinhpc.config import MAX_RESOLUTION, DataConfig, atomic_write_text, available_cores, sha256_file
 
 BETON_NAME = "ham10000.beton"
 INDEX_NAME = "index.csv"
@@ -458,7 +459,7 @@ def conversion_problem(out_dir: str | Path) -> str:
 
 
 def kept_without_sources(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str | Path, *,
-                         max_resolution: int = 256, write_mode: str = "jpg", jpeg_quality: int = 90
+                         max_resolution: int = MAX_RESOLUTION, write_mode: str = "jpg", jpeg_quality: int = 90
                          ) -> dict[str, Any] | None:
     """The manifest of ``out_dir``'s conversion when none of the image folders exists any more but
     the conversion was made with these settings, from this metadata CSV (when it is still there),
@@ -478,7 +479,7 @@ def kept_without_sources(image_dirs: Sequence[str | Path], metadata: str | Path,
 
 
 def is_up_to_date(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str | Path, *,
-                  max_resolution: int = 256, write_mode: str = "jpg", jpeg_quality: int = 90) -> bool:
+                  max_resolution: int = MAX_RESOLUTION, write_mode: str = "jpg", jpeg_quality: int = 90) -> bool:
     """Whether ``out_dir`` already holds the conversion of these inputs with these settings (or,
     their images deleted since, ``kept_without_sources``)."""
     settings = {"max_resolution": max_resolution, "write_mode": write_mode, "jpeg_quality": jpeg_quality}
@@ -549,6 +550,22 @@ def stored_size_for(sizes: Counter[tuple[int, int]], max_resolution: int) -> lis
     width, height = _most_common_size(sizes)
     scale = min(1.0, max_resolution / max(width, height))  # never upscale
     return [max(1, round(height * scale)), max(1, round(width * scale))]
+
+
+def detail_lost_note(manifest: dict[str, Any], image_size: int) -> str:
+    """A note when data.max_resolution, not the source images, made the stored short side smaller
+    than the network's input: the evaluation square (the stored short side) is then upscaled to
+    ``image_size`` px and the conversion threw away detail the sources had. "" otherwise."""
+    height, width = (int(v) for v in manifest["stored_size"])
+    short = min(height, width)
+    sources = [tuple(int(v) for v in size.split("x")) for size in manifest.get("source_sizes") or {}]
+    if short >= image_size or not sources or max(sources[0]) <= max(height, width):
+        return ""  # big enough, or the sources are that small themselves
+    wanted = min(math.ceil(image_size * max(height, width) / short), max(sources[0]))
+    limit = (manifest.get("ffcv") or {}).get("max_resolution", "?")
+    return (f"note: the images are stored at {width}x{height} px (data.max_resolution={limit}, sources "
+            f"{sources[0][0]}x{sources[0][1]}), so the {image_size} px evaluation square is upscaled from "
+            f"{short} px; data.max_resolution={wanted} keeps the detail (one more conversion)")
 
 
 def _decode(path: Path) -> tuple[str | None, tuple[int, int] | None]:
@@ -863,7 +880,7 @@ def _up_to_date_result(manifest: dict[str, Any], out_dir: Path, start: float, wa
 
 
 def convert(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str | Path, *,
-            max_resolution: int = 256, write_mode: str = "jpg", jpeg_quality: int = 90,
+            max_resolution: int = MAX_RESOLUTION, write_mode: str = "jpg", jpeg_quality: int = 90,
             workers: int = 0) -> ConvertResult:
     """Check the raw data, then write ``out_dir/{ham10000.beton, index.csv, manifest.json}``.
 

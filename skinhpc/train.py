@@ -562,6 +562,9 @@ class FoldTrainer:
         self._open_logs()
         if warning := self.cfg.aug.folding_warning():
             _say(warning, env)
+        from skinhpc.convert import detail_lost_note
+        if note := detail_lost_note(self.manifest, self.cfg.model.image_size):
+            _say(note, env)
         self._t0 = time.monotonic()  # train.stop_after_min counts this job's training, not its set-up
         self._first_epoch = self.state["epoch"]
         self.flag.install()

@@ -24,7 +24,7 @@ def repo_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def sample_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bundled 426-image sample converted (jpg, max 256 px: stored 150x200) into a session tmp dir.
+    """The bundled 426-image sample converted (jpg, max 320 px: stored 150x200) into a session tmp dir.
 
     Converted once per session by ``jobs/convert.py`` in a fresh process, so no FFCV state of the
     test process is involved. Treat it as read-only: every test of the session shares it.

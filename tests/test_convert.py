@@ -19,7 +19,8 @@ import skinhpc
 from skinhpc import CLASSES
 from skinhpc.config import DataConfig
 from skinhpc.convert import (BETON_NAME, INDEX_NAME, MANIFEST_NAME, InputError, convert, ensure_converted,
-                             is_up_to_date, prepare_image, read_index, read_manifest, stored_size_for)
+                             detail_lost_note, is_up_to_date, prepare_image, read_index, read_manifest,
+                             stored_size_for)
 
 PER_CLASS = 6  # 6 images of each of the 7 classes: 42, every label present, fast
 
@@ -147,6 +148,20 @@ def test_stored_size_is_the_most_common_source_size_scaled_down_never_up() -> No
     assert stored_size_for(Counter({(600, 450): 5, (300, 200): 7}), 256) == [171, 256]
     assert stored_size_for(Counter({(600, 450): 9, (300, 200): 7}), 256) == [192, 256]
     assert stored_size_for(Counter({(200, 150): 1}), 256) == [150, 200]
+
+
+def test_a_note_says_when_max_resolution_made_the_evaluation_square_smaller_than_the_input() -> None:
+    originals = {"source_sizes": {"600x450": 10015}}
+    old_default = {**originals, "stored_size": [192, 256], "ffcv": {"max_resolution": 256}}
+    note = detail_lost_note(old_default, 224)
+    assert "stored at 256x192 px" in note and "upscaled from 192 px" in note
+    assert "data.max_resolution=299" in note  # 299 x 3/4 -> a 224 px short side
+    assert detail_lost_note({**originals, "stored_size": [240, 320]}, 224) == ""  # today's default
+    # Sources no larger than what is stored: a higher max_resolution would not help, so no note.
+    assert detail_lost_note({"source_sizes": {"200x150": 8514}, "stored_size": [150, 200]}, 192) == ""
+    # No larger setting than the sources themselves is proposed.
+    small = {"source_sizes": {"300x225": 5}, "stored_size": [96, 128], "ffcv": {"max_resolution": 128}}
+    assert "data.max_resolution=300" in detail_lost_note(small, 256)
 
 
 def test_prepare_image_gives_rgb_uint8_of_the_stored_size_from_any_mode(tmp_path: Path) -> None:
