@@ -113,7 +113,9 @@ class ModelConfig:
     """vgg16_gap: filters of the 1x1 conv6 (the paper tries 128, 256, 512)."""
     freeze_epochs: int = 0
     """Epochs training only the new head (backbone frozen: weights and BatchNorm statistics) before
-    fine-tuning everything."""
+    fine-tuning everything. The learning-rate warm-up (train.warmup_epochs) counts from the first
+    epoch, so an unfrozen backbone starts at the rate the schedule has reached by then (times
+    model.backbone_lr_scale), without a warm-up of its own."""
     backbone_lr_scale: float = 0.1
     """Learning rate of pretrained backbone layers relative to the head's (fine-tuning)."""
 
@@ -469,6 +471,20 @@ class ExperimentConfig:
         # Tasks write <run_dir>/<backbone>/fold<k>: a repeated name would train each fold twice into one folder.
         repeated = sorted({b for b in self.backbones if self.backbones.count(b) > 1})
         _check(not repeated, f"backbones names {', '.join(repeated)} more than once: list each backbone once")
+
+    def warnings(self) -> list[str]:
+        """Settings that train but are likely not what was meant (the launcher and each fold say
+        them): a folding elastic distortion, a frozen backbone that is random or never unfrozen."""
+        said = [self.aug.folding_warning()]
+        frozen, epochs = self.model.freeze_epochs, self.train.epochs
+        if frozen and not pretrained_source(self.model.pretrained):
+            said.append(f"WARNING: model.freeze_epochs={frozen} with model.pretrained=false: the first {frozen} "
+                        "epochs train the head alone on a random, frozen backbone. Give pretrained weights, or "
+                        "set model.freeze_epochs=0.")
+        elif frozen >= epochs > 0:
+            said.append(f"note: model.freeze_epochs={frozen} >= train.epochs={epochs}: the backbone stays frozen "
+                        "for the whole run; only the head trains.")
+        return [w for w in said if w]
 
     @property
     def data_dir(self) -> Path:

@@ -935,7 +935,7 @@ def convert(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str
     if manifest["beton"] is None:
         _say(f"{out_dir}: indexed {result.n_images} images (no .beton without FFCV) in {seconds:.1f} s")
         return result
-    _say(f"{out_dir}: converted {result.n_images} images to {h}x{w} {write_mode} in {seconds:.1f} s"
+    _say(f"{out_dir}: converted {result.n_images} images to {w}x{h} px {write_mode} in {seconds:.1f} s"
          f" ({result.images_per_s:.0f} img/s overall, writing {result.write_images_per_s:.0f} img/s;"
          f" {workers} workers; {result.n_resized} resized from other sizes)")
     return result

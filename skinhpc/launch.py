@@ -158,8 +158,7 @@ def load_launch_config(overrides: list[str], config_file: str | None = None,
             layered.write_text(OmegaConf.to_yaml(merged))
             cfg = load_config(overrides, layered)
         notes.append(f"cluster profile: {path}")
-    if warning := cfg.aug.folding_warning():
-        notes.append(warning)
+    notes += cfg.warnings()
     if uses_sample(cfg) and cfg.preset == "sample":
         notes.append("no data configured: using the sample preset (bundled 426-image HAM10000 sample, "
                      f"{', '.join(cfg.backbones)}, {cfg.model.image_size} px, {cfg.train.epochs} epochs)")

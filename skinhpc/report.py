@@ -418,19 +418,24 @@ def plot_reliability(calibration: dict[str, Any], title: str, path: Path) -> Non
 
 
 def plot_curves(backbone: str, logs: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    """Loss (train solid, val dashed) and balanced accuracy against epoch, one colour per fold."""
+    """Loss (train solid, val dashed) and balanced accuracy against epoch, one colour per fold.
+    The training loss drawn is the plain cross-entropy (``train_ce``), the validation loss's
+    measure; logs written before it have the training criterion only (class-weighted by default,
+    so higher than the cross-entropy of the same predictions), labelled as such."""
     fig, axes = _figure(2, 1, (6.0, 4.5))
     loss_ax, acc_ax = axes[0, 0], axes[0, 1]
     for i, (fold, entries) in enumerate(sorted(logs.items())):
         color = f"C{i % 10}"
         epochs = [e["epoch"] + 1 for e in entries]  # log.jsonl counts from 0, the report from 1
-        for key, ax, style, what in (("train_loss", loss_ax, "-", "train"), ("val_loss", loss_ax, "--", "val"),
+        plain = any(e.get("train_ce") is not None for e in entries)
+        train = ("train_ce", "train") if plain else ("train_loss", "train (criterion)")
+        for key, ax, style, what in ((*train[:1], loss_ax, "-", train[1]), ("val_loss", loss_ax, "--", "val"),
                                      ("train_balanced_accuracy", acc_ax, "-", "train"),
                                      ("val_balanced_accuracy", acc_ax, "--", "val")):
             pts = [(ep, e[key]) for ep, e in zip(epochs, entries) if e.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), style, color=color, marker=".", label=f"{fold} {what}")
-    loss_ax.set_title(f"{backbone}: loss")
+    loss_ax.set_title(f"{backbone}: cross-entropy loss")
     acc_ax.set_title(f"{backbone}: balanced accuracy")
     from matplotlib.ticker import MaxNLocator
     for ax in (loss_ax, acc_ax):

@@ -303,8 +303,11 @@ def upgrade_loop_state(state: dict[str, Any]) -> dict[str, Any]:
     """A saved loop state in today's keys: checkpoints written before ``stop_reason`` carry a
     ``stopped`` flag instead, and early stop was then the only way to stop; those written before
     the per-class tallies carry one ``correct`` count (the resumed epoch's training accuracies then
-    cover the steps after the checkpoint only)."""
+    cover the steps after the checkpoint only); those written before ``ce_sum`` lack it, and the
+    resumed epoch logs no train_ce when the checkpoint was taken inside it (NaN until it ends)."""
     state = dict(state)
+    if "ce_sum" not in state:
+        state["ce_sum"] = float("nan") if state.get("step") else 0.0
     if state.pop("stopped", False) and not state.get("stop_reason"):
         state["stop_reason"] = "early_stop"
     if "correct" in state:
@@ -453,7 +456,7 @@ class FoldTrainer:
         # Loop state: everything here goes into checkpoints.
         self.state: dict[str, Any] = {"epoch": 0, "step": 0, "global_step": 0, "best_metric": -1.0,
                                       "best_epoch": -1, "bad_epochs": 0, "stop_reason": "",
-                                      "loss_sum": 0.0, **_zero_tally()}
+                                      "loss_sum": 0.0, "ce_sum": 0.0, **_zero_tally()}
 
     # ---------------------------------------------------------------- setup
     def _prepare_data(self) -> None:
@@ -560,7 +563,7 @@ class FoldTrainer:
             # (config.yaml holds their names only, and a file can be replaced under its name).
             atomic_write_text(out / INPUTS_NAME, json.dumps(input_file_digests(self.cfg), indent=1) + "\n")
         self._open_logs()
-        if warning := self.cfg.aug.folding_warning():
+        for warning in self.cfg.warnings():
             _say(warning, env)
         from skinhpc.convert import detail_lost_note
         if note := detail_lost_note(self.manifest, self.cfg.model.image_size):
@@ -645,8 +648,8 @@ class FoldTrainer:
             it.close()  # an epoch left early (step cap, preemption) must release the loader's workers
 
     def _micro_step(self, batch: Any, boundary: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward + backward of one micro-batch; returns the loss and the per-class tally (2, C:
-        predictions right, images) as device tensors."""
+        """Forward + backward of one micro-batch; returns the training criterion and the plain
+        cross-entropy (2,) and the per-class tally (2, C: predictions right, images) as device tensors."""
         images, labels = batch.images, batch.labels
         if self.engine is not None and self.env.world_size > 1:
             sync_buffers(self.env, self.raw)
@@ -666,7 +669,10 @@ class FoldTrainer:
         tally = torch.zeros(2, len(CLASSES), dtype=torch.int64, device=labels.device)
         tally[0].index_add_(0, labels, (logits.detach().argmax(1) == labels).long())  # index_add_: no host sync
         tally[1].index_add_(0, labels, torch.ones_like(labels))
-        return loss.detach(), tally
+        # The plain cross-entropy, unweighted like the validation loss, so the two curves compare
+        # (the class-weighted criterion of a prior-only prediction is ~2.9 on HAM10000, its CE 1.1).
+        ce = F.cross_entropy(logits.detach().float(), labels)
+        return torch.stack([loss.detach().float(), ce]), tally
 
     def _optimizer_step(self) -> float:
         lr = self._set_lr(self.state["global_step"])
@@ -700,7 +706,7 @@ class FoldTrainer:
             freeze_backbone_norms(self.raw)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        loss_sum = torch.tensor(st["loss_sum"], dtype=torch.float64, device=self.device)
+        loss_sums = torch.tensor([st["loss_sum"], st["ce_sum"]], dtype=torch.float64, device=self.device)
         tally = torch.tensor([st["class_correct"], st["class_seen"]], dtype=torch.int64, device=self.device)
         t_start, waited, images, lr = time.perf_counter(), 0.0, 0, 0.0
         bar = self._progress_bar(epoch, st["step"])
@@ -708,8 +714,8 @@ class FoldTrainer:
             for step, batch, wait in self._batches(epoch, st["step"]):
                 waited += wait
                 boundary = (step + 1) % tc.accum_steps == 0
-                loss, step_tally = self._micro_step(batch, boundary)
-                loss_sum += loss.double()
+                losses, step_tally = self._micro_step(batch, boundary)
+                loss_sums += losses.double()
                 tally += step_tally
                 images += len(batch.labels)
                 if self.engine is not None and not boundary:
@@ -718,14 +724,14 @@ class FoldTrainer:
                     continue
                 lr = self._optimizer_step()
                 st["step"] = step + 1
-                self._report_step(bar, step, loss, lr)
+                self._report_step(bar, step, losses[0], lr)
                 self._test_hooks()
-                if self._maybe_checkpoint(loss_sum, tally):
+                if self._maybe_checkpoint(loss_sums, tally):
                     return False
         finally:
             if bar is not None:
                 bar.close()
-        st.update(self._loop_state(loss_sum, tally))
+        st.update(self._loop_state(loss_sums, tally))
         seconds = time.perf_counter() - t_start
         self._epoch_stats = {"lr": lr or self.optimizer.param_groups[-1]["lr"],
                              "images_per_s": images * self.env.world_size / max(seconds, 1e-9),
@@ -767,16 +773,17 @@ class FoldTrainer:
         if os.environ.get(STEP_SLEEP_ENV):
             time.sleep(float(os.environ[STEP_SLEEP_ENV]))
 
-    def _loop_state(self, loss_sum: torch.Tensor, tally: torch.Tensor) -> dict:
+    def _loop_state(self, loss_sums: torch.Tensor, tally: torch.Tensor) -> dict:
         class_correct, class_seen = tally.tolist()
-        return {**self.state, "loss_sum": float(loss_sum.item()), "class_correct": class_correct,
+        loss_sum, ce_sum = loss_sums.tolist()
+        return {**self.state, "loss_sum": loss_sum, "ce_sum": ce_sum, "class_correct": class_correct,
                 "class_seen": class_seen}
 
     # This rank's own running sums: each rank saves and restores its own (summed over ranks only at
     # the epoch's end, in the same order as an uninterrupted run).
-    RANK_KEYS = ("loss_sum", "class_correct", "class_seen")
+    RANK_KEYS = ("loss_sum", "ce_sum", "class_correct", "class_seen")
 
-    def _maybe_checkpoint(self, loss_sum: torch.Tensor, tally: torch.Tensor) -> bool:
+    def _maybe_checkpoint(self, loss_sums: torch.Tensor, tally: torch.Tensor) -> bool:
         """Save on a preemption signal or every train.checkpoint.every_steps; True = stop now."""
         st = self.state
         code = distributed.max_int(self.env, self.flag.code)
@@ -784,7 +791,7 @@ class FoldTrainer:
         periodic = every > 0 and st["global_step"] % every == 0 and st["step"] < self.steps_per_epoch
         if not code and not periodic:
             return False
-        self._save(st["epoch"], st["step"], self._loop_state(loss_sum, tally))
+        self._save(st["epoch"], st["step"], self._loop_state(loss_sums, tally))
         return bool(code) and self._act_on_signal(code)
 
     def _act_on_signal(self, code: int | None = None) -> bool:
@@ -830,10 +837,11 @@ class FoldTrainer:
         st, env = self.state, self.env
         epoch = st["epoch"]
         k = len(CLASSES)
-        sums = distributed.all_sum(env, [st["loss_sum"], *map(float, st["class_correct"]),
+        sums = distributed.all_sum(env, [st["loss_sum"], st["ce_sum"], *map(float, st["class_correct"]),
                                          *map(float, st["class_seen"])])
-        train_loss = sums[0] / max(1.0, self.steps_per_epoch * env.world_size)
-        train_acc, train_bal_acc = train_accuracies(sums[1:1 + k], sums[1 + k:])
+        steps = max(1.0, self.steps_per_epoch * env.world_size)
+        train_loss, train_ce = sums[0] / steps, sums[1] / steps
+        train_acc, train_bal_acc = train_accuracies(sums[2:2 + k], sums[2 + k:])
         last = epoch + 1 == self.tcfg.epochs
         out_of_time = not last and self._out_of_time()
         metrics, improved = None, False
@@ -843,12 +851,13 @@ class FoldTrainer:
         if out_of_time:
             st["stop_reason"] = "time_limit"
         record = {"epoch": epoch, "lr": self._epoch_stats["lr"], "train_loss": train_loss,
+                  "train_ce": None if math.isnan(train_ce) else train_ce,
                   "train_acc": train_acc, "train_balanced_accuracy": train_bal_acc,
                   **{f"val_{k}": (metrics or {}).get(k) for k in EPOCH_METRICS},
                   **{k: v for k, v in self._epoch_stats.items() if k != "lr"}}
         if env.is_main:
             self._log_epoch(record, metrics, improved)
-        st.update(epoch=epoch + 1, step=0, loss_sum=0.0, **_zero_tally())
+        st.update(epoch=epoch + 1, step=0, loss_sum=0.0, ce_sum=0.0, **_zero_tally())
         if last or st["stop_reason"] or st["epoch"] % self.tcfg.checkpoint.every_epochs == 0:
             self._save(st["epoch"], 0, dict(st))
         if st["stop_reason"] == "time_limit":

@@ -201,3 +201,13 @@ def test_a_failed_atomic_write_names_its_file_and_leaves_the_earlier_one(tmp_pat
         atomic_write(target, full_disk)
     assert os_error_text(caught.value) == f"{target}: No space left on device"
     assert target.read_text() == "earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_a_frozen_random_or_never_unfrozen_backbone_is_warned_about() -> None:
+    def said(*overrides: str) -> list[str]:
+        return load_config(list(overrides)).warnings()
+
+    assert said() == [] and said("model.freeze_epochs=2", "model.pretrained=w.pth") == []
+    assert any("random, frozen backbone" in w for w in said("model.freeze_epochs=2", "model.pretrained=false"))
+    stays = said("model.freeze_epochs=5", "train.epochs=5", "model.pretrained=true")
+    assert len(stays) == 1 and "stays frozen for the whole run" in stays[0]

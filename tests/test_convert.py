@@ -478,7 +478,7 @@ def test_cli_converts_the_two_folder_layout_and_warns_about_unlisted_images(tmp_
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=200)
     assert proc.returncode == 0, proc.stderr
     assert "warning: 1 image(s)" in proc.stderr and "ISIC_9999999.jpg" in proc.stderr
-    assert f"converted {len(ids)} images to 75x100" in proc.stdout
+    assert f"converted {len(ids)} images to 100x75 px" in proc.stdout
     assert read_index(out)["image_id"].tolist() == ids
     assert read_manifest(out)["stored_size"] == [75, 100]
 

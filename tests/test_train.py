@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import shutil
 import signal
@@ -175,6 +176,8 @@ def test_single_process_fold_learns_and_writes_the_fold_layout(tmp_path: Path, d
     # 14 images, no augmentation: learned by heart.
     assert log[-1]["train_acc"] == 1.0 and log[-1]["train_balanced_accuracy"] == 1.0, log[-1]
     assert log[-1]["train_loss"] < 0.5 * log[0]["train_loss"]
+    # Unweighted, unsmoothed criterion: the logged cross-entropy is the same loss.
+    assert [r["train_ce"] for r in log] == pytest.approx([r["train_loss"] for r in log], rel=1e-5)
     for name in ("config.yaml", "model_best.pt", "predictions_val.npz", "predictions_test.npz", "metrics.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "inputs.json").read_text()) == {}  # trained from scratch: no input files
@@ -619,15 +622,24 @@ def test_frozen_backbone_epochs_train_only_the_head(tmp_path: Path, data_dir: Pa
 
 @pytest.mark.timeout(30)
 def test_checkpoint_with_the_old_stopped_flag_resumes_as_an_early_stop() -> None:
-    old = {"epoch": 7, "stopped": True, "best_metric": 0.5}
-    assert upgrade_loop_state(old) == {"epoch": 7, "stop_reason": "early_stop", "best_metric": 0.5}
+    old = {"epoch": 7, "stopped": True, "best_metric": 0.5, "ce_sum": 0.0}
+    assert upgrade_loop_state(old) == {"epoch": 7, "stop_reason": "early_stop", "best_metric": 0.5, "ce_sum": 0.0}
     assert "stopped" in old  # the loaded state is not changed in place
-    assert upgrade_loop_state({"epoch": 3, "stopped": False}) == {"epoch": 3}
+    assert upgrade_loop_state({"epoch": 3, "stopped": False, "ce_sum": 0.0}) == {"epoch": 3, "ce_sum": 0.0}
     # A state that already has a reason keeps it.
-    assert upgrade_loop_state({"stop_reason": "time_limit"}) == {"stop_reason": "time_limit"}
+    assert upgrade_loop_state({"stop_reason": "time_limit", "ce_sum": 0.0}) == {"stop_reason": "time_limit",
+                                                                              "ce_sum": 0.0}
     # One count of right predictions (before the per-class tallies): the tallies restart at zero.
-    assert upgrade_loop_state({"epoch": 2, "correct": 40, "seen": 64}) == {
-        "epoch": 2, "class_correct": [0] * len(CLASSES), "class_seen": [0] * len(CLASSES)}
+    assert upgrade_loop_state({"epoch": 2, "correct": 40, "seen": 64, "ce_sum": 0.0}) == {
+        "epoch": 2, "class_correct": [0] * len(CLASSES), "class_seen": [0] * len(CLASSES), "ce_sum": 0.0}
+
+
+@pytest.mark.timeout(30)
+def test_checkpoint_older_than_train_ce_resumes_with_no_train_ce_for_the_epoch_it_cut() -> None:
+    # Saved at an epoch's end: the next epoch's sum starts at zero, as in a fresh epoch.
+    assert upgrade_loop_state({"epoch": 2, "step": 0, "loss_sum": 0.0})["ce_sum"] == 0.0
+    # Saved inside an epoch: the steps before it have no cross-entropy summed, so none is logged.
+    assert math.isnan(upgrade_loop_state({"epoch": 2, "step": 5, "loss_sum": 3.0})["ce_sum"])
 
 
 @pytest.mark.timeout(30)
