@@ -488,6 +488,16 @@ def _finished_elsewhere(run_dir: Path, keys: set[str]) -> list[Task]:
     return [t for t in found if t.key not in keys and task_done(run_dir, t)]
 
 
+def _weights_misfits(configs: list[ExperimentConfig]) -> list[str]:
+    """``models.weights_problem`` of each backbone's weights file, once per backbone and file."""
+    files = {(c.model.backbone, pretrained_source(c.model.pretrained)): c.model for c in configs}
+    if not any(source not in ("", "hub") for _, source in files):
+        return []
+    from skinhpc.models import weights_problem  # imports torch and timm
+
+    return [why for model_cfg in files.values() if (why := weights_problem(model_cfg))]
+
+
 def check_task_configs(cfg: ExperimentConfig, tasks: list[Task]) -> None:
     """Refuse a launch that would resume or reuse a fold trained with other settings (e.g. by hand
     with jobs/train.py in a run directory the launcher has no config of)."""
@@ -509,6 +519,10 @@ def check_task_configs(cfg: ExperimentConfig, tasks: list[Task]) -> None:
     if missing:
         raise LaunchError(f"model.pretrained: weights file(s) not found: {'; '.join(missing)}. With several "
                           "backbones, name each one's file with {backbone}, e.g. model.pretrained=weights/{backbone}.pth")
+    if misfits := _weights_misfits(list(configs.values())):
+        raise LaunchError("model.pretrained: weights that do not fit their backbone:\n" + "\n".join(misfits) +
+                          "\nWith several backbones, name each one's file with {backbone}, e.g. "
+                          "model.pretrained=weights/{backbone}.pth")
     if tasks and cfg.train.strategy == "deepspeed":  # as the tasks read it (train.deepspeed_config)
         try:
             read_deepspeed_file(cfg.train.deepspeed.config)

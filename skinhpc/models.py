@@ -51,6 +51,7 @@ import os
 import re
 import socket
 import urllib.parse
+import zipfile
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
@@ -275,8 +276,9 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 # --------------------------------------------------------------------------- weights files
 
-def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict in a local weights file (see the module docstring for the accepted forms)."""
+def read_weights_file(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict in a local weights file (see the module docstring for the accepted forms);
+    ``mmap``: tensors paged in on use, where the file's format allows (torch's zip files)."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise PretrainedWeightsError(f"model.pretrained: {path} is a folder; give the weights file in it "
@@ -292,7 +294,7 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
             # timm's train.py saves its argparse options beside the weights: a Namespace is a bag
             # of attributes, safe to rebuild (its values still pass weights_only's checks).
             with _namespace_allowed():
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # pickle/zip/safetensors errors have many types; name the file
         raise PretrainedWeightsError(
             f"model.pretrained: cannot read {path} as a weights file ({load_error_text(e)}). "
@@ -403,6 +405,25 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], sourc
     initialisation (even a 7-class file's); a shape mismatch or a backbone tensor the file lacks is an
     error (weights of a neighbouring architecture or another layout would otherwise leave part of
     the backbone random without a word); one log line lists what was loaded and what was not."""
+    fit = _fitted(model, state, source)
+    model.load_state_dict(fit.loadable, strict=False)
+    log.info("loaded %d/%d tensors from %s; head re-initialised: %s; fresh (not in the file): %s; "
+             "unused: %s", len(fit.loadable), fit.n_model, source, _short(fit.reinit), _short(fit.missing),
+             _short(fit.unused))
+
+
+@dataclasses.dataclass
+class _Fit:
+    loadable: dict[str, torch.Tensor]
+    reinit: list[str]
+    missing: list[str]
+    unused: list[str]
+    n_model: int
+
+
+def _fitted(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> _Fit:
+    """What of ``state`` goes into ``model`` (see ``load_state_dict_into``); PretrainedWeightsError
+    when it does not fit. Shapes and names only: ``model`` may live on the meta device."""
     if isinstance(model, (VGG16GAP, timm.models.vgg.VGG)) and any(k.startswith("classifier.") for k in state):
         state = _torchvision_vgg_to_timm(state)
     if _is_senet_file_for_resnext(model, state):
@@ -448,9 +469,7 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], sourc
         raise PretrainedWeightsError(f"{source} does not fit {type(model).__name__}: it has {len(deeper)} tensors "
                                      f"inside the model's own layers that the model lacks ({_short(deeper, 4)}): "
                                      f"weights of a deeper variant of the architecture?")
-    model.load_state_dict(loadable, strict=False)
-    log.info("loaded %d/%d tensors from %s; head re-initialised: %s; fresh (not in the file): %s; "
-             "unused: %s", len(loadable), len(own), source, _short(reinit), _short(missing), _short(unused))
+    return _Fit(loadable, reinit, missing, unused, len(own))
 
 
 def _resampled_pos_embed(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
@@ -483,6 +502,23 @@ def _short(keys: list[str], limit: int = 8) -> str:
 def load_pretrained_file(model: nn.Module, path: str | Path) -> None:
     """Load a local weights file into ``model`` (see ``load_state_dict_into``)."""
     load_state_dict_into(model, read_weights_file(path), f"weights file {path}")
+
+
+def weights_problem(model_cfg: ModelConfig) -> str:
+    """Why ``model_cfg.pretrained``'s weights file does not fit its backbone ("" when it does, or
+    when no file is named): the launcher's check on the login node, so that a wrong file fails
+    there, not in every task of the backbone after its wait in the queue. The network is built on
+    the meta device and the file memory-mapped, so a 500 MB file costs a second, not its size."""
+    source = pretrained_source(backbone_weights(model_cfg.pretrained, model_cfg.backbone))
+    if source in ("", "hub"):
+        return ""
+    try:
+        with torch.device("meta"):
+            model = _build(model_cfg, len(CLASSES))
+        _fitted(model, read_weights_file(source, mmap=True), f"weights file {source}")
+    except PretrainedWeightsError as e:
+        return f"{model_cfg.backbone}: {str(e).removeprefix('model.pretrained: ')}"
+    return ""
 
 
 # --------------------------------------------------------------------------- fine-tuning

@@ -105,6 +105,24 @@ def test_dry_run_checks_the_data_paths_the_launch_would_read(tmp_path: Path) -> 
     assert not run_dir.exists(), "a dry run must not write anything"
 
 
+@pytest.mark.timeout(120)
+def test_a_weights_file_that_does_not_fit_a_backbone_is_refused_before_any_job(tmp_path: Path) -> None:
+    # One file for two backbones (no {backbone} in the path): it fits resnet18, not resnet34, whose
+    # tasks would otherwise each fail on a compute node after their wait in the queue.
+    import timm
+    import torch
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), weights)
+    run_dir = tmp_path / "exp"
+    base = ["--dry-run", "--folds", "3", f"run_dir={run_dir}", f"model.pretrained={weights}"]
+    proc = run_launch(base + ["backbones=[resnet18,resnet34]"], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "weights that do not fit their backbone" in proc.stderr and f"resnet34: weights file {weights}" in proc.stderr
+    assert "resnet18: weights file" not in proc.stderr and "{backbone}" in proc.stderr
+    assert run_launch(base + ["backbones=[resnet18]"], cwd=tmp_path).returncode == 0
+
+
 @pytest.mark.timeout(60)
 def test_golden_training_array_requests_nodes_gpus_and_profile_settings() -> None:
     text = (GOLDEN / "dry_run_gpu_cluster.txt").read_text()
@@ -876,15 +894,18 @@ def test_once_the_trained_on_weights_file_is_gone_its_recorded_content_decides_a
 def test_each_backbone_gets_its_own_weights_file_and_a_missing_one_is_refused_at_launch(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from skinhpc.launch import Task, task_config
+    import timm
+    import torch
+
     monkeypatch.chdir(tmp_path)
     (tmp_path / "weights").mkdir()
-    (tmp_path / "weights" / "resnet18.pth").write_bytes(b"r18")
+    torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "weights" / "resnet18.pth")
     args = ["--dry-run", "--folds", "2", f"run_dir={tmp_path / 'exp'}", "backbones=[resnet18,resnet34]",
             "model.pretrained=weights/{backbone}.pth"]
     proc = run_launch(args, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"resnet34: {tmp_path / 'weights' / 'resnet34.pth'}" in proc.stderr and "resnet18:" not in proc.stderr
-    (tmp_path / "weights" / "resnet34.pth").write_bytes(b"r34")
+    torch.save(timm.create_model("resnet34").state_dict(), tmp_path / "weights" / "resnet34.pth")
     proc = run_launch(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     cfg, _ = load_launch_config([f"run_dir={tmp_path / 'exp'}", "model.pretrained=weights/{backbone}.pth"], None, 2)
