@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 import skinhpc
 from skinhpc import CLASS_TO_LABEL, CLASSES
@@ -518,8 +518,25 @@ def _eight_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8))
 
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how a camera held the picture
+_QUARTER_TURNS = (5, 6, 7, 8)  # orientations whose upright picture swaps width and height
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as the picture is shown, after its EXIF orientation (headers only)."""
+    turned = image.getexif().get(EXIF_ORIENTATION, 1) in _QUARTER_TURNS
+    return (image.size[1], image.size[0]) if turned else image.size
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The picture as viewers show it: a phone's portrait shot is stored sideways with a tag."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) in (1, None):
+        return image
+    return ImageOps.exif_transpose(image)
+
+
 def _resized_rgb(image: Image.Image, width: int, height: int) -> np.ndarray:
-    rgb = _eight_bit(image).convert("RGB")  # decodes fully; grey, palette, CMYK or RGBA sources become RGB
+    rgb = _eight_bit(_upright(image)).convert("RGB")  # decodes fully; grey, palette, CMYK or RGBA sources become RGB
     if rgb.size != (width, height):
         # Pillow's BILINEAR widens its kernel when shrinking (antialiased, like torchvision's
         # antialias=True) at a quarter of LANCZOS's cost; reducing_gap box-reduces huge sources first.
@@ -573,11 +590,12 @@ def _decode(path: Path) -> tuple[str | None, tuple[int, int] | None]:
     try:
         with Image.open(path) as image:
             size = image.size
+            upright = upright_size(image)
             # JPEG: decode at 1/8 scale. libjpeg still reads every byte of the entropy-coded data,
             # so truncated or corrupt files fail just as in a full decode, at a fraction of the cost.
             image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
             image.load()  # a truncated or corrupt JPEG only fails here, not at open
-            return None, size
+            return None, upright
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb)
         return f"{type(e).__name__}: {e}", None
 

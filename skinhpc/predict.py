@@ -163,12 +163,12 @@ def _stretched(paths: Sequence[str], stored_size: tuple[int, int]) -> list[str]:
     stretched them (``convert.stretched_images``). Headers only: PIL reads no pixels for .size."""
     from PIL import Image
 
-    from skinhpc.convert import stretched_images
+    from skinhpc.convert import stretched_images, upright_size
     sizes = []
     for p in paths:
         try:
             with Image.open(p) as image:
-                sizes.append(image.size)
+                sizes.append(upright_size(image))
         except Exception:  # read a moment ago; gone since: nothing to say about its shape
             sizes.append((int(stored_size[1]), int(stored_size[0])))
     return [str(p) for _, p, _ in stretched_images(paths, sizes, (int(stored_size[1]), int(stored_size[0])))]

@@ -164,6 +164,23 @@ def test_a_note_says_when_max_resolution_made_the_evaluation_square_smaller_than
     assert "data.max_resolution=300" in detail_lost_note(small, 256)
 
 
+def test_a_picture_stored_sideways_with_an_exif_orientation_is_read_upright(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from skinhpc.convert import EXIF_ORIENTATION, _decode
+
+    rng = np.random.default_rng(0)
+    upright = Image.fromarray(np.repeat(np.repeat(rng.integers(0, 255, (9, 12, 3), dtype=np.uint8), 5, 0), 5, 1))
+    assert upright.size == (60, 45)
+    upright.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6  # "turn 90 degrees clockwise to view": the pixels are stored turned back
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "sideways.png", exif=exif)
+    assert _decode(tmp_path / "sideways.png") == (None, (60, 45))  # the size conversion plans with
+    got, want = (prepare_image(tmp_path / name, [45, 60]) for name in ("sideways.png", "upright.png"))
+    assert np.array_equal(got, want)
+
+
 def test_prepare_image_gives_rgb_uint8_of_the_stored_size_from_any_mode(tmp_path: Path) -> None:
     for mode in ("L", "RGBA", "P"):
         image = Image.new(mode, (40, 30))
