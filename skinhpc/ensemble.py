@@ -232,6 +232,30 @@ def _read_fold(run_dir: Path, backbone: str, fold: int) -> FoldRun | str:
         return f"metrics.json says done but its predictions are unreadable: {e}"
 
 
+def _reference_config(run_dir: Path, backbone: str, num_folds: int, run_cfg: Any) -> tuple[Any, str]:
+    """The config a backbone's folds must match to be averaged, and its name: the run's, or in a
+    run made by hand (no RUN/config.yaml) that of its first finished fold."""
+    if run_cfg is not None:
+        return run_cfg, "the run's config.yaml"
+    return _first_fold_config(run_dir, backbone, num_folds)
+
+
+def folds_trained_otherwise(run_dir: str | Path) -> dict[tuple[str, int], str]:
+    """{(backbone, fold): why} of the finished folds the report leaves out for their config
+    (``_trained_otherwise``), without reading predictions: what predict leaves out too."""
+    run_dir = Path(run_dir)
+    backbones, num_folds, run_cfg = _expected_layout(run_dir)
+    out = {}
+    for backbone in backbones:
+        ref, against = _reference_config(run_dir, backbone, num_folds, run_cfg)
+        for fold in range(num_folds):
+            fold_dir = run_dir / backbone / f"fold{fold}"
+            if ref is not None and finished_metrics(fold_dir) is not None:
+                if why := _trained_otherwise(fold_dir, ref, against):
+                    out[(backbone, fold)] = why
+    return out
+
+
 def scan_run(run_dir: str | Path) -> RunScan:
     """Find every finished fold of every backbone and list the expected folds that are missing."""
     run_dir = Path(run_dir)
@@ -241,8 +265,7 @@ def scan_run(run_dir: str | Path) -> RunScan:
     scan = RunScan(run_dir, backbones, num_folds)
     for backbone in backbones:
         # Folds trained by hand (no RUN/config.yaml) must still share one config to be averaged.
-        ref, against = (run_cfg, "the run's config.yaml") if run_cfg is not None else \
-            _first_fold_config(run_dir, backbone, num_folds)
+        ref, against = _reference_config(run_dir, backbone, num_folds, run_cfg)
         for fold in range(num_folds):
             result = _read_fold(run_dir, backbone, fold)
             if isinstance(result, FoldRun) and ref is not None:

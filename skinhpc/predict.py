@@ -62,11 +62,17 @@ class PredictResult:
 # --------------------------------------------------------------------------- models
 
 def finished_model_files(run_dir: str | Path, warn: Callable[[str], None] | None = None) -> list[tuple[str, int, Path]]:
-    """(backbone, fold, model_best.pt) of every finished fold (metrics.json says done); a finished
-    fold without its model_best.pt is named to ``warn`` (the report counts it, predict cannot)."""
+    """(backbone, fold, model_best.pt) of every finished fold (metrics.json says done) that the
+    report averages; a finished fold the report leaves out for its config, or one without its
+    model_best.pt (the report counts it, predict cannot), is named to ``warn``."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise PredictError(f"{run_dir}: no such run directory")
+    from skinhpc.ensemble import EnsembleError, folds_trained_otherwise
+    try:
+        otherwise = folds_trained_otherwise(run_dir)
+    except EnsembleError as e:  # an unreadable RUN/config.yaml or split.json, named
+        raise PredictError(str(e)) from None
     found = []
     for status_path in sorted(run_dir.glob("*/fold*/metrics.json")):
         fold_dir = status_path.parent
@@ -76,7 +82,10 @@ def finished_model_files(run_dir: str | Path, warn: Callable[[str], None] | None
             done = json.loads(status_path.read_text()).get("status") == "done"
         except ValueError:
             done = False
-        if done and (fold_dir / "model_best.pt").is_file():
+        if done and (why := otherwise.get((fold_dir.parent.name, int(fold_dir.name[4:])))):
+            if warn is not None:  # the report leaves it out: so do the answers that are "the report's"
+                warn(f"{fold_dir}: {why}; predicting without this fold model, as the report does")
+        elif done and (fold_dir / "model_best.pt").is_file():
             found.append((fold_dir.parent.name, int(fold_dir.name[4:]), fold_dir / "model_best.pt"))
         elif done and warn is not None:
             warn(f"{fold_dir}: finished but has no model_best.pt; predicting without this fold model")

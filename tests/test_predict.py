@@ -74,6 +74,25 @@ def test_only_finished_folds_are_loaded(run_dir):
     assert {m.stored_size for m in models} == {(75, 100), (90, 120)}
 
 
+@pytest.mark.timeout(120)
+def test_a_fold_the_report_leaves_out_for_its_config_is_left_out_of_predict_too(tmp_path):
+    from skinhpc.config import load_config, save_config
+
+    run = tmp_path / "run"
+    launched = load_config([f"run_dir={run}", "backbones=[resnet18]", "model.backbone=resnet18", "split.folds=3"])
+    save_config(launched, run / "config.yaml")
+    for fold, lr in ((0, launched.train.lr), (1, launched.train.lr * 10)):  # fold 1: by hand, another lr
+        _write_fold(run, "resnet18", fold, [75, 100], 64)
+        save_config(load_config([f"run_dir={run}", "backbones=[resnet18]", "model.backbone=resnet18",
+                                 "split.folds=3", f"fold={fold}", f"train.lr={lr}"]),
+                    run / "resnet18" / f"fold{fold}" / "config.yaml")
+    warnings: list[str] = []
+    models = load_fold_models(run, "cpu", warn=warnings.append)
+    assert [(m.backbone, m.fold) for m in models] == [("resnet18", 0)]
+    assert len(warnings) == 1 and "fold1" in warnings[0] and "train.lr" in warnings[0], warnings
+    assert "as the report does" in warnings[0]
+
+
 @pytest.mark.timeout(180)
 def test_rows_sum_to_one_and_batch_size_does_not_change_answers(run_dir):
     models = load_fold_models(run_dir, "cpu")
