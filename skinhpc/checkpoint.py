@@ -298,6 +298,9 @@ def load_best(ckpt_dir: str | Path) -> tuple[dict, dict] | None:
 def check_resume_keys(saved: dict, current: dict, where: Path) -> None:
     """Refuse to resume when a setting that shapes the training trajectory changed."""
     changed = [f"{k}: {saved.get(k)!r} (checkpoint) vs {v!r} (now)" for k, v in current.items() if saved.get(k) != v]
+    if "world_size" in current and saved.get("world_size") != current["world_size"]:
+        changed.append("(world_size is the process count: torchrun's --nproc_per_node x --nnodes, or "
+                       "cluster.nodes x cluster.gpus_per_node for a launched task)")
     if changed:
         raise ResumeMismatch(
             f"cannot resume from {where}: {'; '.join(changed)}. These settings must match the checkpoint; "

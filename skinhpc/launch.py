@@ -1014,6 +1014,9 @@ def _launch_inline(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]
     plan = make_plan(cfg, kind, {"tasks": {}}, {})
     if cfg.cluster.nodes > 1 and kind == "local":
         raise LaunchError("cluster.kind=local runs on this machine only: cluster.nodes must be 1")
+    if cfg.cluster.nodes * cfg.cluster.gpus_per_node > 1 and kind == "debug":
+        raise LaunchError("cluster.kind=debug trains in this one process: cluster.nodes and cluster.gpus_per_node "
+                          "must be 1 (cluster.kind=local runs several processes per task)")
     _prepare_run(cfg, converted=plan.convert == "skip", remake=remake)
     for line in plan.lines():
         echo(line)

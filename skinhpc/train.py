@@ -115,10 +115,16 @@ def train_fold(cfg: ExperimentConfig) -> dict:
     run_config = Path(cfg.run_dir) / "config.yaml"
     launched = read_saved_config(run_config)  # None: not a launched run
     changed = run_config_changes(launched, cfg) if launched is not None else []
+    world = distributed.read_ranks()[1]
+    if launched is not None and world != launched.cluster.nodes * launched.cluster.gpus_per_node:
+        # train.batch_size is per process: another process count is another global batch, as
+        # the launcher refuses on relaunch (launch.check_compatible).
+        changed.append(f"processes (cluster.nodes x cluster.gpus_per_node; here torchrun's or srun's count): "
+                       f"{launched.cluster.nodes * launched.cluster.gpus_per_node} -> {world}")
     if changed:
         raise ConfigError(mixed_config_refusal(run_config.parent, "launched", changed))
     done = finished_metrics(out)
-    if done is not None and distributed.read_ranks()[1] == 1:  # several ranks: rank 0 decides, below
+    if done is not None and world == 1:  # several ranks: rank 0 decides, below
         _say(f"{out}: already finished (metrics.json); nothing to do")
         return done
     if cfg.train.strategy == "deepspeed" and cfg.train.precision == "fp16":
@@ -580,11 +586,19 @@ class FoldTrainer:
             # of the loop's end is saved, so it is acted on here, before our handlers are removed.
             if self._act_on_signal():
                 return self._preempted()
+            # The last step (best model's predictions, metrics.json) takes seconds: a signal now
+            # is recorded and waits for it, since a fold finished beats a requeue that redoes it
+            # (without our handlers, SIGTERM would kill the process without a word).
+            self._test_hooks(at_finish=True)
+            result = self._finish()
+            if code := distributed.max_int(self.env, self.flag.code):
+                name = signal.Signals({c: s for s, c in _SIGNAL_CODES.items()}[code]).name
+                _say(f"{name} during the final predictions: finished them first", self.env)
+            return result
         finally:
             self.flag.uninstall()
             if self.writer is not None:
                 self.writer.close()
-        return self._finish()
 
     def _resume(self) -> None:
         keys = resume_keys(self.cfg, self.env.world_size)
@@ -764,13 +778,13 @@ class FoldTrainer:
                 print(f"epoch {self.state['epoch']} step {step + 1}/{self.steps_per_epoch} loss {value:.4f} "
                       f"lr {lr:.3g}", flush=True)
 
-    def _test_hooks(self) -> None:
-        g = self.state["global_step"]
-        if os.environ.get(PREEMPT_ENV) == str(g) and self.env.is_main:
+    def _test_hooks(self, at_finish: bool = False) -> None:
+        g = "finish" if at_finish else str(self.state["global_step"])  # "finish": before the last step
+        if os.environ.get(PREEMPT_ENV) == g and self.env.is_main:
             os.kill(os.getpid(), signal.Signals["SIG" + os.environ.get(PREEMPT_SIGNAL_ENV, "USR2")])
-        if os.environ.get(KILL_ENV) == str(g):
+        if os.environ.get(KILL_ENV) == g:
             os.kill(os.getpid(), signal.SIGKILL)
-        if os.environ.get(STEP_SLEEP_ENV):
+        if os.environ.get(STEP_SLEEP_ENV) and not at_finish:
             time.sleep(float(os.environ[STEP_SLEEP_ENV]))
 
     def _loop_state(self, loss_sums: torch.Tensor, tally: torch.Tensor) -> dict:

@@ -133,7 +133,7 @@ def data_dir(sample_data_dir: Path) -> Path:
 EXACT = ["train.epochs=3", "train.max_steps_per_epoch=3", "train.batch_size=5", "model.drop_rate=0.3"]
 
 
-def stopped_at_step(step: int, run_dir: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+def stopped_at_step(step: int | str, run_dir: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch,
                     signal_name: str = "USR2") -> tuple[ExperimentConfig, dict]:
     """The EXACT config trained until this process sends itself a real signal after optimizer step
     ``step`` (SIGUSR2: SLURM's warning); its config and what train_fold returned."""
@@ -290,7 +290,23 @@ def test_a_fold_of_a_launched_run_trained_by_hand_with_other_settings_is_refused
     save_config(load_config(overrides(tmp_path, data_dir, "model.pretrained=true")), tmp_path / "config.yaml")
     with pytest.raises(ConfigError, match=r"was launched with another config.*model\.pretrained"):
         train_fold(load_config(overrides(tmp_path, data_dir)))  # from scratch, in a run of pretrained folds
+    # Launched as 2 processes per task (train.batch_size is per process): one process is another batch.
+    save_config(load_config(overrides(tmp_path, data_dir, "cluster.gpus_per_node=2")), tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match=r"was launched with another config.*processes .*: 2 -> 1"):
+        train_fold(load_config(overrides(tmp_path, data_dir, "cluster.gpus_per_node=2")))
     assert not (tmp_path / "resnet18").exists()
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_during_the_final_predictions_waits_for_them_and_the_fold_finishes(
+        tmp_path: Path, data_dir: Path, uninterrupted: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    # Our handlers stay on through the last step: without them SIGTERM killed the process silently.
+    cfg, result = stopped_at_step("finish", tmp_path, data_dir, monkeypatch, "TERM")
+    assert result["status"] == "done"
+    assert "SIGTERM during the final predictions: finished them first" in capsys.readouterr().out
+    for name in ("predictions_val.npz", "predictions_test.npz"):
+        assert (fold_dir(cfg) / name).read_bytes() == (uninterrupted / name).read_bytes(), name
 
 
 @pytest.mark.slow
