@@ -43,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {os_error_text(e)}; once fixed, run the same command again (it resumes from the newest "
               "complete checkpoint, if there is one)", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C before the training loop (set-up): nothing new to keep
+    except KeyboardInterrupt:  # Ctrl-C in the set-up (nothing new to keep) or in the final step (kept)
         if first_rank():
-            print("interrupted before training started; run the same command again to start", file=sys.stderr)
+            print("interrupted; run the same command again: it starts the fold, or finds it finished",
+                  file=sys.stderr)
         return 130
     if result.get("status") in ("preempted", "interrupted") and first_rank():
         print(f"{result['status']} at epoch {result.get('epoch')} step {result.get('step')}: checkpoint saved; "

@@ -115,7 +115,7 @@ class ModelConfig:
     """Epochs training only the new head (backbone frozen: weights and BatchNorm statistics) before
     fine-tuning everything. The learning-rate warm-up (train.warmup_epochs) counts from the first
     epoch, so an unfrozen backbone starts at the rate the schedule has reached by then (times
-    model.backbone_lr_scale), without a warm-up of its own."""
+    model.backbone_lr_scale when pretrained), without a warm-up of its own."""
     backbone_lr_scale: float = 0.1
     """Learning rate of pretrained backbone layers relative to the head's (fine-tuning)."""
 
@@ -443,6 +443,11 @@ class ClusterConfig:
             _check(getattr(self, name) >= 1, f"cluster.{name} must be >= 1, not {getattr(self, name)}")
         for name in ("mem_gb", "signal_delay_s", "max_requeues"):
             _check(getattr(self, name) >= 0, f"cluster.{name} must be >= 0, not {getattr(self, name)}")
+
+    @property
+    def processes(self) -> int:
+        """Processes per training task (its world size): train.batch_size is per process."""
+        return self.nodes * self.gpus_per_node
 
 
 @dataclass

@@ -62,8 +62,9 @@ WRITE_MODES: tuple[str, ...] = ("jpg", "raw", "proportion")
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 PAGE_SIZE = 2 << 20
 """FFCV page size: the smallest allowed (2 MiB); the 8 MiB default pads small datasets."""
-FORMAT_VERSION = 1
-"""Bumped when the stored pixels would change for the same inputs (e.g. a new resize filter)."""
+FORMAT_VERSION = 2
+"""Bumped when the stored pixels would change for the same inputs (e.g. a new resize filter).
+2: pictures with an EXIF orientation are stored upright."""
 MAX_LISTED = 20
 """Problems listed in full in an error message; the rest are counted."""
 STALL_TIMEOUT_S = 300.0

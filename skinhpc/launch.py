@@ -177,7 +177,7 @@ def check_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
     if saved is None:
         return
     changed += run_input_file_changes(run_dir, saved, cfg)
-    procs = [c.nodes * c.gpus_per_node for c in (saved.cluster, cfg.cluster)]
+    procs = [saved.cluster.processes, cfg.cluster.processes]
     if procs[0] != procs[1]:  # train.batch_size is per process: the global batch, and checkpoints, differ
         changed.append(f"processes per task (cluster.nodes x cluster.gpus_per_node): {procs[0]} -> {procs[1]}")
     if changed:
@@ -520,9 +520,9 @@ def check_task_configs(cfg: ExperimentConfig, tasks: list[Task]) -> None:
         raise LaunchError(f"model.pretrained: weights file(s) not found: {'; '.join(missing)}. With several "
                           "backbones, name each one's file with {backbone}, e.g. model.pretrained=weights/{backbone}.pth")
     if misfits := _weights_misfits(list(configs.values())):
-        raise LaunchError("model.pretrained: weights that do not fit their backbone:\n" + "\n".join(misfits) +
-                          "\nWith several backbones, name each one's file with {backbone}, e.g. "
-                          "model.pretrained=weights/{backbone}.pth")
+        hint = ("\nWith several backbones, name each one's file with {backbone}, e.g. "
+                "model.pretrained=weights/{backbone}.pth") if len(cfg.backbones) > 1 else ""
+        raise LaunchError("model.pretrained: weights that do not fit their backbone:\n" + "\n".join(misfits) + hint)
     if tasks and cfg.train.strategy == "deepspeed":  # as the tasks read it (train.deepspeed_config)
         try:
             read_deepspeed_file(cfg.train.deepspeed.config)
@@ -1014,7 +1014,7 @@ def _launch_inline(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]
     plan = make_plan(cfg, kind, {"tasks": {}}, {})
     if cfg.cluster.nodes > 1 and kind == "local":
         raise LaunchError("cluster.kind=local runs on this machine only: cluster.nodes must be 1")
-    if cfg.cluster.nodes * cfg.cluster.gpus_per_node > 1 and kind == "debug":
+    if cfg.cluster.processes > 1 and kind == "debug":
         raise LaunchError("cluster.kind=debug trains in this one process: cluster.nodes and cluster.gpus_per_node "
                           "must be 1 (cluster.kind=local runs several processes per task)")
     _prepare_run(cfg, converted=plan.convert == "skip", remake=remake)

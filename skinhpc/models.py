@@ -52,7 +52,7 @@ import re
 import socket
 import urllib.parse
 import zipfile
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -293,7 +293,7 @@ def read_weights_file(path: str | Path, mmap: bool = False) -> dict[str, torch.T
         else:
             # timm's train.py saves its argparse options beside the weights: a Namespace is a bag
             # of attributes, safe to rebuild (its values still pass weights_only's checks).
-            with _namespace_allowed():
+            with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # pickle/zip/safetensors errors have many types; name the file
         raise PretrainedWeightsError(
@@ -308,11 +308,6 @@ def read_weights_file(path: str | Path, mmap: bool = False) -> dict[str, torch.T
         raise PretrainedWeightsError(f"model.pretrained: {path} holds no state dict (found: {keys}); expected "
                                      f"tensors by name, or a dict with one of {', '.join(CHECKPOINT_KEYS)}")
     return {_strip_prefixes(k): v for k, v in state.items()}
-
-
-def _namespace_allowed() -> AbstractContextManager:
-    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-    return safe_globals([argparse.Namespace]) if safe_globals else nullcontext()
 
 
 def load_error_text(e: BaseException, limit: int = 300) -> str:
@@ -508,13 +503,21 @@ def weights_problem(model_cfg: ModelConfig) -> str:
     """Why ``model_cfg.pretrained``'s weights file does not fit its backbone ("" when it does, or
     when no file is named): the launcher's check on the login node, so that a wrong file fails
     there, not in every task of the backbone after its wait in the queue. The network is built on
-    the meta device and the file memory-mapped, so a 500 MB file costs a second, not its size."""
+    the meta device (no memory for its weights) and torch's zip files are memory-mapped (read as
+    needed; other formats are read whole). A network that cannot be built on the meta device (some
+    older timm models compute on tensors as they build) is left to its task's own check."""
     source = pretrained_source(backbone_weights(model_cfg.pretrained, model_cfg.backbone))
     if source in ("", "hub"):
         return ""
     try:
         with torch.device("meta"):
             model = _build(model_cfg, len(CLASSES))
+    except ConfigError:
+        raise
+    except Exception as e:  # e.g. "Tensor.item() cannot be called on meta tensors"
+        log.info("%s: not checked before launch (%s)", source, load_error_text(e))
+        return ""
+    try:
         _fitted(model, read_weights_file(source, mmap=True), f"weights file {source}")
     except PretrainedWeightsError as e:
         return f"{model_cfg.backbone}: {str(e).removeprefix('model.pretrained: ')}"

@@ -90,8 +90,9 @@ def finished_model_files(run_dir: str | Path, warn: Callable[[str], None] | None
         elif done and warn is not None:
             warn(f"{fold_dir}: finished but has no model_best.pt; predicting without this fold model")
     if not found:
+        left_out = f"; left out for their config: {len(otherwise)} fold(s)" if otherwise else ""
         raise PredictError(f"{run_dir}: no finished fold with a model_best.pt "
-                           "(looked for <backbone>/fold<k>/metrics.json with status done)")
+                           f"(looked for <backbone>/fold<k>/metrics.json with status done{left_out})")
     return sorted(found, key=lambda t: (t[0], t[1]))
 
 
@@ -169,7 +170,8 @@ def _read(path: Path, stored_size: tuple[int, int]) -> np.ndarray | str:
 
 def _stretched(paths: Sequence[str], stored_size: tuple[int, int]) -> list[str]:
     """The images whose proportions differ from the models' stored [H, W]: conversion's resize
-    stretched them (``convert.stretched_images``). Headers only: PIL reads no pixels for .size."""
+    stretched them (``convert.stretched_images``). A JPEG's size and EXIF orientation are read from its
+    headers, without decoding its pixels."""
     from PIL import Image
 
     from skinhpc.convert import stretched_images, upright_size

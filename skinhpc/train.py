@@ -30,6 +30,9 @@ validation is acted on after it, with the loop's last checkpoint, before the fin
 - SIGINT (Ctrl-C, also forwarded by a local launch to its tasks): no handler is called; ``train_fold``
   returns ``{"status": "interrupted"}`` and ``jobs/train.py`` exits with code 130 after saying how to
   resume. Before the loop starts (set-up) Ctrl-C stops at once, as usual.
+- During the last step (the best model's predictions, metrics.json; seconds) any of them is recorded
+  and acted on once the fold is finished: SIGINT then raises KeyboardInterrupt (exit 130), the others
+  return the finished fold.
 
 DeepSpeed specifics: precision stays skinhpc's (torch.autocast around the forward, fp32 master weights,
 DeepSpeed's fp16/bf16 modes off; ``train.precision=fp16`` is refused); weights stay contiguous (inputs
@@ -38,7 +41,7 @@ scheduler, batch sizes, precision); BatchNorm buffers are broadcast from rank 0 
 as DDP does, so every rank evaluates with the same statistics and a resume is exact.
 
 For tests, ``SKINHPC_TEST_PREEMPT_AT_STEP=N`` makes rank 0 send itself SIGUSR2 (or the signal named
-by ``SKINHPC_TEST_PREEMPT_SIGNAL``, e.g. INT) after optimizer step N
+by ``SKINHPC_TEST_PREEMPT_SIGNAL``, e.g. INT) after optimizer step N (N=finish: before the last step)
 and ``SKINHPC_TEST_KILL_AT_STEP=N`` makes every rank SIGKILL itself there (a hard kill);
 ``SKINHPC_TEST_STEP_SLEEP=S`` sleeps S seconds after every optimizer step, so that a test's task
 cannot finish inside SLURM's kill window after an ``scontrol requeue``.
@@ -82,6 +85,7 @@ STEP_SLEEP_ENV = "SKINHPC_TEST_STEP_SLEEP"
 RESUME_KEYS = ("model.backbone", "model.image_size", "train.batch_size", "train.accum_steps", "train.strategy",
                "train.seed")
 _SIGNAL_CODES = {signal.SIGTERM: 1, signal.SIGUSR2: 2, signal.SIGINT: 3}
+_CODE_SIGNALS = {code: signum for signum, code in _SIGNAL_CODES.items()}
 # What every validated epoch logs (log.jsonl, TensorBoard), each as val_<key>: the headline numbers,
 # then per class (dicts by class name) and the confusion matrix (rows true, columns predicted).
 EPOCH_METRICS = ("loss", "balanced_accuracy", "top1", "top2", "auroc_macro", "f1_macro",
@@ -116,11 +120,11 @@ def train_fold(cfg: ExperimentConfig) -> dict:
     launched = read_saved_config(run_config)  # None: not a launched run
     changed = run_config_changes(launched, cfg) if launched is not None else []
     world = distributed.read_ranks()[1]
-    if launched is not None and world != launched.cluster.nodes * launched.cluster.gpus_per_node:
+    if launched is not None and world != launched.cluster.processes:
         # train.batch_size is per process: another process count is another global batch, as
         # the launcher refuses on relaunch (launch.check_compatible).
         changed.append(f"processes (cluster.nodes x cluster.gpus_per_node; here torchrun's or srun's count): "
-                       f"{launched.cluster.nodes * launched.cluster.gpus_per_node} -> {world}")
+                       f"{launched.cluster.processes} -> {world}")
     if changed:
         raise ConfigError(mixed_config_refusal(run_config.parent, "launched", changed))
     done = finished_metrics(out)
@@ -592,8 +596,10 @@ class FoldTrainer:
             self._test_hooks(at_finish=True)
             result = self._finish()
             if code := distributed.max_int(self.env, self.flag.code):
-                name = signal.Signals({c: s for s, c in _SIGNAL_CODES.items()}[code]).name
-                _say(f"{name} during the final predictions: finished them first", self.env)
+                _say(f"{signal.Signals(_CODE_SIGNALS[code]).name} during the final predictions: finished them "
+                     "first", self.env)
+                if _CODE_SIGNALS[code] == signal.SIGINT:
+                    raise KeyboardInterrupt  # Ctrl-C still stops what runs folds one after another
             return result
         finally:
             self.flag.uninstall()
@@ -816,7 +822,7 @@ class FoldTrainer:
             return False
         self.flag.code = 0
         st = self.state
-        signum = {c: s for s, c in _SIGNAL_CODES.items()}[code]
+        signum = _CODE_SIGNALS[code]
         _say(f"{signal.Signals(signum).name}: checkpoint saved at epoch {st['epoch']} step {st['step']}", self.env)
         if signum == signal.SIGINT:
             self.stop_status = "interrupted"  # Ctrl-C: stop here, not the requeue of a preemption

@@ -309,6 +309,15 @@ def test_sigterm_during_the_final_predictions_waits_for_them_and_the_fold_finish
         assert (fold_dir(cfg) / name).read_bytes() == (uninterrupted / name).read_bytes(), name
 
 
+@pytest.mark.timeout(300)
+def test_ctrl_c_during_the_final_predictions_finishes_the_fold_then_stops(
+        tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Finished first (nothing is left half-done), then KeyboardInterrupt: a loop over folds stops.
+    with pytest.raises(KeyboardInterrupt):
+        stopped_at_step("finish", tmp_path, data_dir, monkeypatch, "INT")
+    assert json.loads((tmp_path / "resnet18" / "fold0" / "metrics.json").read_text())["status"] == "done"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_ctrl_c_mid_epoch_stops_at_a_saved_checkpoint_and_the_rerun_is_bit_identical(
