@@ -123,6 +123,15 @@ def test_a_weights_file_that_does_not_fit_a_backbone_is_refused_before_any_job(t
     assert run_launch(base + ["backbones=[resnet18]"], cwd=tmp_path).returncode == 0
 
 
+@pytest.mark.timeout(120)
+def test_debug_kind_refuses_several_processes_per_task(tmp_path: Path) -> None:
+    # It trains in the launcher's own process: two per task would silently be one (another batch).
+    proc = run_launch([f"run_dir={tmp_path / 'exp'}", "cluster.kind=debug", "cluster.gpus_per_node=2"], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "cluster.kind=debug trains in this one process" in proc.stderr
+    assert not list((tmp_path / "exp").glob("*/fold*"))
+
+
 @pytest.mark.timeout(60)
 def test_golden_training_array_requests_nodes_gpus_and_profile_settings() -> None:
     text = (GOLDEN / "dry_run_gpu_cluster.txt").read_text()
