@@ -486,7 +486,7 @@ class ExperimentConfig:
             said.append(f"WARNING: model.freeze_epochs={frozen} with model.pretrained=false: the first {frozen} "
                         "epochs train the head alone on a random, frozen backbone. Give pretrained weights, or "
                         "set model.freeze_epochs=0.")
-        elif frozen >= epochs > 0:
+        if frozen >= epochs > 0:
             said.append(f"note: model.freeze_epochs={frozen} >= train.epochs={epochs}: the backbone stays frozen "
                         "for the whole run; only the head trains.")
         return [w for w in said if w]

@@ -296,12 +296,13 @@ def read_weights_file(path: str | Path, mmap: bool = False) -> dict[str, torch.T
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # pickle/zip/safetensors errors have many types; name the file
+        reason = load_error_text(e)
+        advice = (" If you trust the file, keep its weights only: sd = torch.load(path, weights_only=False); "
+                  "torch.save(sd.get('state_dict', sd), 'weights.pth') (for a checkpoint dict, the key holding "
+                  "the model's tensors)." if "Unsupported global" in reason else " Fetch or save it again.")
         raise PretrainedWeightsError(
-            f"model.pretrained: cannot read {path} as a weights file ({load_error_text(e)}). "
-            f"It must load with torch.load(weights_only=True) (tensors, no pickled objects) or be "
-            f".safetensors. If you trust the file, keep its weights only: sd = torch.load(path, "
-            f"weights_only=False); torch.save(sd.get('state_dict', sd), 'weights.pth') (for a checkpoint "
-            f"dict, the key holding the model's tensors).") from None
+            f"model.pretrained: cannot read {path} as a weights file ({reason}). It must load with "
+            f"torch.load(weights_only=True) (tensors, no pickled objects) or be .safetensors.{advice}") from None
     state = _find_state_dict(obj)
     if state is None:
         keys = ", ".join(map(str, list(obj)[:10])) if isinstance(obj, dict) else type(obj).__name__

@@ -211,3 +211,4 @@ def test_a_frozen_random_or_never_unfrozen_backbone_is_warned_about() -> None:
     assert any("random, frozen backbone" in w for w in said("model.freeze_epochs=2", "model.pretrained=false"))
     stays = said("model.freeze_epochs=5", "train.epochs=5", "model.pretrained=true")
     assert len(stays) == 1 and "stays frozen for the whole run" in stays[0]
+    assert len(said("model.freeze_epochs=5", "train.epochs=5", "model.pretrained=false")) == 2  # both said
