@@ -523,17 +523,20 @@ EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how a camera held the picture
 _QUARTER_TURNS = (5, 6, 7, 8)  # orientations whose upright picture swaps width and height
 
 
+def _orientation(image: Image.Image) -> int:
+    """The picture's EXIF orientation, 1 (as stored) when it has none."""
+    return image.getexif().get(EXIF_ORIENTATION) or 1
+
+
 def upright_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) as the picture is shown, after its EXIF orientation (headers only)."""
-    turned = image.getexif().get(EXIF_ORIENTATION, 1) in _QUARTER_TURNS
-    return (image.size[1], image.size[0]) if turned else image.size
+    return (image.size[1], image.size[0]) if _orientation(image) in _QUARTER_TURNS else image.size
 
 
 def _upright(image: Image.Image) -> Image.Image:
-    """The picture as viewers show it: a phone's portrait shot is stored sideways with a tag."""
-    if image.getexif().get(EXIF_ORIENTATION, 1) in (1, None):
-        return image
-    return ImageOps.exif_transpose(image)
+    """The picture as viewers show it: a phone's portrait shot is stored sideways with a tag.
+    Untagged pictures are returned as they are (exif_transpose would copy them)."""
+    return image if _orientation(image) == 1 else ImageOps.exif_transpose(image)
 
 
 def _resized_rgb(image: Image.Image, width: int, height: int) -> np.ndarray:

@@ -490,11 +490,11 @@ def _finished_elsewhere(run_dir: Path, keys: set[str]) -> list[Task]:
 
 def _weights_misfits(configs: list[ExperimentConfig]) -> list[str]:
     """``models.weights_problem`` of each backbone's weights file, once per backbone and file."""
-    files = {(c.model.backbone, pretrained_source(c.model.pretrained)): c.model for c in configs}
-    if not any(source not in ("", "hub") for _, source in files):
+    if not configs:
         return []
-    from skinhpc.models import weights_problem  # imports torch and timm
+    from skinhpc.models import weights_problem  # imports torch and timm, as the backbone check before it
 
+    files = {(c.model.backbone, c.model.pretrained): c.model for c in configs}
     return [why for model_cfg in files.values() if (why := weights_problem(model_cfg))]
 
 

@@ -82,11 +82,12 @@ def finished_model_files(run_dir: str | Path, warn: Callable[[str], None] | None
             done = json.loads(status_path.read_text()).get("status") == "done"
         except ValueError:
             done = False
-        if done and (why := otherwise.get((fold_dir.parent.name, int(fold_dir.name[4:])))):
+        key = (fold_dir.parent.name, int(fold_dir.name[4:]))
+        if done and (why := otherwise.get(key)):
             if warn is not None:  # the report leaves it out: so do the answers that are "the report's"
                 warn(f"{fold_dir}: {why}; predicting without this fold model, as the report does")
         elif done and (fold_dir / "model_best.pt").is_file():
-            found.append((fold_dir.parent.name, int(fold_dir.name[4:]), fold_dir / "model_best.pt"))
+            found.append((*key, fold_dir / "model_best.pt"))
         elif done and warn is not None:
             warn(f"{fold_dir}: finished but has no model_best.pt; predicting without this fold model")
     if not found:

@@ -428,8 +428,8 @@ def plot_curves(backbone: str, logs: dict[str, list[dict[str, Any]]], path: Path
         color = f"C{i % 10}"
         epochs = [e["epoch"] + 1 for e in entries]  # log.jsonl counts from 0, the report from 1
         plain = any(e.get("train_ce") is not None for e in entries)
-        train = ("train_ce", "train") if plain else ("train_loss", "train (criterion)")
-        for key, ax, style, what in ((*train[:1], loss_ax, "-", train[1]), ("val_loss", loss_ax, "--", "val"),
+        train_key, train_what = ("train_ce", "train") if plain else ("train_loss", "train (criterion)")
+        for key, ax, style, what in ((train_key, loss_ax, "-", train_what), ("val_loss", loss_ax, "--", "val"),
                                      ("train_balanced_accuracy", acc_ax, "-", "train"),
                                      ("val_balanced_accuracy", acc_ax, "--", "val")):
             pts = [(ep, e[key]) for ep, e in zip(epochs, entries) if e.get(key) is not None]

@@ -596,9 +596,9 @@ class FoldTrainer:
             self._test_hooks(at_finish=True)
             result = self._finish()
             if code := distributed.max_int(self.env, self.flag.code):
-                _say(f"{signal.Signals(_CODE_SIGNALS[code]).name} during the final predictions: finished them "
-                     "first", self.env)
-                if _CODE_SIGNALS[code] == signal.SIGINT:
+                signum = _CODE_SIGNALS[code]
+                _say(f"{signal.Signals(signum).name} during the final predictions: finished them first", self.env)
+                if signum == signal.SIGINT:
                     raise KeyboardInterrupt  # Ctrl-C still stops what runs folds one after another
             return result
         finally:
