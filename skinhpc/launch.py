@@ -1241,7 +1241,8 @@ def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict
     kept = kept_val_balanced_accuracy(rows, metrics, cfg.train.select_metric)
     best = f"{kept:.4f}" if kept is not None else "-"
     log = entry.get("err", "") if state in ("failed", "cancelled", "stopped") else entry.get("log", "")
-    return TaskStatus(t, job or "-", state, epoch, best, log or str(t.dir(run_dir) / LOG_NAME))
+    own_log = t.dir(run_dir) / LOG_NAME  # a fold never started has none yet: no path to look in
+    return TaskStatus(t, job or "-", state, epoch, best, log or (str(own_log) if own_log.is_file() else "-"))
 
 
 def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:

@@ -238,6 +238,8 @@ def test_status_of_a_run_never_launched_lists_tasks_not_submitted(tmp_path: Path
     proc = run_launch(["--status", "--folds", "2", f"run_dir={run_dir}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("not submitted") == 3  # two tasks + the ensemble
+    task_lines = [line for line in proc.stdout.splitlines() if line.startswith("resnet18 ")]
+    assert len(task_lines) == 2 and all(line.endswith(" -") for line in task_lines)  # no log to point at yet
     assert read_jobs(run_dir) == {"tasks": {}}
 
 
