@@ -642,6 +642,19 @@ class FoldTrainer:
             self.writer = SummaryWriter(log_dir=str(self.out / "tb"), purge_step=self.state["global_step"])
 
     # ---------------------------------------------------------------- one epoch
+    def _restart_backbone_optimizer_state(self) -> None:
+        """Under DeepSpeed the frozen backbone took optimizer steps with zero gradients and lr 0:
+        its moments stayed zero but AdamW's step counter ran on, so its bias correction would treat
+        the first moments after the unfreeze as long averages and make those steps up to ~3x too
+        large. Dropping that state makes the backbone start afresh at the unfreeze, as under DDP,
+        where frozen parameters have no gradient and get no state. Runs at the unfreezing epoch's
+        first step only: a checkpoint taken later holds the state built after it."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO/bf16 wrappers keep the torch one inside
+        for group in inner.param_groups:
+            if group.get("is_backbone"):
+                for p in group["params"]:
+                    inner.state.pop(p, None)
+
     def _set_lr(self, step: int) -> float:
         lr = lr_at(step, self.tcfg, self.opt_steps_per_epoch)
         frozen = not self.backbone_trainable
@@ -720,6 +733,8 @@ class FoldTrainer:
         want_trainable = epoch >= self.cfg.model.freeze_epochs
         if want_trainable != self.backbone_trainable:
             self._set_backbone_trainable(want_trainable)
+        if self.engine is not None and epoch == self.cfg.model.freeze_epochs > 0 and st["step"] == 0:
+            self._restart_backbone_optimizer_state()
         (self.engine if self.engine is not None else self.raw).train()
         if not self.backbone_trainable:
             from skinhpc.models import freeze_backbone_norms
