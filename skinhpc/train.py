@@ -533,6 +533,12 @@ class FoldTrainer:
         elif self.amp_dtype == torch.float16:
             self.scaler = torch.amp.GradScaler(env.device.type)
         self._set_backbone_trainable(cfg.model.freeze_epochs == 0)
+        if env.rank > 0:
+            # Seeded alike for the same initial weights, the ranks would now draw the same dropout
+            # (and drop-path) masks for the same positions of their batches: a global batch would
+            # get one rank's worth of independent masks. Rank 0 keeps its stream (one-process runs
+            # are unchanged); each rank's stream is saved with its checkpoints, so resume stays exact.
+            torch.manual_seed(tc.seed + RANK_SEED_STRIDE * env.rank)
 
     def _set_backbone_trainable(self, flag: bool) -> None:
         """Freeze/unfreeze the backbone; DDP is rebuilt because it registers trainable params when built.
@@ -1027,6 +1033,9 @@ def _main_rank_first(env: DistEnv, work: Any) -> None:
         raise error
     if failed:
         raise RuntimeError("rank 0 failed while preparing the data or the split (its error is in its log)")
+
+
+RANK_SEED_STRIDE = 1_000_003  # a large prime: the ranks of nearby seeds (seed, seed + 1, ...) get distinct streams
 
 
 def _seed_everything(seed: int) -> None:

@@ -89,6 +89,8 @@ def test_two_process_preempted_run_resumes_bit_identical(strategy: str, tmp_path
     assert res.stderr.count("preempted at epoch 1 step 1") == 1  # one line, from rank 0
     ckpt = run / "resnet18" / "fold0" / "checkpoints" / "e001-s000001"
     assert (ckpt / "rank0.pt").is_file() and (ckpt / "rank1.pt").is_file()
+    rng = [torch.load(ckpt / f"rank{r}.pt", weights_only=False)["rng"]["torch"] for r in (0, 1)]
+    assert not torch.equal(*rng)  # each rank draws its own dropout masks
     res = run_job(overrides(run, data_dir, *exact), nproc=2, timeout=200)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "resuming from epoch 1 step 1" in res.stdout
