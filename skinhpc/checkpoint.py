@@ -10,6 +10,8 @@ Layout under ``<fold>/checkpoints/``::
                                  own loop state (e.g. its running loss sum)
         meta.json                written last: tag, position, resume keys, size and sha256 of every file
     best/                        weights of the best epoch (model.pt + meta.json)
+    best-kept/                   the best weights the newest checkpoint records, while best/ holds a
+                                 newer best that no checkpoint records yet (see save_best)
 
 Every checkpoint is written into ``.tmp-<tag>/`` and renamed when complete, so a killed job never
 leaves a half-written folder under a real tag; a folder counts only when its ``meta.json`` parses and
@@ -44,6 +46,7 @@ META = "meta.json"
 STATE = "state.pt"
 DS_TAG = "deepspeed"
 BEST = "best"
+BEST_KEPT = "best-kept"
 TAG_RE = re.compile(r"^e(\d{3,})-s(\d{6,})$")
 
 
@@ -268,9 +271,18 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def save_best(ckpt_dir: str | Path, state_dict: dict, meta: dict) -> None:
-    """Rank 0: replace ``best/`` with these weights (+ meta.json: epoch, metric), atomically."""
+def save_best(ckpt_dir: str | Path, state_dict: dict, meta: dict, recorded_epoch: int = -1) -> None:
+    """Rank 0: replace ``best/`` with these weights (+ meta.json: epoch, metric), atomically.
+
+    A ``best/`` of ``recorded_epoch`` (the best epoch the newest checkpoint records) is moved to
+    ``best-kept/`` instead: a run killed before its next checkpoint resumes from that one and
+    replays the epochs since, and where the replay is not bit-identical (GPU kernels) it may not
+    find the same new best; it then needs the weights its checkpoint names (``settle_best``).
+    """
     ckpt_dir = Path(ckpt_dir)
+    if recorded_epoch >= 0 and best_epoch_of(ckpt_dir / BEST) == recorded_epoch:
+        shutil.rmtree(ckpt_dir / BEST_KEPT, ignore_errors=True)  # kept for an older checkpoint
+        os.replace(ckpt_dir / BEST, ckpt_dir / BEST_KEPT)
     tmp = ckpt_dir / f".tmp-{BEST}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -278,6 +290,35 @@ def save_best(ckpt_dir: str | Path, state_dict: dict, meta: dict) -> None:
         _torch_save(state_dict, tmp / "model.pt")
         atomic_write_text(tmp / META, json.dumps({**meta, **_file_record(tmp)}, indent=1) + "\n")
     _swap_in(tmp, ckpt_dir / BEST)
+
+
+def best_epoch_of(folder: Path) -> int | None:
+    """The epoch a best-weights folder holds, or None when it is missing or incomplete."""
+    meta = _read_meta(folder)
+    epoch = meta.get("epoch") if meta is not None else None
+    return epoch if isinstance(epoch, int) else None
+
+
+def settle_best(ckpt_dir: str | Path, recorded_epoch: int) -> str:
+    """Rank 0, after a checkpoint is written or resumed from: make ``best/`` the weights of the best
+    epoch that checkpoint records (-1: none yet) and drop what no checkpoint will ask for. Returns
+    a warning when those weights are gone (e.g. the newest checkpoint was damaged and an older one
+    was resumed), else ""."""
+    ckpt_dir = Path(ckpt_dir)
+    best, kept = ckpt_dir / BEST, ckpt_dir / BEST_KEPT
+    if recorded_epoch < 0:  # weights of a run that is no more: checkpoints deleted, or killed before one
+        for folder in (best, kept):
+            shutil.rmtree(folder, ignore_errors=True)
+        return ""
+    if best_epoch_of(best) == recorded_epoch:
+        shutil.rmtree(kept, ignore_errors=True)
+        return ""
+    if best_epoch_of(kept) == recorded_epoch:
+        _swap_in(kept, best)
+        return ""
+    held = best_epoch_of(best)
+    return (f"{best}: the checkpoint records epoch {recorded_epoch + 1} as the best, but "
+            + (f"these weights are of epoch {held + 1}" if held is not None else "they are missing or damaged"))
 
 
 def load_best(ckpt_dir: str | Path) -> tuple[dict, dict] | None:

@@ -461,6 +461,7 @@ class FoldTrainer:
         self.scaler: Any = None
         self.backbone_trainable = True
         self._zero_grad_hooks: list[Any] = []
+        self._recorded_best = -1  # the best epoch the newest checkpoint records (see _settle_best)
         self._prepare_data()
         self._prepare_model()
         # Loop state: everything here goes into checkpoints.
@@ -622,9 +623,12 @@ class FoldTrainer:
                  f"strategy {self.tcfg.strategy})", self.env)
             if self.env.is_main:
                 self._truncate_log(0)  # a start over (checkpoints deleted or unreadable) logs afresh
+                self._settle_best()
             return
         info, state = found
         self.state.update(upgrade_loop_state(state))
+        if self.env.is_main:
+            self._settle_best()
         _say(f"resuming from epoch {self.state['epoch']} step {self.state['step']} (checkpoint {info.path})", self.env)
         if self.env.is_main:
             self._truncate_log(self.state["epoch"])
@@ -861,6 +865,15 @@ class FoldTrainer:
         checkpoint.save_checkpoint(self.ckpt_dir, epoch, step, env=self.env, train_state=state,
                                    resume_keys=self.resume_keys, rank_state=rank_state, model=self.raw, optimizer=self.optimizer,
                                    scaler=self.scaler, engine=self.engine, keep_last=self.tcfg.checkpoint.keep_last)
+        if self.env.is_main:
+            self._settle_best(state["best_epoch"])
+
+    def _settle_best(self, recorded_epoch: int | None = None) -> None:
+        """Rank 0: best/ = the weights of the best epoch the newest checkpoint records (the loop
+        state's, on resume); save_best keeps those until a checkpoint records a newer best."""
+        self._recorded_best = self.state["best_epoch"] if recorded_epoch is None else recorded_epoch
+        if warning := checkpoint.settle_best(self.ckpt_dir, self._recorded_best):
+            _say(f"WARNING: {warning}", self.env)
 
     # ---------------------------------------------------------------- epoch end
     def _predict(self, loader: Any) -> Any:
@@ -926,7 +939,8 @@ class FoldTrainer:
             if self.env.is_main:
                 checkpoint.save_best(self.ckpt_dir, {k: v.detach().cpu() for k, v in self.raw.state_dict().items()},
                                      {"epoch": epoch, "select_metric": name, "value": value,
-                                      "val_balanced_accuracy": metric_value(metrics, "balanced_accuracy")})
+                                      "val_balanced_accuracy": metric_value(metrics, "balanced_accuracy")},
+                                     recorded_epoch=self._recorded_best)
         else:
             st["bad_epochs"] += 1
         patience = self.tcfg.early_stop_patience
@@ -970,6 +984,8 @@ class FoldTrainer:
         best_epoch, best_metric = st["best_epoch"], st["best_metric"]
         if best is not None:
             self.raw.load_state_dict(best[0])
+            if best[1].get("epoch") != best_epoch:  # settle_best warned on resume: name what is kept
+                best_epoch, best_metric = best[1].get("epoch", best_epoch), best[1].get("value", best_metric)
         else:
             why = ("is damaged" if (self.ckpt_dir / checkpoint.BEST).exists()
                    else f"was never saved (val {self.tcfg.select_metric.replace('_', ' ')} never defined)")

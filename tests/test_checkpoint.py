@@ -209,3 +209,45 @@ def test_a_checkpoint_that_fills_the_disk_leaves_no_half_folder_and_the_earlier_
     monkeypatch.undo()
     info, _ = load_latest(tmp_path, env=ENV, resume_keys=KEYS, model=model, optimizer=opt)
     assert (info.epoch, info.step) == (0, 3)
+
+
+def _weights(value: float) -> dict:
+    return {"w": torch.full((3,), value)}
+
+
+def test_a_best_no_checkpoint_records_yet_keeps_the_recorded_best_until_one_does(tmp_path: Path) -> None:
+    # Checkpoints record best epoch 3; validations at epochs 7 and 11 improve before the next
+    # checkpoint. A hard kill then resumes from the checkpoint of epoch 3 and, on a GPU, may
+    # replay to another result: it must find epoch 3's weights, not a best of the dead run.
+    checkpoint.save_best(tmp_path, _weights(3), {"epoch": 3})
+    assert checkpoint.settle_best(tmp_path, 3) == ""
+    checkpoint.save_best(tmp_path, _weights(7), {"epoch": 7}, recorded_epoch=3)
+    checkpoint.save_best(tmp_path, _weights(11), {"epoch": 11}, recorded_epoch=3)
+    assert checkpoint.best_epoch_of(tmp_path / "best-kept") == 3
+    assert checkpoint.settle_best(tmp_path, 3) == ""  # the resume
+    weights, meta = checkpoint.load_best(tmp_path)
+    assert meta["epoch"] == 3 and torch.equal(weights["w"], _weights(3)["w"])
+    assert not (tmp_path / "best-kept").exists()
+
+
+def test_a_checkpoint_that_records_the_newer_best_drops_the_kept_one(tmp_path: Path) -> None:
+    checkpoint.save_best(tmp_path, _weights(3), {"epoch": 3})
+    checkpoint.save_best(tmp_path, _weights(7), {"epoch": 7}, recorded_epoch=3)
+    assert checkpoint.settle_best(tmp_path, 7) == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    # A kill between that checkpoint and its settling left best-kept of epoch 3 behind: the next
+    # improvement keeps epoch 7 (what the checkpoint records) in its place.
+    checkpoint.save_best(tmp_path / "elsewhere", _weights(3), {"epoch": 3})
+    (tmp_path / "elsewhere" / "best").rename(tmp_path / "best-kept")
+    checkpoint.save_best(tmp_path, _weights(9), {"epoch": 9}, recorded_epoch=7)
+    assert checkpoint.best_epoch_of(tmp_path / "best-kept") == 7
+    assert checkpoint.settle_best(tmp_path, 7) == "" and checkpoint.load_best(tmp_path)[1]["epoch"] == 7
+
+
+def test_best_weights_of_a_run_no_checkpoint_knows_are_dropped_and_lost_ones_are_named(tmp_path: Path) -> None:
+    checkpoint.save_best(tmp_path, _weights(2), {"epoch": 2})
+    assert checkpoint.settle_best(tmp_path, -1) == ""  # a start over: no checkpoint records a best
+    assert checkpoint.load_best(tmp_path) is None and not (tmp_path / "best").exists()
+    checkpoint.save_best(tmp_path, _weights(9), {"epoch": 9})
+    warning = checkpoint.settle_best(tmp_path, 5)  # e.g. the newest checkpoint was damaged
+    assert "records epoch 6 as the best, but these weights are of epoch 10" in warning

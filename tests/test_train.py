@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from skinhpc import CLASSES, REPO_DIR
+from skinhpc import CLASSES, REPO_DIR, checkpoint
 from skinhpc.checkpoint import ResumeMismatch, list_checkpoints
 from skinhpc.config import ConfigError, ExperimentConfig, SplitConfig, TrainConfig, load_config, save_config
 from skinhpc.convert import read_index
@@ -461,6 +461,31 @@ def test_sparse_validation_and_checkpoints_skip_epochs_and_a_killed_run_resumes_
     assert [r["val_balanced_accuracy"] is None for r in log] == [True, False, False]  # epoch 2 and the last
     assert [r["train_loss"] for r in log] == [r["train_loss"] for r in reference]  # validation changes no training
     assert_same_weights(last_checkpoint_model(out), last_checkpoint_model(uninterrupted))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_best_found_after_the_newest_checkpoint_is_not_what_a_killed_run_resumes_with(
+        tmp_path: Path, data_dir: Path) -> None:
+    write_tiny_split(tmp_path, data_dir)
+    args = overrides(tmp_path, data_dir, *EXACT, "train.epochs=4", "train.eval_every=1",
+                     "train.checkpoint.every_epochs=2", "train.select_metric=last")
+    # Validation every epoch, checkpoints every second: epoch 3's best (index 2) is found after the
+    # checkpoint of epoch 2, which records index 1. SIGKILL in epoch 4 (optimizer step 10).
+    killed = run_job(args, {KILL_ENV: "10"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    ckpt = tmp_path / "resnet18" / "fold0" / "checkpoints"
+    assert [c.path.name for c in list_checkpoints(ckpt)] == ["e002-s000000"]
+    assert checkpoint.best_epoch_of(ckpt / "best") == 2 and checkpoint.best_epoch_of(ckpt / "best-kept") == 1
+    # A replay that is not bit-identical (GPU) may not find epoch 3 the best again: the resumed run
+    # starts from the weights its checkpoint records, and nothing of the killed run's is left over.
+    resumed = run_job(args, {PREEMPT_ENV: "7"})  # preempted at once: its checkpoint records index 1
+    assert resumed.returncode == 0 and "resuming from epoch 2 step 0" in resumed.stdout, resumed.stderr[-3000:]
+    assert checkpoint.best_epoch_of(ckpt / "best") == 1 and not (ckpt / "best-kept").exists()
+    resumed = run_job(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((tmp_path / "resnet18" / "fold0" / "metrics.json").read_text())
+    assert metrics["status"] == "done" and metrics["best_epoch"] == 3
 
 
 @pytest.mark.slow
