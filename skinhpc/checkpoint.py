@@ -336,12 +336,20 @@ def load_best(ckpt_dir: str | Path) -> tuple[dict, dict] | None:
 
 # --------------------------------------------------------------------------- resume
 
+# Keys recorded since skinhpc 0.2.1: checkpoints of older versions, which lack them, still resume.
+LATER_RESUME_KEYS = ("precision",)
+
+
 def check_resume_keys(saved: dict, current: dict, where: Path) -> None:
     """Refuse to resume when a setting that shapes the training trajectory changed."""
-    changed = [f"{k}: {saved.get(k)!r} (checkpoint) vs {v!r} (now)" for k, v in current.items() if saved.get(k) != v]
+    changed = [f"{k}: {saved.get(k)!r} (checkpoint) vs {v!r} (now)" for k, v in current.items()
+               if saved.get(k) != v and not (k in LATER_RESUME_KEYS and k not in saved)]
     if "world_size" in current and saved.get("world_size") != current["world_size"]:
         changed.append("(world_size is the process count: torchrun's --nproc_per_node x --nnodes, or "
                        "cluster.nodes x cluster.gpus_per_node for a launched task)")
+    if "precision" in saved and saved.get("precision") != current.get("precision"):
+        changed.append("(precision is the arithmetic train.precision gives on this device: auto means "
+                       "bfloat16 on a GPU, float32 on a CPU; resume on the kind of device it started on)")
     if changed:
         raise ResumeMismatch(
             f"cannot resume from {where}: {'; '.join(changed)}. These settings must match the checkpoint; "

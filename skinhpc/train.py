@@ -229,13 +229,16 @@ def _say(message: str, env: DistEnv | None = None) -> None:
         print(message, flush=True)
 
 
-def resume_keys(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
+def resume_keys(cfg: ExperimentConfig, world_size: int, device: torch.device) -> dict[str, Any]:
     """The settings a checkpoint must have been made with to be resumed now."""
     flat = {"model": asdict(cfg.model), "train": asdict(cfg.train)}
     keys = {k: flat[k.split(".")[0]][k.split(".")[1]] for k in RESUME_KEYS}
     if cfg.train.strategy == "deepspeed":
         keys["train.deepspeed.stage"] = cfg.train.deepspeed.stage
     keys["world_size"] = world_size
+    # train.precision=auto is bf16 on a GPU and fp32 on a CPU: the same setting, other arithmetic.
+    dtype = autocast_dtype(cfg.train.precision, device)
+    keys["precision"] = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
     return keys
 
 
@@ -614,7 +617,7 @@ class FoldTrainer:
                 self.writer.close()
 
     def _resume(self) -> None:
-        keys = resume_keys(self.cfg, self.env.world_size)
+        keys = resume_keys(self.cfg, self.env.world_size, self.env.device)
         self.resume_keys = keys
         found = checkpoint.load_latest(self.ckpt_dir, env=self.env, resume_keys=keys, model=self.raw,
                                        optimizer=self.optimizer, scaler=self.scaler, engine=self.engine)

@@ -169,6 +169,19 @@ def test_resume_with_a_changed_batch_size_is_refused_naming_the_key(tmp_path: Pa
 
 
 @pytest.mark.timeout(60)
+def test_resume_on_a_device_that_gives_other_arithmetic_is_refused_and_older_checkpoints_still_resume(
+        tmp_path: Path) -> None:
+    model, opt = make_objects()
+    save(tmp_path / "gpu", model, opt, 0, 2, keys={**KEYS, "precision": "bfloat16"})  # precision=auto on a GPU
+    with pytest.raises(ResumeMismatch, match=r"precision: 'bfloat16' \(checkpoint\) vs 'float32' \(now\).*auto means"):
+        load_latest(tmp_path / "gpu", env=ENV, resume_keys={**KEYS, "precision": "float32"}, model=model, optimizer=opt)
+    save(tmp_path / "old", model, opt, 0, 2)  # skinhpc < 0.2.1 recorded no precision
+    info, _ = load_latest(tmp_path / "old", env=ENV, resume_keys={**KEYS, "precision": "float32"}, model=model,
+                          optimizer=opt)
+    assert info.step == 2
+
+
+@pytest.mark.timeout(60)
 def test_no_checkpoint_means_a_fresh_start(tmp_path: Path) -> None:
     model, opt = make_objects()
     assert load_latest(tmp_path / "none", env=ENV, resume_keys=KEYS, model=model, optimizer=opt) is None
