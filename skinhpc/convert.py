@@ -27,6 +27,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import sys
@@ -183,6 +184,9 @@ class _RecordError(ValueError):
         self.line, self.error = line, error
 
 
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
 def _ends_inside_quotes(lines: list[str]) -> bool:
     """Whether these lines end inside a quoted field (the lenient reader takes it to the end of the
     file without an error; the strict one says so)."""
@@ -241,9 +245,18 @@ def _check_records(metadata: Path, header: list[str], raw: list[tuple[int, list[
     if not raw:
         return [], [], [f"{name}: no data rows"]
     problems: list[str] = []
+    if twice := sorted({c for c in header if c and header.count(c) > 1}):
+        problems.append(f"{name}:1: column(s) {', '.join(twice)} appear more than once in the header")
     records, lines = [], []
     first_line: dict[str, int] = {}
+    lesion_dx: dict[str, tuple[str, int]] = {}
     for line, cells in raw:
+        if breaks := sum(len(_LINE_BREAK.findall(c)) for c in cells):
+            # Legal CSV, but never in a metadata table: a stray double quote joins the lines up
+            # to the next quote into one record, which can even have the right number of fields.
+            problems.append(f"{name}:{line}: a quoted field runs over the next {breaks} line(s), to line "
+                            f"{line + breaks}: an unmatched double quote (\") there joins them into one record")
+            continue
         if len(cells) != len(header):
             problems.append(f"{name}:{line}: {len(cells)} fields, the header has {len(header)}")
             continue
@@ -260,6 +273,11 @@ def _check_records(metadata: Path, header: list[str], raw: list[tuple[int, list[
             problems.append(f"{where}: empty lesion_id")
         if rec["dx"] not in CLASS_TO_LABEL:
             problems.append(f"{where}: unknown dx {rec['dx']!r} (known: {', '.join(CLASSES)})")
+        elif rec["lesion_id"]:
+            dx, seen_at = lesion_dx.setdefault(rec["lesion_id"], (rec["dx"], line))
+            if dx != rec["dx"]:  # one lesion, one diagnosis: the split stratifies lesions by it
+                problems.append(f"{where}: lesion {rec['lesion_id']!r} has dx {rec['dx']!r} here but {dx!r} "
+                                f"at line {seen_at}")
         records.append(rec)
         lines.append(line)
     return records, lines, problems
@@ -305,8 +323,12 @@ def _list_images(image_dirs: Sequence[Path]) -> tuple[dict[str, list[Path]], lis
         if not folder.is_dir():
             problems.append(f"{folder}: image folder not found")
             continue
-        with os.scandir(folder) as entries:
-            names = sorted(e.name for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES))
+        try:
+            with os.scandir(folder) as entries:
+                names = sorted(e.name for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES))
+        except OSError as e:
+            problems.append(f"{folder}: cannot list the image folder ({e.strerror or e})")
+            continue
         for name in names:
             found.setdefault(os.path.splitext(name)[0], []).append(folder / name)
     return found, problems
@@ -1099,7 +1121,11 @@ def read_index(data_dir: str | Path) -> Any:
     if not path.is_file():
         raise InputError([f"{path}: not found; convert the data first (jobs/convert.py)"])
     text_columns = {c: str for c in ("image_id", "lesion_id", "dx", "dx_type", "sex", "localization")}
-    frame = pd.read_csv(path, dtype={**text_columns, "row": np.int64, "label": np.int64})
+    # Only the optional columns may be missing (empty): an id such as "NA" or "null" is an id,
+    # which pandas would otherwise read as NaN.
+    missing = {c: [""] for c in OPTIONAL_COLUMNS} | {"age": ["", "nan", "NaN"]}
+    frame = pd.read_csv(path, dtype={**text_columns, "row": np.int64, "label": np.int64}, keep_default_na=False,
+                        na_values=missing)
     return frame
 
 

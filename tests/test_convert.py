@@ -208,9 +208,9 @@ def _set_cell(line: int, column: str, value: str):
     return edit
 
 
-def _copy_id(line: int, from_line: int):
+def _copy_id(line: int, from_line: int, column: str = "image_id"):
     def edit(rows):
-        i = rows[0].index("image_id")
+        i = rows[0].index(column)
         rows[line - 1][i] = rows[from_line - 1][i]
         return rows
     return edit
@@ -222,7 +222,11 @@ def _copy_id(line: int, from_line: int):
     (_set_cell(4, "dx", "melanoma"), [":4:", "unknown dx 'melanoma'", "akiec"]),
     (_copy_id(6, 2), [":6:", "duplicates line 2"]),
     (_set_cell(9, "lesion_id", ""), [":9:", "empty lesion_id"]),
-], ids=["missing-column", "unknown-dx", "duplicate-image-id", "empty-lesion-id"])
+    (_copy_id(3, 2, "lesion_id"), [":3:", "lesion 'HAM_0003577' has dx 'bcc' here but 'nv' at line 2"]),
+    (lambda rows: [rows[0] + ["dx"]] + [r + [r[rows[0].index("dx")]] for r in rows[1:]],
+     [":1:", "column(s) dx appear more than once"]),
+], ids=["missing-column", "unknown-dx", "duplicate-image-id", "empty-lesion-id", "lesion-with-two-dx",
+        "column-twice"])
 def test_bad_csv_is_reported_with_file_and_line_and_nothing_is_written(tmp_path: Path, edit, expected) -> None:
     dirs, csv_path, _ = make_raw(tmp_path)
     _edit_csv(csv_path, edit)
@@ -247,6 +251,45 @@ def test_an_unmatched_quote_is_reported_at_its_line(tmp_path: Path, n_rows: int)
     path.write_text(header + "".join(rows))
     with pytest.raises(InputError, match=rf"{path}:4: .*unmatched double quote"):
         read_metadata_rows(path)
+
+
+@pytest.mark.timeout(60)
+def test_two_stray_quotes_that_join_lines_into_one_record_are_refused_naming_the_lines(tmp_path: Path) -> None:
+    # The lenient reader closes the first quote at the second, and the joined record can even have
+    # the header's number of fields: the lines between would vanish without a word.
+    from skinhpc.convert import read_metadata_rows
+    header = "lesion_id,image_id,dx,dx_type,age,sex,localization\n"
+    rows = [f"HAM_{i:07d},ISIC_{i:07d},nv,histo,40.0,male,back\n" for i in range(12)]
+    rows[2], rows[9] = '"' + rows[2], '"' + rows[9]  # lines 4 and 11
+    path = tmp_path / "meta.csv"
+    path.write_text(header + "".join(rows))
+    with pytest.raises(InputError, match=rf"{path}:4: a quoted field runs over the next 7 line\(s\), to line 11"):
+        read_metadata_rows(path)
+
+
+@pytest.mark.timeout(120)
+def test_ids_that_pandas_would_read_as_missing_stay_ids_in_the_index(tmp_path: Path) -> None:
+    dirs, csv_path, ids = make_raw(tmp_path)
+    _edit_csv(csv_path, _set_cell(2, "lesion_id", "NA"))
+    _edit_csv(csv_path, _set_cell(3, "lesion_id", "null"))
+    convert(dirs, csv_path, tmp_path / "data", workers=2)
+    index = read_index(tmp_path / "data")
+    assert list(index["lesion_id"][:2]) == ["NA", "null"] and index["lesion_id"].notna().all()
+
+
+@pytest.mark.timeout(60)
+def test_an_image_folder_that_cannot_be_listed_is_named_as_such(tmp_path: Path, monkeypatch) -> None:
+    dirs, csv_path, _ = make_raw(tmp_path)
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if Path(path) == dirs[0]:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(InputError, match=rf"{dirs[0]}: cannot list the image folder \(Permission denied\)"):
+        convert(dirs, csv_path, tmp_path / "data", workers=2)
+    assert not (tmp_path / "data").exists()
 
 
 @pytest.mark.timeout(60)

@@ -179,3 +179,12 @@ def test_ensure_split_refuses_other_data_with_the_same_number_of_images(tmp_path
         ensure_split(tmp_path, relabelled, cfg)
     with pytest.raises(SplitError, match=r"the data lacks \("):
         fold_rows(split, second.assign(row=np.arange(300)), 0)
+
+
+def test_a_lesion_whose_images_disagree_gets_the_same_class_whatever_the_row_order(full):
+    # Conversion refuses such a lesion; a hand-made index can still hold one (one image each way).
+    df = full.copy()
+    two = df.groupby("lesion_id").filter(lambda g: len(g) == 2 and g["dx"].iloc[0] == "df")
+    first_images = two.drop_duplicates("lesion_id")["image_id"]
+    df.loc[df["image_id"].isin(first_images), "dx"] = "nv"
+    assert make_split(df, SplitConfig(folds=5)) == make_split(df.iloc[::-1], SplitConfig(folds=5))
