@@ -346,6 +346,21 @@ def _restore_visible_devices(value: str | None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = value
 
 
+# What torch's env:// rendezvous reads. sbatch hands the submitting shell's environment to the job,
+# so a launch from a shell that ran torchrun, or from inside an allocation, passes stale values on.
+RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def export_rendezvous() -> None:
+    """In a submitit task: MASTER_ADDR = first node of the job, MASTER_PORT from the job id,
+    RANK/WORLD_SIZE/LOCAL_RANK from SLURM (or the local executor), replacing inherited values
+    (submitit refuses to export over them, and would reuse an inherited MASTER_PORT). All GPUs
+    stay visible: the training code picks cuda:LOCAL_RANK."""
+    for key in RENDEZVOUS_VARS:
+        os.environ.pop(key, None)
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 class TrainTask(submitit.helpers.Checkpointable):
     """Job callable: train one (backbone, fold), resuming from its newest checkpoint.
 
@@ -371,9 +386,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         if self.key in failing:
             raise RuntimeError(f"injected failure for {self.key} ({FAIL_ENV}={os.environ[FAIL_ENV]}; test hook)")
         if _under_submitit():
-            # MASTER_ADDR = first node of the job, MASTER_PORT from the job id, RANK/WORLD_SIZE/
-            # LOCAL_RANK from SLURM. All GPUs stay visible: the training code picks cuda:LOCAL_RANK.
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            export_rendezvous()
         from skinhpc.train import train_fold
 
         result = train_fold(self.cfg)

@@ -960,3 +960,22 @@ def test_every_job_says_a_failed_write_in_one_line_and_exits_1(job: str, target:
     err = capsys.readouterr().err
     assert err.startswith("error: /full/RUN/ensemble/.report.md.tmp-1: No space left on device")
     assert "Traceback" not in err
+
+
+def test_a_task_ignores_rendezvous_variables_inherited_from_the_launching_shell(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # sbatch passes the submitting shell's environment on: a launch from a shell that ran torchrun
+    # made every task fail ("Cannot export environment variables as MASTER_ADDR is already set").
+    from skinhpc.launch import RENDEZVOUS_VARS, export_rendezvous  # (monkeypatch undoes every one of them)
+    for key in list(os.environ):
+        if key.startswith(("SLURM_", "SUBMITIT_")):
+            monkeypatch.delenv(key)
+    job = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4321", "SLURM_JOB_NODELIST": "node[3-4]",
+           "SLURM_STEP_NODELIST": "node[3-4]", "SLURM_NODEID": "1", "SLURM_PROCID": "3", "SLURM_NTASKS": "4",
+           "SLURM_LOCALID": "1", "SLURM_JOB_NUM_NODES": "2"}
+    stale = {key: "0" for key in RENDEZVOUS_VARS} | {"MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}
+    for key, value in {**job, **stale}.items():
+        monkeypatch.setenv(key, value)
+    export_rendezvous()
+    assert os.environ["MASTER_ADDR"] == "node3" and os.environ["MASTER_PORT"] != "29500"
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
