@@ -361,6 +361,20 @@ def export_rendezvous() -> None:
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
+def _check_gpus_seen(cfg: ExperimentConfig) -> None:
+    """A SLURM job that asked for GPUs (cluster.use_gpus) but whose torch sees none would train on
+    the CPU with train.device=auto, for its whole time limit; fail at once instead, saying why."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or not cfg.cluster.use_gpus or cfg.train.device != "auto":
+        return
+    import torch
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"this job asked SLURM for GPUs (cluster.use_gpus=true) but torch {torch.__version__} sees none "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}; a driver older than "
+            "torch's CUDA build, or a site that ignored the request?); to train on CPUs, launch with "
+            "cluster.use_gpus=false")
+
+
 class TrainTask(submitit.helpers.Checkpointable):
     """Job callable: train one (backbone, fold), resuming from its newest checkpoint.
 
@@ -387,6 +401,7 @@ class TrainTask(submitit.helpers.Checkpointable):
             raise RuntimeError(f"injected failure for {self.key} ({FAIL_ENV}={os.environ[FAIL_ENV]}; test hook)")
         if _under_submitit():
             export_rendezvous()
+        _check_gpus_seen(self.cfg)
         from skinhpc.train import train_fold
 
         result = train_fold(self.cfg)

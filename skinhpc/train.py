@@ -623,7 +623,7 @@ class FoldTrainer:
                                        optimizer=self.optimizer, scaler=self.scaler, engine=self.engine)
         if found is None:
             _say(f"{self.out}: fresh start ({self.steps_per_epoch} steps/epoch, {self.env.world_size} process(es), "
-                 f"strategy {self.tcfg.strategy})", self.env)
+                 f"strategy {self.tcfg.strategy}, device {self.env.device.type})", self.env)
             if self.env.is_main:
                 self._truncate_log(0)  # a start over (checkpoints deleted or unreadable) logs afresh
                 self._settle_best()
@@ -632,7 +632,8 @@ class FoldTrainer:
         self.state.update(upgrade_loop_state(state))
         if self.env.is_main:
             self._settle_best()
-        _say(f"resuming from epoch {self.state['epoch']} step {self.state['step']} (checkpoint {info.path})", self.env)
+        _say(f"resuming from epoch {self.state['epoch']} step {self.state['step']} (checkpoint {info.path}; "
+             f"device {self.env.device.type})", self.env)
         if self.env.is_main:
             self._truncate_log(self.state["epoch"])
         # RNG was restored by load_latest; nothing below may draw from it before the loop.

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from skinhpc import REPO_DIR
 from skinhpc.config import ConfigError, ExperimentConfig, load_config, save_config
@@ -979,3 +980,16 @@ def test_a_task_ignores_rendezvous_variables_inherited_from_the_launching_shell(
     export_rendezvous()
     assert os.environ["MASTER_ADDR"] == "node3" and os.environ["MASTER_PORT"] != "29500"
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
+
+
+def test_a_slurm_task_that_asked_for_gpus_and_sees_none_fails_at_once_saying_why(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from skinhpc.launch import _check_gpus_seen
+    cfg = load_config(["cluster.use_gpus=true", "train.device=auto"], sample_preset=False)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"asked SLURM for GPUs .* sees none.*cluster.use_gpus=false"):
+        _check_gpus_seen(cfg)
+    _check_gpus_seen(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cpu")))  # as asked
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    _check_gpus_seen(cfg)  # a local launch on a CPU machine trains on the CPU
