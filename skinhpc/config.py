@@ -417,8 +417,12 @@ class ClusterConfig:
     """Extra sbatch directives of every job, e.g. ['--mail-type=FAIL'] or ['--reservation=x']."""
     train_sbatch_extra: list[str] = field(default_factory=list)
     """Extra sbatch directives of the training jobs only, e.g. ['--exclusive'] for whole GPU nodes."""
+    wckey: str = ""
+    """SLURM workload characterization key (--wckey); empty: none, the site's default (submitit
+    alone would send 'submitit', which sites that enforce wckeys refuse)."""
     setup: list[str] = field(default_factory=list)
-    """Shell lines run before each task (module load ..., source venv/bin/activate)."""
+    """Shell lines run before each task (module load ..., export ...). The task runs the Python that
+    launched it (its venv) whatever a line activates: install skinhpc there, on a shared disk."""
     signal_delay_s: int = 120
     """Seconds before the time limit at which SLURM sends USR2 so the task can save and requeue."""
     max_requeues: int = 10
@@ -443,6 +447,11 @@ class ClusterConfig:
             _check(getattr(self, name) >= 1, f"cluster.{name} must be >= 1, not {getattr(self, name)}")
         for name in ("mem_gb", "signal_delay_s", "max_requeues"):
             _check(getattr(self, name) >= 0, f"cluster.{name} must be >= 0, not {getattr(self, name)}")
+        # USR2 comes signal_delay_s before the limit: past half the limit, a task would spend more
+        # of each allocation being told to stop than training, and requeue until max_requeues.
+        _check(self.signal_delay_s <= self.time_min * 60 // 2,
+               f"cluster.signal_delay_s={self.signal_delay_s} must be at most half of cluster.time_min="
+               f"{self.time_min} minutes ({self.time_min * 30} s): USR2 comes that long before the limit")
 
     @property
     def processes(self) -> int:

@@ -707,6 +707,7 @@ def slurm_parameters(cluster: ClusterConfig, *, name: str, nodes: int, tasks_per
     params: dict[str, Any] = {
         "job_name": name, "time": time_min, "nodes": nodes, "ntasks_per_node": tasks_per_node,
         "cpus_per_task": cpus, "signal_delay_s": cluster.signal_delay_s,
+        "wckey": cluster.wckey or None,  # None: no --wckey line (submitit's default is 'submitit')
     }
     if gpus and cluster.use_gpus:
         params["gpus_per_node"] = cluster.gpus_per_node
@@ -731,6 +732,19 @@ def slurm_parameters(cluster: ClusterConfig, *, name: str, nodes: int, tasks_per
     return params
 
 
+# sbatch options the launcher sets from its own settings: given again in sbatch_extra they would
+# silently win over them (a --time that submitit's requeue logic does not know, a second array...).
+SBATCH_MANAGED = {
+    "time": "cluster.time_min (training) or cluster.ensemble_time_min", "nodes": "cluster.nodes",
+    "ntasks-per-node": "cluster.gpus_per_node", "ntasks": "cluster.nodes x cluster.gpus_per_node",
+    "gpus-per-node": "cluster.gpus_per_node with cluster.use_gpus=true", "cpus-per-task": "cluster.cpus_per_task",
+    "mem": "cluster.mem_gb", "partition": "cluster.partition / cluster.cpu_partition",
+    "account": "cluster.account", "qos": "cluster.qos", "constraint": "cluster.constraint",
+    "signal": "cluster.signal_delay_s", "wckey": "cluster.wckey", "requeue": None, "array": None,
+    "dependency": None, "job-name": None, "output": None, "error": None, "open-mode": None,
+}
+
+
 def sbatch_extra(lines: list[str], setting: str = "cluster.sbatch_extra") -> dict[str, Any]:
     """``['--exclusive', '--mail-type=FAIL']`` → submitit's additional_parameters."""
     extra: dict[str, Any] = {}
@@ -739,8 +753,14 @@ def sbatch_extra(lines: list[str], setting: str = "cluster.sbatch_extra") -> dic
         if opt.startswith("#SBATCH"):
             opt = opt[len("#SBATCH"):].strip()
         if not opt.startswith("--"):
-            raise ConfigError(f"{setting}: {line!r} must be a long sbatch option such as --exclusive or --key=value")
+            raise ConfigError(f"{setting}: {line!r} must be a long sbatch option such as --exclusive or --key=value"
+                              " (an option whose value has commas is one item: "
+                              f"{setting}=['--mail-type=END,FAIL'])")
         key, sep, value = opt[2:].partition("=")
+        if key in SBATCH_MANAGED:
+            use = SBATCH_MANAGED[key]
+            raise ConfigError(f"{setting}: {line!r} is set by the launcher" + (f": use {use}" if use else
+                                                                                " itself and cannot be changed"))
         extra[key] = value if sep else True
     return extra
 

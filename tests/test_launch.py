@@ -195,6 +195,33 @@ def test_sbatch_extra_lines_become_sbatch_flags() -> None:
 
 
 @pytest.mark.timeout(60)
+def test_sbatch_extra_cannot_override_what_the_launcher_sets_and_names_the_setting_to_use() -> None:
+    # --time=30 would win over --time=720 while submitit's requeue logic still counted with 720.
+    with pytest.raises(ConfigError, match=r"'--time=30' is set by the launcher: use cluster.time_min"):
+        sbatch_extra(["--time=30"])
+    with pytest.raises(ConfigError, match=r"'--dependency=afterok:1' is set by the launcher itself"):
+        sbatch_extra(["--dependency=afterok:1"], "cluster.train_sbatch_extra")
+    # The hint to bracket a list value with commas split it into a bogus option: say how to quote it.
+    with pytest.raises(ConfigError, match=r"'FAIL' must be a long sbatch option.*\['--mail-type=END,FAIL'\]"):
+        sbatch_extra(["--mail-type=END", "FAIL"])
+
+
+@pytest.mark.timeout(60)
+def test_no_wckey_line_unless_one_is_set() -> None:
+    cfg = load_config([], sample_preset=False)
+    assert task_parameters(cfg)["wckey"] is None  # submitit leaves None out; its default was 'submitit'
+    with_key = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, wckey="proj1"))
+    assert task_parameters(with_key)["wckey"] == "proj1"
+
+
+@pytest.mark.timeout(60)
+def test_a_signal_delay_past_half_the_time_limit_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"cluster.signal_delay_s=120 must be at most half of cluster.time_min=1"):
+        load_config(["cluster.time_min=1"], sample_preset=False)
+    assert load_config(["cluster.time_min=4"], sample_preset=False).cluster.signal_delay_s == 120
+
+
+@pytest.mark.timeout(60)
 def test_relaunch_with_other_split_or_image_size_is_refused_naming_the_keys(tmp_path: Path) -> None:
     run_dir = tmp_path / "exp"
     saved = absolute_paths(load_config([f"run_dir={run_dir}", "split.folds=2"]))
