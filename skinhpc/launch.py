@@ -693,6 +693,13 @@ def job_state(info: JobInfo | None) -> str:
     return "failed"
 
 
+def pending_reason(info: JobInfo | None) -> str:
+    """SLURM's reason for a pending job, when it says more than "waiting for its turn": a limit
+    the job can never fit (PartitionTimeLimit), a quota (AssocGrpGRES, QOSMax...), a drained node."""
+    reason = info.reason.strip() if info is not None else ""
+    return "" if reason in ("", "None", "Priority", "Resources", "Dependency", "BeginTime") else reason
+
+
 def dependency_never_satisfied(info: JobInfo | None) -> bool:
     return bool(info and info.live and "DependencyNeverSatisfied" in info.reason)
 
@@ -1260,12 +1267,18 @@ class TaskStatus:
     epoch: str
     best_val_bacc: str
     log: str
+    reason: str = ""  # SLURM's reason for a pending job (PartitionTimeLimit, QOSMaxGRESPerUser, ...)
+
+    @property
+    def shown_state(self) -> str:
+        return f"{self.state} ({self.reason})" if self.reason else self.state
 
 
 def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict[str, JobInfo],
               local_launch_running: bool) -> TaskStatus:
     run_dir = Path(cfg.run_dir)
     job = entry.get("job_id", "")
+    reason = ""
     rows = read_log(t.dir(run_dir) / LOG_NAME)
     metrics = finished_metrics(t.dir(run_dir))
     if entry.get("local_job"):  # a local launch's task (_record_local)
@@ -1283,6 +1296,7 @@ def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict
         # Cancelled, ended or being requeued: SLURM tells which once it is no longer COMPLETING.
         state = "completing" if info is not None and info.live and info.slurm_state == "COMPLETING" else state
         state = "blocked" if dependency_never_satisfied(info) else state  # its conversion failed
+        reason = pending_reason(info) if state == "pending" else ""
     if metrics is None and not entry.get("job_id") and lock_holder(train_lock(run_dir, t.backbone, t.fold)):
         state = "running"  # a local or hand-run trainer, e.g. the task of a local launch that was killed
     epoch = f"{max(int(r.get('epoch', 0)) for r in rows) + 1}/{cfg.train.epochs}" if rows else f"0/{cfg.train.epochs}"
@@ -1290,7 +1304,7 @@ def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict
     best = f"{kept:.4f}" if kept is not None else "-"
     log = entry.get("err", "") if state in ("failed", "cancelled", "stopped") else entry.get("log", "")
     own_log = t.dir(run_dir) / LOG_NAME  # a fold never started has none yet: no path to look in
-    return TaskStatus(t, job or "-", state, epoch, best, log or (str(own_log) if own_log.is_file() else "-"))
+    return TaskStatus(t, job or "-", state, epoch, best, log or (str(own_log) if own_log.is_file() else "-"), reason)
 
 
 def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
@@ -1308,7 +1322,8 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     local_running = jobs.get("kind") != "slurm" and bool(running_launch(run_dir))
     rows = [_task_row(cfg, t, jobs["tasks"].get(t.key, {}), infos, local_running) for t in experiment_tasks(cfg)]
     head = ("backbone", "fold", "job", "state", "epoch", "kept val bacc", "log")
-    table = [head] + [(r.task.backbone, str(r.task.fold), r.job_id, r.state, r.epoch, r.best_val_bacc, r.log) for r in rows]
+    table = [head] + [(r.task.backbone, str(r.task.fold), r.job_id, r.shown_state, r.epoch, r.best_val_bacc, r.log)
+                      for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
     lines = [f"run dir: {run_dir}" + ("" if run_dir.is_dir() else " (does not exist: nothing launched there yet)")]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1] for row in table]
@@ -1322,6 +1337,8 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
                                  local_running)
     elif ens_metrics is not None and not (ens_info and ens_info.live):
         ens_state = "done"
+    elif dependency_never_satisfied(ens_info):
+        ens_state = "blocked"  # the lines below say which task it waits for
     elif ens_job:
         ens_state = job_state(ens_info)
     else:
@@ -1338,7 +1355,8 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
         conv_state = "done" if conv_state == "completed" else conv_state
         lines.append(f"conversion: job {conv['job_id']} {conv_state}"
                      + (f", log {conv.get('log', '')}" if conv_state in ("failed", "cancelled") else ""))
-    lines.append(f"ensemble: job {ens_job or '-'} {ens_state}"
+    ens_reason = pending_reason(ens_info) if ens_state == "pending" else ""
+    lines.append(f"ensemble: job {ens_job or '-'} {ens_state}" + (f" ({ens_reason})" if ens_reason else "")
                  + (f", log {ens_entry['err']}" if ens_state in ("failed", "stopped", "cancelled")
                     and ens_entry.get("err") else ""))
     if note := _local_launch_note(run_dir, jobs):

@@ -619,6 +619,28 @@ def test_status_says_why_an_ensemble_waits_forever_when_slurm_failed_a_finished_
 
 
 @pytest.mark.timeout(60)
+def test_status_shows_why_slurm_keeps_a_job_pending_and_an_ensemble_that_cannot_start_as_blocked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import skinhpc.launch as launch_mod
+    from skinhpc.launch import JobInfo, status, write_jobs
+
+    # fold 0 asked for more time than the partition allows (it never starts); fold 1 failed.
+    infos = {"6_0": JobInfo("PENDING", "PartitionTimeLimit", live=True), "6_1": JobInfo("FAILED"),
+             "7": JobInfo("PENDING", "DependencyNeverSatisfied", live=True)}
+    _plan_for(tmp_path, infos, {}, converted=True, done=())
+    cfg, _ = load_launch_config([f"run_dir={tmp_path / 'exp'}", "backbones=[resnet18]"], None, 2)
+    write_jobs(tmp_path / "exp", {"tasks": {"resnet18/fold0": {"job_id": "6_0"}, "resnet18/fold1": {"job_id": "6_1"}},
+                                  "ensemble": {"job_id": "7"}})
+    monkeypatch.setattr(launch_mod, "query_jobs", lambda ids: infos)
+    text, summary = status(cfg)
+    assert " pending (PartitionTimeLimit) " in next(line for line in text.splitlines() if line.startswith("resnet18  0"))
+    assert summary["tasks"]["resnet18/fold0"]["state"] == "pending"
+    assert "ensemble: job 7 blocked" in text and "a training task it waits for did not finish" in text
+    infos["6_0"] = JobInfo("PENDING", "Priority", live=True)  # an ordinary wait for a turn: no reason shown
+    assert " pending " in next(line for line in status(cfg)[0].splitlines() if line.startswith("resnet18  0"))
+
+
+@pytest.mark.timeout(60)
 def test_relaunch_after_failed_conversion_cancels_blocked_tasks_and_resubmits_everything(tmp_path: Path) -> None:
     from skinhpc.launch import JobInfo
 
