@@ -37,6 +37,20 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _non_finite(section: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of the float settings (in lists too) that are inf or nan."""
+    keys = []
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            keys += _non_finite(value, key + ".")
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                keys.append(key)
+                break
+    return keys
+
+
 # The default longest side of stored images: a 4:3 image keeps a short side >= 224 px, the
 # paper's input size.
 MAX_RESOLUTION = 320
@@ -478,6 +492,8 @@ class ExperimentConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
+        bad = _non_finite(self)
+        _check(not bad, f"{', '.join(bad)} must be a finite number, not inf or nan")
         _check(bool(self.run_dir), "run_dir must not be empty")
         _check(0 <= self.fold < self.split.folds,
                f"fold must be in 0..split.folds-1 = 0..{self.split.folds - 1}, not {self.fold}")
@@ -559,6 +575,9 @@ def _merge_checked(schema: DictConfig, base: DictConfig, other: Any, origin: str
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "") or ""
         msg = str(getattr(e, "msg", None) or e).splitlines()[0]
+        if "Incompatible value 'None'" in msg:  # key= with nothing after it
+            msg += f" (an empty value is null; for an empty string write {key}='' with the quotes reaching " \
+                   f"the program: \"{key}=''\" in a shell)"
         if key:
             raise ConfigError(f"bad config value for {key} ({origin}): {msg}") from None
         raise ConfigError(f"bad config value ({origin}): {msg} (a section such as train is set by its dotted "
@@ -600,7 +619,20 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r} is not key=value")
-    return OmegaConf.from_dotlist(list(overrides))
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except (yaml.YAMLError, OmegaConfBaseException) as e:  # the value is read as YAML
+        bad = next((o for o in overrides if _unparsable(o)), " ".join(overrides))
+        raise ConfigError(f"override {bad!r}: its value is no valid YAML ({str(e).splitlines()[0]}; inside "
+                          "double quotes a backslash starts an escape: use single quotes)") from None
+
+
+def _unparsable(item: str) -> bool:
+    try:
+        OmegaConf.from_dotlist([item])
+        return False
+    except (yaml.YAMLError, OmegaConfBaseException):
+        return True
 
 
 # YAML files under configs/ that are no experiment config, so no preset: applied as one, their keys
@@ -638,6 +670,8 @@ def load_config(overrides: list[str] | None = None, config_file: str | Path | No
     """
     if preset is None and overrides:  # preset=NAME on the command line applies configs/NAME.yaml (below them)
         preset = OmegaConf.select(parse_overrides(overrides), "preset") or None
+    if preset is None and config_file and Path(config_file).is_file():  # ... or in the config file
+        preset = OmegaConf.select(load_yaml(config_file), "preset") or None
     cfg = _load(overrides, config_file, preset)
     if sample_preset and preset is None and uses_sample(cfg):
         cfg = _load(overrides, config_file, "sample")
@@ -662,13 +696,28 @@ def _load(overrides: list[str] | None, config_file: str | Path | None, preset: s
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"bad config value: {e}") from None
+        key = getattr(e, "full_key", "") or ""
+        hint = (": ${...} is an OmegaConf interpolation; for the shell write $VAR, or escape it as \\${VAR}"
+                if "Interpolation" in str(e) else "")
+        raise ConfigError(f"bad config value{' for ' + key if key else ''}: {str(e).splitlines()[0]}{hint}") from None
     assert isinstance(obj, ExperimentConfig)
     return obj
 
 
+def _literal(value: Any) -> Any:
+    """Strings with ``${`` escaped, so that a saved config reads back with the same literal text
+    (a setup line such as 'cd \\${SLURM_TMPDIR}' given escaped), not as an OmegaConf interpolation."""
+    if isinstance(value, str):
+        return value.replace("${", "\\${")
+    if isinstance(value, list):
+        return [_literal(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _literal(v) for k, v in value.items()}
+    return value
+
+
 def to_yaml(cfg: ExperimentConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return OmegaConf.to_yaml(OmegaConf.create(_literal(dataclasses.asdict(cfg))))
 
 
 def from_yaml_file(path: str | Path) -> ExperimentConfig:

@@ -156,7 +156,11 @@ def load_launch_config(overrides: list[str], config_file: str | None = None,
             # holding both is loaded below the overrides.
             layered = Path(tmp) / f"config+profile-{path.stem}.yaml"
             layered.write_text(OmegaConf.to_yaml(merged))
-            cfg = load_config(overrides, layered)
+            try:
+                cfg = load_config(overrides, layered)
+            except ConfigError as e:  # name the files the user wrote, not the temporary one
+                raise ConfigError(str(e).replace(str(layered), " + ".join([*([str(config_file)] if config_file
+                                                                              else []), f"profile {path}"]))) from None
         notes.append(f"cluster profile: {path}")
     notes += cfg.warnings()
     if uses_sample(cfg) and cfg.preset == "sample":

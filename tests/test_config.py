@@ -96,6 +96,11 @@ def test_a_yaml_file_that_cannot_be_read_is_a_config_error_naming_the_file_and_l
     ("cluster.cpus_per_task=0", "cluster.cpus_per_task must be >= 1"),
     ("cluster.max_requeues=-1", "cluster.max_requeues must be >= 0"),
     ("fold=5", "fold must be in 0..split.folds-1 = 0..4, not 5"),
+    ("train.lr=inf", "train.lr must be a finite number, not inf or nan"),
+    ("train.weight_decay=inf", "train.weight_decay must be a finite number"),
+    ("cluster.partition=", "for an empty string write cluster.partition='' with the quotes reaching the program"),
+    ("cluster.setup=['${HOME}/x']", "for the shell write $VAR, or escape it as \\${VAR}"),
+    ('cluster.setup=["a\\qb"]', "its value is no valid YAML (while parsing a quoted scalar; inside double quotes"),
 ])
 def test_bad_values_give_clear_errors(override, fragment):
     with pytest.raises(ConfigError, match=re.escape(fragment)):
@@ -107,6 +112,22 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = from_yaml_file(tmp_path / "config.yaml")
     assert again == cfg and isinstance(again, ExperimentConfig)
+
+
+def test_a_literal_interpolation_in_a_value_survives_saving_and_reading_back(tmp_path):
+    # A setup line for the job's shell, escaped on the command line as OmegaConf asks: the saved
+    # config.yaml must read back (a requeued fold and every relaunch read it), with the same text.
+    cfg = load_config(["cluster.setup=['cd \\${SLURM_TMPDIR}','echo a']"])
+    assert cfg.cluster.setup == ["cd ${SLURM_TMPDIR}", "echo a"]
+    save_config(cfg, tmp_path / "config.yaml")
+    assert from_yaml_file(tmp_path / "config.yaml") == cfg
+
+
+def test_a_preset_named_in_a_config_file_is_applied_below_the_file(tmp_path):
+    (tmp_path / "exp.yaml").write_text("preset: scratch-gpu\ntrain:\n  epochs: 3\n")
+    cfg = load_config([], config_file=tmp_path / "exp.yaml")
+    assert cfg.preset == "scratch-gpu" and cfg.model.image_size == 192 and cfg.train.epochs == 3
+    assert load_config(["preset=sample"], config_file=tmp_path / "exp.yaml").model.image_size == 64  # command line wins
 
 
 def test_diff_keys_names_what_changed():

@@ -1042,3 +1042,11 @@ def test_a_slurm_task_that_asked_for_gpus_and_sees_none_fails_at_once_saying_why
     _check_gpus_seen(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cpu")))  # as asked
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
     _check_gpus_seen(cfg)  # a local launch on a CPU machine trains on the CPU
+
+
+@pytest.mark.timeout(60)
+def test_a_bad_value_in_a_cluster_profile_names_the_profile(tmp_path: Path) -> None:
+    profile = tmp_path / "my-cluster.yaml"
+    profile.write_text("kind: slurm\nnodes: two\n")
+    with pytest.raises(ConfigError, match=rf"bad config value for cluster.nodes \(profile {re.escape(str(profile))}\)"):
+        load_launch_config([f"cluster.profile={profile}"], None, 2)
