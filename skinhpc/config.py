@@ -445,7 +445,8 @@ class ClusterConfig:
     ensemble_cpus: int = 4
     """CPU cores of the ensemble job."""
     ensemble_time_min: int = 60
-    """Wall-clock limit of the ensemble job in minutes."""
+    """Wall-clock limit of the ensemble job, and of the conversion job, in minutes (both CPU-only:
+    cpu_partition; they share the other settings, e.g. mem_gb, qos and setup, with training)."""
     local_parallel: int = 1
     """cluster.kind=local: training tasks run at once. Each gets its own gpus_per_node GPUs while
     the machine has enough (CUDA_VISIBLE_DEVICES, else every GPU nvidia-smi lists); past that they

@@ -925,6 +925,10 @@ def launch(cfg: ExperimentConfig, *, dry_run: bool = False, echo: Callable[[str]
     with launch_lock(run_dir):
         remake = _check_or_remake(run_dir, cfg, echo)  # under the lock: another launch may just have saved
         if kind == "slurm":
+            if pretrained_source(cfg.model.pretrained) == "hub":
+                echo("note: model.pretrained=true downloads the ImageNet weights on the compute nodes, which "
+                     "fails where they are offline (after the wait in the queue): fetch the files on this node "
+                     "and pass model.pretrained=weights/{backbone}.pth (README, 'On the login node')")
             return _launch_slurm(cfg, echo, remake)
         return _launch_inline(cfg, kind, echo, remake)
 
