@@ -550,6 +550,10 @@ def _leaf_written(other: Any, key: str) -> str:
     return next((leaf for leaf in leaves if leaf.startswith(key + ".")), key)
 
 
+# Lists of shell lines and sbatch options: one value with commas (--mail-type=END,FAIL) is one item.
+FREE_TEXT_LISTS = ("cluster.setup", "cluster.sbatch_extra", "cluster.train_sbatch_extra")
+
+
 def _one_item_lists(schema: DictConfig, other: Any, origin: str) -> Any:
     """A list key given one value (data.images=/data/ham, backbones=vgg16) means a list of it; one
     value with commas (backbones=resnet18,vgg16) is refused, as it reads as a list without brackets."""
@@ -560,7 +564,7 @@ def _one_item_lists(schema: DictConfig, other: Any, origin: str) -> Any:
         if not isinstance(OmegaConf.select(schema, key), ListConfig) or isinstance(value, bool) \
                 or not isinstance(value, (str, int, float)):
             continue
-        if isinstance(value, str) and "," in value:
+        if isinstance(value, str) and "," in value and key not in FREE_TEXT_LISTS:
             raise ConfigError(f"{key} is a list ({origin}): write it in brackets, {key}=[{value}] "
                               f"(in YAML: {key.rsplit('.', 1)[-1]}: [{value}])")
         OmegaConf.update(other, key, [value], merge=False)

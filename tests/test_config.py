@@ -39,6 +39,11 @@ def test_a_list_key_given_one_value_is_a_list_of_that_value(tmp_path):
         load_config(["backbones=resnet18,resnet34"])
 
 
+def test_one_shell_line_or_sbatch_option_with_commas_is_one_item():
+    cfg = load_config(["cluster.sbatch_extra=--mail-type=END,FAIL", "cluster.setup=export X=a,b"])
+    assert cfg.cluster.sbatch_extra == ["--mail-type=END,FAIL"] and cfg.cluster.setup == ["export X=a,b"]
+
+
 def test_a_backbone_listed_twice_is_refused_by_name():
     with pytest.raises(ConfigError, match=r"backbones names resnet18 more than once"):
         load_config(["backbones=[resnet18,vgg16,resnet18]"])
