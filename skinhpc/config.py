@@ -37,17 +37,15 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _non_finite(section: Any, prefix: str = "") -> list[str]:
+def _non_finite(settings: dict, prefix: str = "") -> list[str]:
     """Dotted keys of the float settings (in lists too) that are inf or nan."""
     keys = []
-    for f in dataclasses.fields(section):
-        value, key = getattr(section, f.name), prefix + f.name
-        if dataclasses.is_dataclass(value):
+    for name, value in settings.items():
+        key = prefix + str(name)
+        if isinstance(value, dict):
             keys += _non_finite(value, key + ".")
-        for v in value if isinstance(value, list) else [value]:
-            if isinstance(v, float) and not math.isfinite(v):
-                keys.append(key)
-                break
+        elif any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            keys.append(key)
     return keys
 
 
@@ -462,11 +460,6 @@ class ClusterConfig:
             _check(getattr(self, name) >= 1, f"cluster.{name} must be >= 1, not {getattr(self, name)}")
         for name in ("mem_gb", "signal_delay_s", "max_requeues"):
             _check(getattr(self, name) >= 0, f"cluster.{name} must be >= 0, not {getattr(self, name)}")
-        # USR2 comes signal_delay_s before the limit: past half the limit, a task would spend more
-        # of each allocation being told to stop than training, and requeue until max_requeues.
-        _check(self.signal_delay_s <= self.time_min * 60 // 2,
-               f"cluster.signal_delay_s={self.signal_delay_s} must be at most half of cluster.time_min="
-               f"{self.time_min} minutes ({self.time_min * 30} s): USR2 comes that long before the limit")
 
     @property
     def processes(self) -> int:
@@ -493,7 +486,7 @@ class ExperimentConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
-        bad = _non_finite(self)
+        bad = _non_finite(dataclasses.asdict(self))
         _check(not bad, f"{', '.join(bad)} must be a finite number, not inf or nan")
         _check(bool(self.run_dir), "run_dir must not be empty")
         _check(0 <= self.fold < self.split.folds,
@@ -580,9 +573,11 @@ def _merge_checked(schema: DictConfig, base: DictConfig, other: Any, origin: str
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "") or ""
         msg = str(getattr(e, "msg", None) or e).splitlines()[0]
-        if "Incompatible value 'None'" in msg:  # key= with nothing after it
-            msg += f" (an empty value is null; for an empty string write {key}='' with the quotes reaching " \
-                   f"the program: \"{key}=''\" in a shell)"
+        if "Incompatible value 'None'" in msg:  # key= (or key: in YAML) with nothing after it
+            leaf = key.rsplit(".", 1)[-1]
+            msg += (f" (an empty value is null; for an empty string write {key}='' with the quotes reaching the "
+                    f"program: \"{key}=''\" in a shell)" if origin == "command line"
+                    else f" (an empty value is null; for an empty string write {leaf}: '')")
         if key:
             raise ConfigError(f"bad config value for {key} ({origin}): {msg}") from None
         raise ConfigError(f"bad config value ({origin}): {msg} (a section such as train is set by its dotted "
@@ -628,8 +623,8 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
         return OmegaConf.from_dotlist(list(overrides))
     except (yaml.YAMLError, OmegaConfBaseException) as e:  # the value is read as YAML
         bad = next((o for o in overrides if _unparsable(o)), " ".join(overrides))
-        raise ConfigError(f"override {bad!r}: its value is no valid YAML ({str(e).splitlines()[0]}; inside "
-                          "double quotes a backslash starts an escape: use single quotes)") from None
+        hint = "; inside double quotes a backslash starts an escape: use single quotes" if '"' in bad and "\\" in bad else ""
+        raise ConfigError(f"override {bad!r}: its value is no valid YAML ({str(e).splitlines()[0]}{hint})") from None
 
 
 def _unparsable(item: str) -> bool:
@@ -698,6 +693,8 @@ def _load(overrides: list[str] | None, config_file: str | Path | None, preset: s
         layers.append(("command line", parse_overrides(overrides)))
     for origin, layer in layers:
         cfg = _merge_checked(schema, cfg, layer, origin)
+    bad = _non_finite(OmegaConf.to_container(cfg))  # before the sections' checks, which nan passes or misnames
+    _check(not bad, f"{', '.join(bad)} must be a finite number, not inf or nan")
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:

@@ -114,13 +114,15 @@ def pick_device(device: str, local_rank: int) -> torch.device:
         if not torch.cuda.is_available():
             raise DistributedError("train.device=cuda but no CUDA GPU is visible")
         n = torch.cuda.device_count()
-        # A site that binds one GPU to each task (--gpu-bind, gpus-per-task) shows each process just
-        # its own, as device 0; otherwise a process uses GPU LOCAL_RANK of the node's.
-        index = 0 if n == 1 else local_rank
-        if index >= n:
-            raise DistributedError(f"local rank {local_rank} has no GPU: only {n} visible on this node")
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
+        if local_rank >= n:
+            # DeepSpeed, too, sets the device from LOCAL_RANK: every process must see all the node's GPUs.
+            raise DistributedError(
+                f"local rank {local_rank} has no GPU: only {n} visible on this node (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}); more processes per node than GPUs, or a "
+                "site that binds one GPU to each task (--gpu-bind, --gpus-per-task): the tasks need all of the "
+                "node's GPUs visible")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 

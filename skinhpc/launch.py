@@ -743,16 +743,15 @@ def slurm_parameters(cluster: ClusterConfig, *, name: str, nodes: int, tasks_per
     return params
 
 
-# sbatch options the launcher sets from its own settings: given again in sbatch_extra they would
-# silently win over them (a --time that submitit's requeue logic does not know, a second array...).
+# sbatch options the launcher sets for every job and relies on: given again in sbatch_extra they
+# would silently win (a --time that submitit's requeue logic does not know, a task count that is
+# not the process count, a second array or dependency). Others (--mem, --qos, --partition, ...)
+# may be given for one kind of job, e.g. in train_sbatch_extra.
 SBATCH_MANAGED = {
     "time": "cluster.time_min (training) or cluster.ensemble_time_min", "nodes": "cluster.nodes",
     "ntasks-per-node": "cluster.gpus_per_node", "ntasks": "cluster.nodes x cluster.gpus_per_node",
-    "gpus-per-node": "cluster.gpus_per_node with cluster.use_gpus=true", "cpus-per-task": "cluster.cpus_per_task",
-    "mem": "cluster.mem_gb", "partition": "cluster.partition / cluster.cpu_partition",
-    "account": "cluster.account", "qos": "cluster.qos", "constraint": "cluster.constraint",
-    "signal": "cluster.signal_delay_s", "wckey": "cluster.wckey", "requeue": None, "array": None,
-    "dependency": None, "job-name": None, "output": None, "error": None, "open-mode": None,
+    "cpus-per-task": "cluster.cpus_per_task (training) or cluster.ensemble_cpus", "signal": "cluster.signal_delay_s",
+    "array": None, "dependency": None, "job-name": None, "output": None, "error": None, "open-mode": None,
 }
 
 
@@ -918,6 +917,8 @@ def recorded_job_ids(jobs: dict[str, Any]) -> list[str]:
 def launch(cfg: ExperimentConfig, *, dry_run: bool = False, echo: Callable[[str], None] = print) -> Plan:
     """Launch (or relaunch) the experiment ``cfg``; see the module docstring. Returns the plan."""
     kind = resolve_kind(cfg.cluster.kind) if not dry_run else ("slurm" if cfg.cluster.kind == "auto" else cfg.cluster.kind)
+    if kind == "slurm":
+        check_signal_delay(cfg.cluster)
     run_dir = Path(cfg.run_dir)
     if dry_run:
         _check_or_remake(run_dir, cfg, echo)
@@ -931,6 +932,17 @@ def launch(cfg: ExperimentConfig, *, dry_run: bool = False, echo: Callable[[str]
                      "and pass model.pretrained=weights/{backbone}.pth (README, 'On the login node')")
             return _launch_slurm(cfg, echo, remake)
         return _launch_inline(cfg, kind, echo, remake)
+
+
+def check_signal_delay(cluster: ClusterConfig) -> None:
+    """Every SLURM job gets USR2 cluster.signal_delay_s before its limit: past half of it, a task
+    would spend more of each allocation told to stop than training, and requeue until max_requeues.
+    (A local launch does not use it: submitit's local executor warns its tasks by itself.)"""
+    for key in ("time_min", "ensemble_time_min"):
+        limit = getattr(cluster, key)
+        if cluster.signal_delay_s > limit * 30:
+            raise LaunchError(f"cluster.signal_delay_s={cluster.signal_delay_s} must be at most half of cluster.{key}="
+                              f"{limit} minutes ({limit * 30} s): SLURM sends USR2 that long before the limit")
 
 
 def _check_or_remake(run_dir: Path, cfg: ExperimentConfig, echo: Callable[[str], None]) -> bool:

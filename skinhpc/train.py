@@ -663,7 +663,10 @@ class FoldTrainer:
         large. Dropping that state makes the backbone start afresh at the unfreeze, as under DDP,
         where frozen parameters have no gradient and get no state. Runs at the unfreezing epoch's
         first step only: a checkpoint taken later holds the state built after it."""
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO/bf16 wrappers keep the torch one inside
+        # Stage 0 (skinhpc keeps DeepSpeed's fp16/bf16 off): the torch optimizer itself; ZeRO 1-2 keep it
+        # inside, with our param groups (flat partitions as params). ZeRO's links to its state for
+        # safe_get_full_optimizer_state go stale until the next step; skinhpc does not read them.
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
         for group in inner.param_groups:
             if group.get("is_backbone"):
                 for p in group["params"]:
@@ -992,6 +995,7 @@ class FoldTrainer:
                 best_epoch, best_metric = best[1].get("epoch", best_epoch), best[1].get("value", best_metric)
         else:
             why = ("is damaged" if (self.ckpt_dir / checkpoint.BEST).exists()
+                   else f"of epoch {best_epoch + 1} is missing" if best_epoch >= 0  # settle_best said so on resume
                    else f"was never saved (val {self.tcfg.select_metric.replace('_', ' ')} never defined)")
             best_epoch = st["epoch"] - 1  # what the files below then hold: the last epoch's weights
             _say(f"WARNING: the best checkpoint {why}; using the last weights (epoch {best_epoch + 1})", env)

@@ -103,6 +103,8 @@ def test_a_yaml_file_that_cannot_be_read_is_a_config_error_naming_the_file_and_l
     ("fold=5", "fold must be in 0..split.folds-1 = 0..4, not 5"),
     ("train.lr=inf", "train.lr must be a finite number, not inf or nan"),
     ("train.weight_decay=inf", "train.weight_decay must be a finite number"),
+    ("train.lr=nan", "train.lr must be a finite number"),
+    ("aug.crop_scale=[0.5,nan]", "aug.crop_scale must be a finite number"),
     ("cluster.partition=", "for an empty string write cluster.partition='' with the quotes reaching the program"),
     ("cluster.setup=['${HOME}/x']", "for the shell write $VAR, or escape it as \\${VAR}"),
     ('cluster.setup=["a\\qb"]', "its value is no valid YAML (while parsing a quoted scalar; inside double quotes"),

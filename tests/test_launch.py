@@ -199,6 +199,7 @@ def test_sbatch_extra_cannot_override_what_the_launcher_sets_and_names_the_setti
     # --time=30 would win over --time=720 while submitit's requeue logic still counted with 720.
     with pytest.raises(ConfigError, match=r"'--time=30' is set by the launcher: use cluster.time_min"):
         sbatch_extra(["--time=30"])
+    assert sbatch_extra(["--mem=0", "--qos=gpu"], "cluster.train_sbatch_extra") == {"mem": "0", "qos": "gpu"}
     with pytest.raises(ConfigError, match=r"'--dependency=afterok:1' is set by the launcher itself"):
         sbatch_extra(["--dependency=afterok:1"], "cluster.train_sbatch_extra")
     # The hint to bracket a list value with commas split it into a bogus option: say how to quote it.
@@ -215,10 +216,14 @@ def test_no_wckey_line_unless_one_is_set() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_a_signal_delay_past_half_the_time_limit_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"cluster.signal_delay_s=120 must be at most half of cluster.time_min=1"):
-        load_config(["cluster.time_min=1"], sample_preset=False)
-    assert load_config(["cluster.time_min=4"], sample_preset=False).cluster.signal_delay_s == 120
+def test_a_slurm_launch_with_a_signal_delay_past_half_a_time_limit_is_refused(tmp_path: Path) -> None:
+    from skinhpc.launch import check_signal_delay, launch
+    cfg = load_config([f"run_dir={tmp_path / 'exp'}", "cluster.kind=slurm", "cluster.time_min=3"])
+    with pytest.raises(LaunchError, match=r"cluster.signal_delay_s=120 must be at most half of cluster.time_min=3"):
+        launch(cfg, dry_run=True, echo=lambda line: None)
+    check_signal_delay(dataclasses.replace(cfg.cluster, time_min=4))
+    with pytest.raises(LaunchError, match=r"half of cluster.ensemble_time_min=2 minutes"):
+        check_signal_delay(dataclasses.replace(cfg.cluster, time_min=4, ensemble_time_min=2))
 
 
 @pytest.mark.timeout(60)
@@ -1016,7 +1021,8 @@ def test_a_task_ignores_rendezvous_variables_inherited_from_the_launching_shell(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # sbatch passes the submitting shell's environment on: a launch from a shell that ran torchrun
     # made every task fail ("Cannot export environment variables as MASTER_ADDR is already set").
-    from skinhpc.launch import RENDEZVOUS_VARS, export_rendezvous  # (monkeypatch undoes every one of them)
+    import skinhpc.train
+    from skinhpc.launch import RENDEZVOUS_VARS
     for key in list(os.environ):
         if key.startswith(("SLURM_", "SUBMITIT_")):
             monkeypatch.delenv(key)
@@ -1024,24 +1030,31 @@ def test_a_task_ignores_rendezvous_variables_inherited_from_the_launching_shell(
            "SLURM_STEP_NODELIST": "node[3-4]", "SLURM_NODEID": "1", "SLURM_PROCID": "3", "SLURM_NTASKS": "4",
            "SLURM_LOCALID": "1", "SLURM_JOB_NUM_NODES": "2"}
     stale = {key: "0" for key in RENDEZVOUS_VARS} | {"MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}
-    for key, value in {**job, **stale}.items():
+    for key, value in {**job, **stale}.items():  # (monkeypatch undoes every one of them)
         monkeypatch.setenv(key, value)
-    export_rendezvous()
-    assert os.environ["MASTER_ADDR"] == "node3" and os.environ["MASTER_PORT"] != "29500"
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
+    seen = {}
+    monkeypatch.setattr(skinhpc.train, "train_fold", lambda cfg: seen.update(os.environ) or {"status": "done"})
+    cfg = load_config(["cluster.use_gpus=false", "backbones=[resnet18]"])
+    assert TrainTask(cfg)() == {"status": "done"}
+    assert seen["MASTER_ADDR"] == "node3" and seen["MASTER_PORT"] != "29500"
+    assert (seen["RANK"], seen["WORLD_SIZE"], seen["LOCAL_RANK"]) == ("3", "4", "1")
 
 
 def test_a_slurm_task_that_asked_for_gpus_and_sees_none_fails_at_once_saying_why(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from skinhpc.launch import _check_gpus_seen
-    cfg = load_config(["cluster.use_gpus=true", "train.device=auto"], sample_preset=False)
-    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    import skinhpc.launch as launch_mod
+    import skinhpc.train
+    cfg = load_config(["cluster.use_gpus=true", "train.device=auto", "backbones=[resnet18]"], sample_preset=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(launch_mod, "export_rendezvous", lambda: None)  # (no SLURM job here)
+    monkeypatch.setattr(skinhpc.train, "train_fold", lambda c: {"status": "done", "device": c.train.device})
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
     with pytest.raises(RuntimeError, match=r"asked SLURM for GPUs .* sees none.*cluster.use_gpus=false"):
-        _check_gpus_seen(cfg)
-    _check_gpus_seen(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cpu")))  # as asked
+        TrainTask(cfg)()
+    as_asked = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cpu"))
+    assert TrainTask(as_asked)()["device"] == "cpu"
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
-    _check_gpus_seen(cfg)  # a local launch on a CPU machine trains on the CPU
+    assert TrainTask(cfg)()["device"] == "auto"  # a local launch on a CPU machine trains on the CPU
 
 
 @pytest.mark.timeout(60)
@@ -1049,4 +1062,7 @@ def test_a_bad_value_in_a_cluster_profile_names_the_profile(tmp_path: Path) -> N
     profile = tmp_path / "my-cluster.yaml"
     profile.write_text("kind: slurm\nnodes: two\n")
     with pytest.raises(ConfigError, match=rf"bad config value for cluster.nodes \(profile {re.escape(str(profile))}\)"):
+        load_launch_config([f"cluster.profile={profile}"], None, 2)
+    profile.write_text("kind: slurm\naccount:\n")
+    with pytest.raises(ConfigError, match=r"cluster.account \(profile .*for an empty string write account: ''"):
         load_launch_config([f"cluster.profile={profile}"], None, 2)
