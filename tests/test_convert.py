@@ -240,15 +240,22 @@ def test_bad_csv_is_reported_with_file_and_line_and_nothing_is_written(tmp_path:
     assert not out.exists()
 
 
+def _plain_csv(path: Path, n_rows: int, edit) -> Path:
+    """A metadata CSV of n_rows nv rows (row i on line i + 2), ``edit``ed as a list of lines."""
+    rows = [f"HAM_{i:07d},ISIC_{i:07d},nv,histo,40.0,male,back\n" for i in range(n_rows)]
+    path.write_text("lesion_id,image_id,dx,dx_type,age,sex,localization\n" + "".join(edit(rows)))
+    return path
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("n_rows", [4000, 30], ids=["rest-over-csv-field-limit", "rest-under-it"])
 def test_an_unmatched_quote_is_reported_at_its_line(tmp_path: Path, n_rows: int) -> None:
     from skinhpc.convert import read_metadata_rows
-    header = "lesion_id,image_id,dx,dx_type,age,sex,localization\n"
-    rows = [f"HAM_{i:07d},ISIC_{i:07d},nv,histo,40.0,male,back\n" for i in range(n_rows)]
-    rows[2] = rows[2].replace(",histo", ',"histo')  # line 4: its quote swallows the rest of the file
-    path = tmp_path / "meta.csv"
-    path.write_text(header + "".join(rows))
+
+    def quote_line_4(rows):  # its quote swallows the rest of the file
+        rows[2] = rows[2].replace(",histo", ',"histo')
+        return rows
+    path = _plain_csv(tmp_path / "meta.csv", n_rows, quote_line_4)
     with pytest.raises(InputError, match=rf"{path}:4: .*unmatched double quote"):
         read_metadata_rows(path)
 
@@ -258,11 +265,11 @@ def test_two_stray_quotes_that_join_lines_into_one_record_are_refused_naming_the
     # The lenient reader closes the first quote at the second, and the joined record can even have
     # the header's number of fields: the lines between would vanish without a word.
     from skinhpc.convert import read_metadata_rows
-    header = "lesion_id,image_id,dx,dx_type,age,sex,localization\n"
-    rows = [f"HAM_{i:07d},ISIC_{i:07d},nv,histo,40.0,male,back\n" for i in range(12)]
-    rows[2], rows[9] = '"' + rows[2], '"' + rows[9]  # lines 4 and 11
-    path = tmp_path / "meta.csv"
-    path.write_text(header + "".join(rows))
+
+    def quote_lines_4_and_11(rows):
+        rows[2], rows[9] = '"' + rows[2], '"' + rows[9]
+        return rows
+    path = _plain_csv(tmp_path / "meta.csv", 12, quote_lines_4_and_11)
     with pytest.raises(InputError, match=rf"{path}:4: a quoted field runs over the next 7 line\(s\), to line 11"):
         read_metadata_rows(path)
 
