@@ -552,8 +552,9 @@ def _one_item_lists(schema: DictConfig, other: Any, origin: str) -> Any:
     value with commas (backbones=resnet18,vgg16) is refused, as it reads as a list without brackets."""
     if not isinstance(other, DictConfig):
         return other
+    raw = OmegaConf.to_container(other, resolve=False)  # an escaped \${...} stays escaped in the list
     for key in _valid_keys(other):
-        value = OmegaConf.select(other, key)
+        value = functools.reduce(lambda node, part: node[part], key.split("."), raw)
         if not isinstance(OmegaConf.select(schema, key), ListConfig) or isinstance(value, bool) \
                 or not isinstance(value, (str, int, float)):
             continue
@@ -564,6 +565,13 @@ def _one_item_lists(schema: DictConfig, other: Any, origin: str) -> Any:
     return other
 
 
+def _interpolation_hint(message: str) -> str:
+    """Why a ${...} failed: OmegaConf reads it as a reference to another key, not as shell text."""
+    if "Interpolation" not in message:
+        return ""
+    return ": ${...} is an OmegaConf interpolation; for the shell write $VAR, or escape it as \\${VAR}"
+
+
 def _merge_checked(schema: DictConfig, base: DictConfig, other: Any, origin: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, _one_item_lists(schema, other, origin))
@@ -572,7 +580,7 @@ def _merge_checked(schema: DictConfig, base: DictConfig, other: Any, origin: str
         raise _unknown_key_error(schema, _leaf_written(other, key), origin) from None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "") or ""
-        msg = str(getattr(e, "msg", None) or e).splitlines()[0]
+        msg = str(getattr(e, "msg", None) or e).splitlines()[0] + _interpolation_hint(str(e))
         if "Incompatible value 'None'" in msg:  # key= (or key: in YAML) with nothing after it
             leaf = key.rsplit(".", 1)[-1]
             msg += (f" (an empty value is null; for an empty string write {key}='' with the quotes reaching the "
@@ -699,9 +707,8 @@ def _load(overrides: list[str] | None, config_file: str | Path | None, preset: s
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "") or ""
-        hint = (": ${...} is an OmegaConf interpolation; for the shell write $VAR, or escape it as \\${VAR}"
-                if "Interpolation" in str(e) else "")
-        raise ConfigError(f"bad config value{' for ' + key if key else ''}: {str(e).splitlines()[0]}{hint}") from None
+        raise ConfigError(f"bad config value{' for ' + key if key else ''}: "
+                          f"{str(e).splitlines()[0]}{_interpolation_hint(str(e))}") from None
     assert isinstance(obj, ExperimentConfig)
     return obj
 

@@ -392,7 +392,11 @@ def _images_hash(paths: Sequence[Path]) -> str:
     """Hash of the sorted list of used image files with their sizes and mtimes (no pixels read)."""
     digest = hashlib.sha256()
     for path in sorted(paths, key=lambda p: p.name):
-        st = path.stat()
+        try:
+            st = path.stat()
+        except OSError as e:  # e.g. a folder that can be listed but not entered (mode r without x)
+            raise InputError([f"{path}: cannot read the image file's size ({e.strerror or e}); check its "
+                              "folder's permissions"]) from None
         digest.update(f"{path.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 

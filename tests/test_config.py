@@ -128,6 +128,12 @@ def test_a_literal_interpolation_in_a_value_survives_saving_and_reading_back(tmp
     assert cfg.cluster.setup == ["cd ${SLURM_TMPDIR}", "echo a"]
     save_config(cfg, tmp_path / "config.yaml")
     assert from_yaml_file(tmp_path / "config.yaml") == cfg
+    # One value for a list key (a list of it) stays escaped too, on the command line and in a file.
+    assert load_config(["cluster.setup=cd \\${SLURM_TMPDIR}"]).cluster.setup == ["cd ${SLURM_TMPDIR}"]
+    (tmp_path / "exp.yaml").write_text("cluster:\n  setup: cd \\${SLURM_TMPDIR}\n")
+    assert load_config([], config_file=tmp_path / "exp.yaml").cluster.setup == ["cd ${SLURM_TMPDIR}"]
+    with pytest.raises(ConfigError, match=r"run_dir .*Interpolation key 'HOME' not found: .*escape it as"):
+        load_config(["run_dir=${HOME}/x"])
 
 
 def test_a_preset_named_in_a_config_file_is_applied_below_the_file(tmp_path):

@@ -300,6 +300,22 @@ def test_an_image_folder_that_cannot_be_listed_is_named_as_such(tmp_path: Path, 
 
 
 @pytest.mark.timeout(60)
+def test_an_image_whose_size_cannot_be_read_is_named_not_the_output_folder(tmp_path: Path, monkeypatch) -> None:
+    # A folder that can be listed but not entered (mode r without x) lists its images, whose
+    # stat then fails: it was reported as "cannot write the conversion there".
+    dirs, csv_path, ids = make_raw(tmp_path)
+    real_stat, denied = Path.stat, dirs[0] / f"{ids[0]}.jpg"
+
+    def stat(self, *args, **kwargs):
+        if self == denied:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "stat", stat)
+    with pytest.raises(InputError, match=rf"{denied}: cannot read the image file's size \(Permission denied\)"):
+        convert(dirs, csv_path, tmp_path / "data", workers=2)
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("encoding, line", [("latin-1", 14), ("utf-16", 1)])
 def test_a_csv_that_is_not_utf8_is_named_with_its_line_and_asked_for_in_utf8(tmp_path: Path, encoding: str,
                                                                             line: int) -> None:
