@@ -530,6 +530,10 @@ def _weights_misfits(configs: list[ExperimentConfig]) -> list[str]:
     return [why for model_cfg in files.values() if (why := weights_problem(model_cfg))]
 
 
+PER_BACKBONE_FILES = ("With several backbones, name each one's file with {backbone}, e.g. "
+                      "model.pretrained=weights/{backbone}.pth")
+
+
 def check_task_configs(cfg: ExperimentConfig, tasks: list[Task]) -> None:
     """Refuse a launch that would resume or reuse a fold trained with other settings (e.g. by hand
     with jobs/train.py in a run directory the launcher has no config of)."""
@@ -549,11 +553,9 @@ def check_task_configs(cfg: ExperimentConfig, tasks: list[Task]) -> None:
                       if (source := pretrained_source(c.model.pretrained)) not in ("", "hub")
                       and not Path(source).is_file()})
     if missing:
-        raise LaunchError(f"model.pretrained: weights file(s) not found: {'; '.join(missing)}. With several "
-                          "backbones, name each one's file with {backbone}, e.g. model.pretrained=weights/{backbone}.pth")
+        raise LaunchError(f"model.pretrained: weights file(s) not found: {'; '.join(missing)}. {PER_BACKBONE_FILES}")
     if misfits := _weights_misfits(list(configs.values())):
-        hint = ("\nWith several backbones, name each one's file with {backbone}, e.g. "
-                "model.pretrained=weights/{backbone}.pth") if len(cfg.backbones) > 1 else ""
+        hint = f"\n{PER_BACKBONE_FILES}" if len(cfg.backbones) > 1 else ""
         raise LaunchError("model.pretrained: weights that do not fit their backbone:\n" + "\n".join(misfits) + hint)
     if tasks and cfg.train.strategy == "deepspeed":  # as the tasks read it (train.deepspeed_config)
         try:

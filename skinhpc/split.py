@@ -68,7 +68,7 @@ def data_fingerprint(df: pd.DataFrame) -> str:
 def _lesion_classes(df: pd.DataFrame) -> pd.Series:
     """One class per lesion: its images' most frequent dx, ties to the first in name order, so that
     the row order never matters (HAM10000 lesions have one dx; conversion refuses two)."""
-    return df.groupby("lesion_id", sort=True)["dx"].agg(lambda s: min(s.value_counts().items(), key=lambda kv: (-kv[1], kv[0]))[0])
+    return df.groupby("lesion_id", sort=True)["dx"].agg(lambda s: s.value_counts().sort_index().idxmax())
 
 
 def _test_lesions(lesion_dx: pd.Series, fraction: float, seed: int) -> set[str]:

@@ -626,16 +626,15 @@ class FoldTrainer:
                  f"strategy {self.tcfg.strategy}, device {self.env.device.type})", self.env)
             if self.env.is_main:
                 self._truncate_log(0)  # a start over (checkpoints deleted or unreadable) logs afresh
-                self._settle_best()
+                self._settle_best(self.state["best_epoch"])
             return
         info, state = found
         self.state.update(upgrade_loop_state(state))
-        if self.env.is_main:
-            self._settle_best()
         _say(f"resuming from epoch {self.state['epoch']} step {self.state['step']} (checkpoint {info.path}; "
              f"device {self.env.device.type})", self.env)
         if self.env.is_main:
             self._truncate_log(self.state["epoch"])
+            self._settle_best(self.state["best_epoch"])
         # RNG was restored by load_latest; nothing below may draw from it before the loop.
         if self.cfg.model.freeze_epochs and self.state["epoch"] >= self.cfg.model.freeze_epochs:
             self._set_backbone_trainable(True)
@@ -875,10 +874,10 @@ class FoldTrainer:
         if self.env.is_main:
             self._settle_best(state["best_epoch"])
 
-    def _settle_best(self, recorded_epoch: int | None = None) -> None:
-        """Rank 0: best/ = the weights of the best epoch the newest checkpoint records (the loop
-        state's, on resume); save_best keeps those until a checkpoint records a newer best."""
-        self._recorded_best = self.state["best_epoch"] if recorded_epoch is None else recorded_epoch
+    def _settle_best(self, recorded_epoch: int) -> None:
+        """Rank 0: best/ = the weights of the best epoch the newest checkpoint records (written, or
+        resumed from); save_best keeps those until a checkpoint records a newer best."""
+        self._recorded_best = recorded_epoch
         if warning := checkpoint.settle_best(self.ckpt_dir, self._recorded_best):
             _say(f"WARNING: {warning}", self.env)
 
