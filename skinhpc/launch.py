@@ -1470,7 +1470,8 @@ def cancel(cfg: ExperimentConfig, echo: Callable[[str], None] = print) -> list[s
         subprocess.run(["scancel", *active], check=False)
         echo(f"cancelled {len(active)} job(s): {' '.join(active)}")
     elif note := _local_launch_note(run_dir, jobs):
-        echo(f"no SLURM jobs; {note}")
+        # Nothing was cancelled and the run goes on: not a success for a script that asked to stop it.
+        raise LaunchError(f"no SLURM jobs to cancel; {note}")
     else:
         echo("no pending or running jobs")
     return active

@@ -718,16 +718,15 @@ def test_a_relaunch_waits_for_a_completing_job_to_tell_a_cancelled_task_from_a_r
 
 
 @pytest.mark.timeout(60)
-def test_status_and_cancel_name_a_running_local_launch_and_a_run_dir_that_does_not_exist(tmp_path: Path) -> None:
+def test_status_names_a_running_local_launch_and_cancel_fails_naming_it_and_a_missing_run_dir_is_said(tmp_path: Path) -> None:
     from skinhpc.launch import cancel, launch_lock, status
     cfg, _ = load_launch_config([f"run_dir={tmp_path / 'exp'}", "backbones=[resnet18]"], None, 2)
     assert "does not exist: nothing launched there yet" in status(cfg)[0]
-    said: list[str] = []
     with launch_lock(tmp_path / "exp"):  # what a local launch holds while it runs the tasks itself
         text, _ = status(cfg)
-        cancel(cfg, echo=said.append)
+        with pytest.raises(LaunchError, match=f"no SLURM jobs to cancel; .*kill {os.getpid()}"):
+            cancel(cfg)  # nothing cancelled, the run goes on: jobs/launch.py exits 2
     assert f"a local launch (pid {os.getpid()} on" in text and f"kill {os.getpid()}" in text
-    assert said and f"kill {os.getpid()}" in said[0]
     assert "local launch" not in status(cfg)[0]  # once it ended
 
 
