@@ -513,6 +513,14 @@ def _auc_weighted(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray)
         return (gp * (below + 0.5 * gn)).sum(1) / (n_pos * n_neg)
 
 
+def _row_nanmean(x: np.ndarray) -> np.ndarray:
+    """Mean of each row over its defined entries; NaN, without numpy's warning, for a row with none
+    (a resample holding one class has no AUC at all: left out of the interval, not worth a warning)."""
+    defined = ~np.isnan(x)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(defined, x, 0.0).sum(1) / defined.sum(1)
+
+
 def headline_metrics_weighted(probs: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
     """``metrics_of``'s SCALAR_METRICS for many weightings of one prediction set at once: row b of
     ``weights`` (B, N) says how often each image is counted (a bootstrap resample), and entry b of
@@ -548,10 +556,10 @@ def headline_metrics_weighted(probs: np.ndarray, labels: np.ndarray, weights: np
         auc = np.stack([_auc_weighted(p32[:, c], y == c, w) for c in range(NUM_CLASSES)], axis=1)
         auc = np.where(present & has_negatives, auc, np.nan)
         return {
-            "balanced_accuracy": np.nanmean(recall, axis=1),
+            "balanced_accuracy": _row_nanmean(recall),
             "top1": (w @ (pred == y)) / total,
             "top2": (w @ top2) / total,
-            "auroc_macro": np.nanmean(auc, axis=1),
+            "auroc_macro": _row_nanmean(auc),
             "f1_macro": np.where(counted.any(1), (f1 * counted).sum(1) / counted.sum(1), 0.0),
             "loss": (w @ log_loss) / total,
         }
@@ -571,6 +579,18 @@ def _resample_weights(group: np.ndarray, n_lesions: int, draws: list[np.ndarray]
     for i in range(0, len(draws), chunk):
         counts = np.stack([np.bincount(d, minlength=n_lesions) for d in draws[i:i + chunk]])
         yield counts[:, group]
+
+
+def resamples_lacking_a_class(labels: np.ndarray, lesion_ids: np.ndarray, *, n_boot: int = 1000,
+                              seed: int = 0) -> int:
+    """How many of the lesion resamples (the same draws as ``resampled_metrics``) hold no image of
+    a class the test set has. Such a resample averages balanced accuracy and macro AUC over the
+    classes it holds, as the point estimate does for a test set without a class; with few test
+    lesions of a rare class this happens often enough to say so next to the intervals."""
+    group, n_lesions, draws = _lesion_draws(lesion_ids, n_boot, seed)
+    onehot = np.eye(NUM_CLASSES, dtype=bool)[np.asarray(labels, dtype=np.int64)]
+    present = onehot.any(0)
+    return int(sum(((w @ onehot)[:, present] == 0).any(1).sum() for w in _resample_weights(group, n_lesions, draws)))
 
 
 def _interval(values: np.ndarray, level: float) -> list[float] | None:
@@ -757,8 +777,10 @@ def _test_intervals(entries: list[TestEntry], best: TestEntry, labels: np.ndarra
     n_lesions = len(np.unique(lesions))
     resampled = {e.name: resampled_metrics(e.probs, labels, lesions, n_boot=n_boot, seed=seed) for e in entries}
     bootstrap = {name: _intervals(samples, n_lesions) for name, samples in resampled.items()}
+    lacking = resamples_lacking_a_class(labels, lesions, n_boot=n_boot, seed=seed)
     for e in entries:  # no interval around a number left undefined (the baseline's loss and top-2)
         bootstrap[e.name]["ci"].update({k: None for k in SCALAR_METRICS if e.metrics.get(k, 0) is None})
+        bootstrap[e.name]["resamples_lacking_a_class"] = lacking
     ensembles = [e for e in entries if e.kind in ("backbone_ensemble", "ensemble")]
     others = [best] + [e for e in entries if e.kind == "reference"]
     paired = {o.name: {e.name: _paired(resampled[e.name], resampled[o.name], e.metrics, o.metrics, n_lesions)

@@ -15,7 +15,8 @@ import pytest
 from skinhpc import CLASSES, REPO_DIR
 from skinhpc.config import load_config, save_config
 from skinhpc.ensemble import (SCALAR_METRICS, EnsembleError, aggregate_folds, bootstrap_ci, fit_weights,
-                              headline_metrics_weighted, mean_probs, metrics_of, paired_difference, run_ensemble)
+                              headline_metrics_weighted, mean_probs, metrics_of, paired_difference,
+                              resamples_lacking_a_class, run_ensemble)
 
 NV = CLASSES.index("nv")
 K = len(CLASSES)
@@ -253,6 +254,24 @@ def test_bootstrap_draws_whole_lesions():
     for y in seen:
         counts = {lab: int(np.sum(y == lab)) for lab in range(6)}
         assert counts[0] == counts[1] == counts[2] and counts[4] == counts[5]  # lesions a and c stay whole
+
+
+@pytest.mark.timeout(30)
+def test_resamples_lacking_a_class_are_counted_on_the_bootstraps_own_draws():
+    rng = np.random.default_rng(3)
+    probs, labels, lesions = awkward_test_set(rng)  # class 3 on a single lesion; class 6 absent
+    seen: list[np.ndarray] = []
+
+    def record(p: np.ndarray, y: np.ndarray) -> dict:
+        seen.append(y.copy())
+        return {}
+
+    bootstrap_ci(probs, labels, lesions, n_boot=200, seed=4, metric_fn=record)
+    by_hand = sum(not set(labels) <= set(y) for y in seen)  # class 6 is absent from the test set: not counted
+    assert 40 < by_hand < 110  # the lone lesion is left out of ~(1 - 1/60)^60 = 36% of resamples
+    assert resamples_lacking_a_class(labels, lesions, n_boot=200, seed=4) == by_hand
+    every_class_often = np.repeat(np.arange(K), 30)
+    assert resamples_lacking_a_class(every_class_often, np.arange(len(every_class_often)).astype(str), n_boot=200) == 0
 
 
 def awkward_test_set(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -267,6 +267,21 @@ def test_report_says_what_each_number_rests_on_and_where_it_leans(tmp_path):
     assert "kept the epoch with the best" not in (run.root / "ensemble" / "report.md").read_text()
 
 
+@pytest.mark.timeout(120)
+def test_report_says_how_many_resamples_lack_a_class_the_test_set_has(tmp_path):
+    run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=2, n_lesions=60)
+    run.fill({"resnet18": 1.0})
+    results = run_ensemble(run.root, n_boot=100, plots=False)
+    lacking = results["bootstrap"]["resnet18/ensemble"]["resamples_lacking_a_class"]
+    assert 0 < lacking < 100  # ~20 test lesions, some classes on one or two of them
+    text = (run.root / "ensemble" / "report.md").read_text()
+    assert f"{lacking} of the 100 lesion resamples hold no image of some class the test set has" in text
+    many = FakeRun(tmp_path / "many", backbones=("resnet18",), folds=2, n_lesions=2400)
+    many.fill({"resnet18": 1.0})
+    assert run_ensemble(many.root, n_boot=100, plots=False)["bootstrap"]["majority_nv"]["resamples_lacking_a_class"] == 0
+    assert "lesion resamples hold no image" not in (many.root / "ensemble" / "report.md").read_text()
+
+
 @pytest.mark.timeout(180)
 def test_an_ensemble_that_fails_half_way_leaves_the_earlier_outputs_whole(tmp_path, monkeypatch):
     """Figures, report.md and metrics.json are replaced together, or not at all."""
