@@ -26,9 +26,9 @@ outside ``scontrol requeue`` or a dead node restarts the task from its original 
 from the newest valid checkpoint on disk all the same.
 
 ``cluster.kind``: ``slurm``; ``local`` (submitit's LocalExecutor, which has no job dependencies:
-conversion, then each task, then the ensemble, waiting for each; blocks until done); ``debug``
-(everything in this process, sequentially, for a debugger); ``auto`` = slurm when ``sbatch`` is on
-PATH, else local.
+conversion, then the tasks, ``cluster.local_parallel`` at a time, then the ensemble, waiting for
+each; blocks until done); ``debug`` (everything in this process, sequentially, for a debugger);
+``auto`` = slurm when a SLURM controller answers ``sinfo``, else local.
 
 Test hook (documented, honest): a training task whose ``backbone/foldK`` is listed in the
 environment variable ``SKINHPC_TEST_FAIL_TASKS`` (comma-separated) raises before training. The tests
@@ -118,7 +118,8 @@ def profile_path(name: str) -> Path:
     path = PROFILE_DIR / f"{name}.yaml"
     if not path.is_file():
         names = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
-        raise ConfigError(f"no cluster profile {name!r} in {PROFILE_DIR}; profiles: {', '.join(names)}")
+        raise ConfigError(f"no cluster profile {name!r} in {PROFILE_DIR}; profiles: {', '.join(names)}; "
+                          f"for a profile file of your own, give its path (cluster.profile=slurm/{name}.yaml)")
     return path
 
 
