@@ -132,8 +132,8 @@ def _test_section(results: dict[str, Any]) -> list[str]:
     boot = results.get("bootstrap", {}).get("majority_nv", {})
     if lacking := boot.get("resamples_lacking_a_class"):
         lines += [f"{lacking} of the {boot['n_boot']} lesion resamples hold no image of some class the test set "
-                  "has (a class with few test lesions): those average balanced accuracy and macro AUC over the "
-                  "classes they hold, so the intervals are only a rough guide.", ""]
+                  "has (a class with few test lesions): their balanced accuracy and macro AUC average over the "
+                  "classes they hold, as the numbers of a test set without that class would.", ""]
     header = ["model"] + [h for _, h in HEADLINE]
     rows = [_test_row(f"majority class (\"{results['majority_class']}\")", results, "majority_nv")]
     for b, agg in results["cv"].items():
