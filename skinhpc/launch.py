@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -170,23 +171,50 @@ def load_launch_config(overrides: list[str], config_file: str | None = None,
     return absolute_paths(cfg), notes
 
 
+DATA_PATH_KEYS = ("data.images", "data.metadata")
+
+
 def check_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
     """Refuse a launch whose results could not be mixed with those already in ``run_dir``."""
     try:
         # Input files are compared by what they name (a moved weights file is the same input), as
-        # for each fold; everything else as text.
-        saved, changed = saved_config_changes(run_dir / "config.yaml", cfg,
-                                              [k for k in result_keys(cfg) if k not in FILE_KEYS])
+        # for each fold, and the raw download by what the conversion reads; everything else as text.
+        saved, changed = saved_config_changes(run_dir / "config.yaml", cfg, [
+            k for k in result_keys(cfg) if k not in FILE_KEYS and k not in DATA_PATH_KEYS])
     except ConfigError as e:
         raise LaunchError(str(e)) from None
     if saved is None:
         return
+    changed += moved_data_changes(saved, cfg)
     changed += run_input_file_changes(run_dir, saved, cfg)
     procs = [saved.cluster.processes, cfg.cluster.processes]
     if procs[0] != procs[1]:  # train.batch_size is per process: the global batch, and checkpoints, differ
         changed.append(f"processes per task (cluster.nodes x cluster.gpus_per_node): {procs[0]} -> {procs[1]}")
     if changed:
         raise LaunchError(mixed_config_refusal(run_dir, "launched", changed))
+
+
+def moved_data_changes(saved: ExperimentConfig, cfg: ExperimentConfig) -> list[str]:
+    """``data.images``/``data.metadata`` naming other paths than the run's ("key: saved -> now"),
+    unless they are the same download moved: the conversion in the data dir is up to date for the
+    new paths (the same metadata bytes and image names, sizes and mtimes, which ``mv`` keeps).
+    Other files, or the download copied without its mtimes, are refused as before (the folds do
+    not compare these paths: the run does it for them)."""
+    differ = [k for k in DATA_PATH_KEYS if _value(saved, k) != _value(cfg, k)]
+    if not differ:
+        return []
+    moved = all(_value(c, k) for c in (saved, cfg) for k in DATA_PATH_KEYS) and data_up_to_date(cfg)
+    if moved:
+        return []
+    hint = (f" (not what the conversion in {cfg.data_dir} was made from: other files, or a copy that did "
+            "not keep the files' mtimes; a download moved with mv is accepted)")
+    return [f"{k}: {_value(saved, k)!r} -> {_value(cfg, k)!r}" + (hint if k == differ[-1] else "") for k in differ]
+
+
+def _value(cfg: ExperimentConfig, key: str) -> Any:
+    """A data key's value as plain Python (a list of paths, or a path)."""
+    value = functools.reduce(getattr, key.split("."), cfg)
+    return value if isinstance(value, str) else list(value)
 
 
 def slurm_answers(timeout_s: float = 10.0) -> bool:
@@ -598,8 +626,9 @@ def index_rows(cfg: ExperimentConfig, converted: bool) -> Any:
         return read_metadata(SAMPLE_METADATA)
     from skinhpc.convert import conversion_problem
     raise LaunchError(f"data.dir={cfg.data.dir} holds no usable conversion ({conversion_problem(cfg.data_dir)}) "
-                      "and no raw data is configured (data.images, data.metadata): convert again with "
-                      "jobs/convert.py, or set data.images and data.metadata for the launch to convert")
+                      "and no raw data is configured (data.images, data.metadata): if the conversion was moved, "
+                      "pass data.dir=<its new folder>; else convert again with jobs/convert.py, or set "
+                      "data.images and data.metadata for the launch to convert")
 
 
 def checked_inputs(cfg: ExperimentConfig, converted: bool) -> Any:

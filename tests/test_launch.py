@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -482,7 +483,7 @@ def test_a_converted_data_dir_whose_beton_went_is_refused_at_launch_naming_the_f
     (data / "ham10000.beton").unlink()
     proc = run_launch(args, cwd=tmp_path)
     assert proc.returncode == 2 and f"({data / 'ham10000.beton'} is missing)" in proc.stderr, proc.stderr[-2000:]
-    assert "convert again with jobs/convert.py" in proc.stderr
+    assert "if the conversion was moved, pass data.dir=<its new folder>; else convert again with jobs/convert.py" in proc.stderr
 
 
 @pytest.mark.timeout(120)
@@ -890,6 +891,30 @@ def test_a_relaunch_accepts_the_weights_files_moved_but_not_other_ones(tmp_path:
     for other in ("w2/{backbone}-in21k.pth", "true", "false"):
         with pytest.raises(LaunchError, match="model.pretrained"):
             check_compatible(run_dir, cfg(other))
+
+
+@pytest.mark.timeout(120)
+def test_a_relaunch_accepts_the_download_moved_but_not_copied_without_mtimes_nor_other_data(tmp_path: Path) -> None:
+    from skinhpc import SAMPLE_IMAGES, SAMPLE_METADATA
+    from skinhpc.convert import convert
+    from skinhpc.launch import LaunchError, check_compatible
+    raw, run_dir, data = tmp_path / "raw", tmp_path / "exp", tmp_path / "data"
+    shutil.copytree(SAMPLE_IMAGES, raw / "images")
+    shutil.copy2(SAMPLE_METADATA, raw / "meta.csv")
+
+    def cfg(root: Path) -> ExperimentConfig:
+        return absolute_paths(load_config([f"run_dir={run_dir}", f"data.dir={data}", f"data.images=[{root / 'images'}]",
+                                           f"data.metadata={root / 'meta.csv'}"]))
+
+    convert([raw / "images"], raw / "meta.csv", data, workers=1)
+    save_config(cfg(raw), run_dir / "config.yaml")  # as the launch saved it
+    (raw).rename(tmp_path / "moved")
+    check_compatible(run_dir, cfg(tmp_path / "moved"))  # mv keeps names, sizes, mtimes and bytes
+    shutil.copytree(tmp_path / "moved", tmp_path / "copied", copy_function=shutil.copy)  # new mtimes
+    with pytest.raises(LaunchError, match=r"data.metadata: .*meta.csv' \(not what the conversion in .*data was made from"):
+        check_compatible(run_dir, cfg(tmp_path / "copied"))
+    with pytest.raises(LaunchError, match=r"data.images: \[.*\] -> \[\]; data.metadata"):
+        check_compatible(run_dir, absolute_paths(load_config([f"run_dir={run_dir}", f"data.dir={data}"])))
 
 
 @pytest.mark.timeout(60)
