@@ -68,7 +68,7 @@ from submitit.slurm.slurm import _make_sbatch_string
 
 from skinhpc import PROFILE_DIR, REPO_DIR, SAMPLE_METADATA
 from skinhpc.rundir import (JOBS_PATH, LOG_NAME, Busy, exclusive_lock, finished_metrics, kept_val_balanced_accuracy,
-                            lock_holder, read_json, read_log, run_layout, train_lock)
+                            lock_holder, own_jobs, read_json, read_log, run_layout, train_lock)
 from skinhpc.config import (
     ClusterConfig,
     FILE_KEYS,
@@ -484,12 +484,25 @@ def read_jobs(run_dir: Path) -> dict[str, Any]:
         jobs = json.loads(path.read_text())
     except ValueError as e:
         raise LaunchError(f"{path}: not valid JSON ({e}); move it away to start the bookkeeping afresh") from None
+    if not isinstance(jobs, dict):
+        raise LaunchError(f"{path}: not a JSON object; move it away to start the bookkeeping afresh")
     jobs.setdefault("tasks", {})
-    return jobs
+    return own_jobs(jobs, run_dir)
 
 
 def write_jobs(run_dir: Path, jobs: dict[str, Any]) -> None:
-    atomic_write_text(launch_dir(run_dir) / JOBS_FILE, json.dumps(jobs, indent=1) + "\n")
+    """Written by this run's own launch: what a copy's jobs.json said of its original is dropped."""
+    mine = {k: v for k, v in jobs.items() if k != "copied_from"}
+    atomic_write_text(launch_dir(run_dir) / JOBS_FILE, json.dumps({**mine, "run_dir": str(run_dir)}, indent=1) + "\n")
+
+
+def copied_jobs_note(jobs: dict[str, Any]) -> str:
+    """A run copied or moved from elsewhere (``own_jobs``): whose jobs its record names."""
+    if not jobs.get("copied_from"):
+        return ""
+    return (f"note: this run was copied or moved from {jobs['copied_from']}: the SLURM jobs its launch/jobs.json "
+            f"records write there, so they are not counted, waited on or cancelled here (for them: "
+            f"--status/--cancel run_dir={jobs['copied_from']})")
 
 
 def running_launch(run_dir: Path) -> str:
@@ -1034,6 +1047,8 @@ def _launch_slurm(cfg: ExperimentConfig, echo: Callable[[str], None], remake: bo
     jobs = read_jobs(run_dir)
     plan = make_plan(cfg, "slurm", jobs, settled_jobs(recorded_job_ids(jobs)))
     _prepare_run(cfg, converted=plan.convert == "skip", remake=remake, running={k.split("/")[0] for k in plan.others})
+    if note := copied_jobs_note(jobs):
+        echo(note)
     for line in plan.lines():
         echo(line)
     jobs.update(kind="slurm", run_dir=str(run_dir))
@@ -1287,6 +1302,8 @@ def _dry_run(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]) -> P
     plan = make_plan(cfg, kind, jobs, query_jobs(recorded_job_ids(jobs)) if kind == "slurm" else {})
     checked_inputs(cfg, converted=plan.convert == "skip")  # the real launch's first reads
     echo("DRY RUN: nothing is submitted")
+    if note := copied_jobs_note(jobs):
+        echo(note)
     for line in plan.lines():
         echo(line)
     if kind != "slurm":
@@ -1378,6 +1395,8 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
                       for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
     lines = [f"run dir: {run_dir}" + ("" if run_dir.is_dir() else " (does not exist: nothing launched there yet)")]
+    if note := copied_jobs_note(jobs):
+        lines.append(note)
     lines += ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1] for row in table]
     ens_entry = jobs.get("ensemble", {})
     ens_job = ens_entry.get("job_id", "")
@@ -1494,6 +1513,8 @@ def cancel(cfg: ExperimentConfig, echo: Callable[[str], None] = print) -> list[s
     """scancel the experiment's pending and running jobs (training, conversion, ensemble)."""
     run_dir = Path(cfg.run_dir)
     jobs = read_jobs(run_dir)
+    if note := copied_jobs_note(jobs):
+        echo(note)
     infos = query_jobs(recorded_job_ids(jobs))
     active = [j for j in recorded_job_ids(jobs) if job_state(infos.get(j)) in ACTIVE]
     if active:

@@ -205,9 +205,45 @@ def run_layout(run_dir: Path, backbones: Sequence[str] = (), num_folds: int = 0)
     return backbones, num_folds
 
 
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # one folder under two names (a symlink, a bind mount)
+    except OSError:  # one of them is gone (moved)
+        return a.resolve() == b.resolve()
+
+
+def _rebased(path: str, old: Path, new: Path) -> str:
+    try:
+        return str(new / Path(path).relative_to(old))
+    except ValueError:
+        return path
+
+
+def own_jobs(jobs: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """``jobs.json`` as it applies to ``run_dir``. A run copied or moved from where it was launched
+    (its recorded ``run_dir`` is another folder) keeps its log paths, rebased into the copy, but not
+    its SLURM job ids: those jobs write into the original, so the copy must neither wait on them,
+    count them as its own, nor cancel them. They are kept as ``copied_job_id`` and the original
+    is named in ``copied_from``. A jobs.json without ``run_dir`` (older launches) is taken as it is."""
+    recorded = jobs.get("run_dir")
+    if not isinstance(recorded, str) or not recorded or _same_dir(Path(recorded), Path(run_dir)):
+        return jobs
+    entries = [e for e in (jobs.get("tasks") or {}).values() if isinstance(e, dict)]
+    entries += [jobs[k] for k in ("convert", "ensemble") if isinstance(jobs.get(k), dict)]
+    for entry in entries:
+        for key in ("log", "err"):
+            if isinstance(entry.get(key), str):
+                entry[key] = _rebased(entry[key], Path(recorded), Path(run_dir))
+        if entry.get("job_id"):
+            entry["copied_job_id"] = entry.pop("job_id")
+    return {**jobs, "run_dir": str(run_dir), "copied_from": recorded}
+
+
 def recorded_task_job(run_dir: Path, task_key: str) -> dict[str, Any]:
     """What the launcher recorded of a task's job in ``RUN/launch/jobs.json`` ({} when nothing):
-    SLURM's ``job_id`` or a local launch's ``local_job`` and ``state``, with its ``log`` and ``err``."""
-    tasks = (read_json(Path(run_dir) / JOBS_PATH) or {}).get("tasks")
+    SLURM's ``job_id`` or a local launch's ``local_job`` and ``state``, with its ``log`` and ``err``
+    (``own_jobs``: a copied run's job ids are not its own)."""
+    jobs = read_json(Path(run_dir) / JOBS_PATH)
+    tasks = own_jobs(jobs, Path(run_dir)).get("tasks") if isinstance(jobs, dict) else None
     entry = tasks.get(task_key) if isinstance(tasks, dict) else None
     return entry if isinstance(entry, dict) else {}

@@ -594,6 +594,54 @@ def test_a_relaunch_with_fewer_backbones_keeps_the_others_in_the_run_and_its_ens
 
 
 @pytest.mark.timeout(60)
+def test_a_copied_or_moved_run_keeps_its_logs_but_never_counts_waits_on_or_cancels_the_originals_jobs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from skinhpc import launch as launch_mod
+    from skinhpc.launch import JobInfo, _prepare_run, cancel, recorded_job_ids, status, write_jobs
+    from skinhpc.rundir import recorded_task_job
+
+    orig = tmp_path / "A"
+    cfg_a, _ = load_launch_config([f"run_dir={orig}", "backbones=[resnet18]"], None, 2)
+    _prepare_run(cfg_a, converted=False)
+    log = str(orig / "launch" / "submitit" / "5001_1_0_log.out")
+    write_jobs(orig, {"kind": "slurm", "tasks": {"resnet18/fold0": {"job_id": "5001_0", "log": log},
+                                                 "resnet18/fold1": {"job_id": "5001_1", "log": log, "err": "/elsewhere/x.err"}},
+                      "ensemble": {"job_id": "5002", "log": "/x.out"}})
+    infos = {"5001_0": JobInfo("RUNNING", "None", live=True), "5001_1": JobInfo("RUNNING", "None", live=True),
+             "5002": JobInfo("PENDING", "Dependency", live=True)}
+    asked: list[list[str]] = []
+    monkeypatch.setattr(launch_mod, "query_jobs", lambda ids: (asked.append(list(ids)), infos)[1])
+    scancelled: list[list[str]] = []
+    monkeypatch.setattr(launch_mod.subprocess, "run", lambda cmd, **kw: scancelled.append(cmd))
+    (tmp_path / "alias").symlink_to(orig)  # one folder under another name: still the original's jobs
+    assert len(recorded_job_ids(read_jobs(tmp_path / "alias"))) == 3
+
+    shutil.copytree(orig, tmp_path / "B")
+    jobs = read_jobs(tmp_path / "B")
+    assert recorded_job_ids(jobs) == [] and jobs["copied_from"] == str(orig)
+    assert jobs["tasks"]["resnet18/fold1"] == {"copied_job_id": "5001_1", "log": str(tmp_path / "B" / log[len(str(orig)) + 1:]),
+                                              "err": "/elsewhere/x.err"}  # a path outside the run stays
+    assert recorded_task_job(tmp_path / "B", "resnet18/fold0")["log"].startswith(str(tmp_path / "B"))
+    cfg_b, _ = load_launch_config([f"run_dir={tmp_path / 'B'}", "backbones=[resnet18]"], None, 2)
+    text, _ = status(cfg_b)
+    assert f"note: this run was copied or moved from {orig}" in text and " 5001_" not in text  # no job of its own
+    said: list[str] = []
+    assert cancel(cfg_b, echo=said.append) == [] and scancelled == []
+    assert said[0].startswith(f"note: this run was copied or moved from {orig}") and said[1] == "no pending or running jobs"
+    plan = launch_mod._dry_run(cfg_b, "slurm", said.append)
+    assert [t.key for t in plan.submit] == ["resnet18/fold0", "resnet18/fold1"] and plan.ensemble == "submit"
+    assert asked and all(ids == [] for ids in asked)  # the original's ids were never asked about for the copy
+
+    (tmp_path / "A").rename(tmp_path / "A2")  # moved: the same, its record names a folder now gone
+    assert recorded_job_ids(read_jobs(tmp_path / "A2")) == [] and read_jobs(tmp_path / "A2")["copied_from"] == str(orig)
+    jobs = read_jobs(tmp_path / "B")
+    write_jobs(tmp_path / "B", jobs)  # the copy's own launch writes its record: from now on its own
+    again = read_jobs(tmp_path / "B")
+    assert "copied_from" not in again and again["run_dir"] == str(tmp_path / "B")
+    assert again["tasks"]["resnet18/fold1"]["copied_job_id"] == "5001_1"
+
+
+@pytest.mark.timeout(60)
 def test_relaunch_resubmits_failed_task_and_replaces_ensemble_that_can_never_start(tmp_path: Path) -> None:
     from skinhpc.launch import JobInfo
 
