@@ -39,7 +39,7 @@ import numpy as np
 
 from skinhpc import CLASSES, NUM_CLASSES
 from skinhpc.config import atomic_write_text
-from skinhpc.rundir import finished_metrics, recorded_task_job, run_layout
+from skinhpc.rundir import finished_metrics, fold_digests, recorded_task_job, run_layout
 
 MAJORITY_CLASS = "nv"
 FULL_HAM10000_MAJORITY_TOP1 = 6705 / 10015
@@ -857,11 +857,13 @@ def run_ensemble(run_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, plot
     same test set, reported beside the ensembles with paired differences."""
     from skinhpc import report
 
+    digests = fold_digests(Path(run_dir))  # before reading: a fold finishing meanwhile is not counted as read
     scan = scan_run(run_dir)
     test = scan.finished[0].test
     refs = {name: read_reference(path, test) for name, path in (references or {}).items()}
     results, arrays = evaluate_run(scan, n_boot=n_boot, seed=seed, references=refs)
     results["references"] = {f"reference/{name}": str(Path(path).absolute()) for name, path in (references or {}).items()}
+    results["fold_digests"] = digests  # what the launcher compares to tell whether this ensemble is current
     out_dir = Path(run_dir) / "ensemble"
     _recover(out_dir)
     new_dir = out_dir.with_name(f".ensemble.tmp-{_me()}")

@@ -68,7 +68,7 @@ from submitit.slurm.slurm import _make_sbatch_string
 
 from skinhpc import PROFILE_DIR, REPO_DIR, SAMPLE_METADATA
 from skinhpc.rundir import (JOBS_PATH, LOG_NAME, Busy, exclusive_lock, finished_metrics, kept_val_balanced_accuracy,
-                            lock_holder, own_jobs, read_json, read_log, run_layout, train_lock)
+                            lock_holder, metrics_digest, own_jobs, read_json, read_log, run_layout, train_lock)
 from skinhpc.config import (
     ClusterConfig,
     FILE_KEYS,
@@ -538,8 +538,8 @@ def task_done(run_dir: Path, task: Task) -> bool:
 
 
 def ensemble_current(run_dir: Path, done: list[Task]) -> bool:
-    """RUN/ensemble/metrics.json exists, covers every finished task and was written after each of
-    them finished: else the ensemble job must run (again), e.g. after an interrupted one."""
+    """RUN/ensemble/metrics.json exists, covers every finished task and was made from what each of
+    them holds now: else the ensemble job must run (again), e.g. after an interrupted one."""
     path = run_dir / "ensemble" / "metrics.json"
     try:
         metrics = json.loads(path.read_text())
@@ -548,11 +548,18 @@ def ensemble_current(run_dir: Path, done: list[Task]) -> bool:
         # out again. One left out unfinished is covered only by an ensemble run since it finished.
         left_out_done = [f for f in metrics.get("missing", []) if f.get("done")]
         covered = {(f["backbone"], int(f["fold"])) for f in metrics["finished"] + left_out_done}
-        written = path.stat().st_mtime
-        return all((t.backbone, t.fold) in covered and (t.dir(run_dir) / "metrics.json").stat().st_mtime <= written
-                   for t in done)
-    except (OSError, ValueError, KeyError, TypeError):
+        return all((t.backbone, t.fold) in covered and _seen_by_ensemble(run_dir, t, metrics, path) for t in done)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+
+
+def _seen_by_ensemble(run_dir: Path, task: Task, ens_metrics: dict[str, Any], ens_path: Path) -> bool:
+    """Whether the ensemble read the task's metrics.json as it is now: by content (``fold_digests``,
+    recorded since 0.2.2, so a copied run is not ensembled again), else by mtime."""
+    recorded = ens_metrics.get("fold_digests")
+    if isinstance(recorded, dict):
+        return recorded.get(task.key) == metrics_digest(task.dir(run_dir))
+    return (task.dir(run_dir) / "metrics.json").stat().st_mtime <= ens_path.stat().st_mtime
 
 
 def _finished_elsewhere(run_dir: Path, keys: set[str]) -> list[Task]:
@@ -1461,14 +1468,13 @@ def _left_out_lines(cfg: ExperimentConfig, ens_metrics: dict[str, Any]) -> list[
     """The folds the ensemble left out, with its reasons: a finished fold left out (its predictions
     damaged) reads "done" in the table above, and the headline numbers lack it."""
     run_dir, lines = Path(cfg.run_dir), []
-    try:
-        written = (run_dir / "ensemble" / "metrics.json").stat().st_mtime
-    except OSError:  # deleted since status read it
+    ens_path = run_dir / "ensemble" / "metrics.json"
+    if not ens_path.is_file():  # deleted since status read it
         return []
     for m in ens_metrics.get("missing", []):
         t = Task(str(m.get("backbone")), int(m.get("fold", -1)))
         line = f"  left out of the ensemble: {t.key}: {m.get('reason')}"
-        if task_done(run_dir, t) and m.get("done") and (t.dir(run_dir) / "metrics.json").stat().st_mtime <= written:
+        if task_done(run_dir, t) and m.get("done") and _seen_by_ensemble(run_dir, t, ens_metrics, ens_path):
             line += f"; to train it again, move {t.dir(run_dir)} away and relaunch"
         elif task_done(run_dir, t):
             line += "; it has finished since: relaunch to ensemble it too"

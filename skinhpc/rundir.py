@@ -239,6 +239,25 @@ def own_jobs(jobs: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     return {**jobs, "run_dir": str(run_dir), "copied_from": recorded}
 
 
+def fold_digests(run_dir: Path) -> dict[str, str]:
+    """{"backbone/fold<k>": sha256 of its metrics.json} for every fold that has one: what an
+    ensemble was made from, compared by content rather than mtime, since a copy of the run
+    (``cp -r``) gives every file a new mtime but changes nothing."""
+    found = {f"{p.parent.parent.name}/{p.parent.name}": metrics_digest(p.parent)
+             for p in sorted(Path(run_dir).glob(f"*/fold*/{METRICS_NAME}"))}
+    return {k: v for k, v in found.items() if v is not None}  # one removed meanwhile is not an input
+
+
+def metrics_digest(fold_dir: Path) -> str | None:
+    """sha256 of a fold's metrics.json (None without one)."""
+    import hashlib
+
+    try:
+        return hashlib.sha256((Path(fold_dir) / METRICS_NAME).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def recorded_task_job(run_dir: Path, task_key: str) -> dict[str, Any]:
     """What the launcher recorded of a task's job in ``RUN/launch/jobs.json`` ({} when nothing):
     SLURM's ``job_id`` or a local launch's ``local_job`` and ``state``, with its ``log`` and ``err``

@@ -545,6 +545,30 @@ def test_a_done_fold_the_ensemble_left_out_is_named_by_status_and_does_not_resub
 
 
 @pytest.mark.timeout(60)
+def test_an_ensemble_is_current_by_the_content_of_its_folds_so_a_copied_run_is_not_ensembled_again(
+        tmp_path: Path) -> None:
+    from skinhpc.launch import status
+    from skinhpc.rundir import fold_digests
+    _plan_for(tmp_path, {}, {}, converted=True, done=(0, 1))
+    run_dir = tmp_path / "exp"
+    ens = run_dir / "ensemble"
+    ens.mkdir()
+    reason = "metrics.json says done but its predictions are unreadable"
+    (ens / "metrics.json").write_text(json.dumps({  # as run_ensemble records it
+        "finished": [{"backbone": "resnet18", "fold": 1}], "fold_digests": fold_digests(run_dir),
+        "missing": [{"backbone": "resnet18", "fold": 0, "reason": reason, "done": True}]}))
+    later = ens.stat().st_mtime + 100  # cp -r copies ensemble/ first: every fold looks newer
+    for k in (0, 1):
+        os.utime(run_dir / "resnet18" / f"fold{k}" / "metrics.json", (later, later))
+    assert _plan_for(tmp_path, {}, {}, converted=True).ensemble == "skip"
+    cfg, _ = load_launch_config([f"run_dir={run_dir}", "backbones=[resnet18]"], None, 2)
+    assert "resnet18/fold0: " + reason + "; to train it again, move" in status(cfg)[0]
+    (run_dir / "resnet18" / "fold0" / "metrics.json").write_text(json.dumps({"status": "done", "best_epoch": 2}))
+    assert "it has finished since: relaunch to ensemble it too" in status(cfg)[0]  # trained again: other content
+    assert _plan_for(tmp_path, {}, {}, converted=True).ensemble == "submit"
+
+
+@pytest.mark.timeout(60)
 def test_relaunch_keeps_running_task_and_waiting_ensemble_and_skips_done_one(tmp_path: Path) -> None:
     from skinhpc.launch import JobInfo
 

@@ -82,8 +82,12 @@ def test_metrics_json_is_strict_json_with_every_section(finished):
     run, _ = finished
     raw = (run.root / "ensemble" / "metrics.json").read_text()
     results = json.loads(raw, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
-    for key in ("per_fold", "cv", "oof", "test", "weights", "bootstrap", "calibration", "missing", "finished"):
+    for key in ("per_fold", "cv", "oof", "test", "weights", "bootstrap", "calibration", "missing", "finished",
+                "fold_digests"):
         assert key in results
+    from skinhpc.rundir import metrics_digest
+    assert results["fold_digests"] == {f"{f['backbone']}/fold{f['fold']}": metrics_digest(
+        run.root / f["backbone"] / f"fold{f['fold']}") for f in results["finished"]}  # vgg16/fold2 has none
     assert results["test"]["majority_nv"]["balanced_accuracy"] == pytest.approx(
         1 / len({int(v) for v in np.nonzero(results["test"]["majority_nv"]["confusion_matrix"])[0]}))
 
