@@ -203,11 +203,19 @@ def moved_data_changes(saved: ExperimentConfig, cfg: ExperimentConfig) -> list[s
     differ = [k for k in DATA_PATH_KEYS if _value(saved, k) != _value(cfg, k)]
     if not differ:
         return []
-    moved = all(_value(c, k) for c in (saved, cfg) for k in DATA_PATH_KEYS) and data_up_to_date(cfg)
-    if moved:
+    from skinhpc.convert import conversion_problem
+
+    there = (Path(cfg.data.metadata).is_file() and bool(cfg.data.images)
+             and all(Path(d).is_dir() for d in cfg.data.images))  # else the conversion alone would pass
+    if there and _value(saved, "data.metadata") and _value(saved, "data.images") and data_up_to_date(cfg):
         return []
-    hint = (f" (not what the conversion in {cfg.data_dir} was made from: other files, or a copy that did "
-            "not keep the files' mtimes; a download moved with mv is accepted)")
+    if problem := conversion_problem(cfg.data_dir):
+        hint = f" (no conversion in {cfg.data_dir} to compare them with: {problem}; give the run's data.dir)"
+    elif not there:
+        hint = " (a metadata file or image folder named is not there)"
+    else:
+        hint = (f" (not what the conversion in {cfg.data_dir} was made from: other files, or a copy that did "
+                "not keep the files' mtimes; a download moved with mv is accepted)")
     return [f"{k}: {_value(saved, k)!r} -> {_value(cfg, k)!r}" + (hint if k == differ[-1] else "") for k in differ]
 
 
@@ -493,7 +501,8 @@ def read_jobs(run_dir: Path) -> dict[str, Any]:
 def write_jobs(run_dir: Path, jobs: dict[str, Any]) -> None:
     """Written by this run's own launch: what a copy's jobs.json said of its original is dropped."""
     mine = {k: v for k, v in jobs.items() if k != "copied_from"}
-    atomic_write_text(launch_dir(run_dir) / JOBS_FILE, json.dumps({**mine, "run_dir": str(run_dir)}, indent=1) + "\n")
+    atomic_write_text(launch_dir(run_dir) / JOBS_FILE,
+                      json.dumps({**mine, "run_dir": os.path.abspath(run_dir)}, indent=1) + "\n")
 
 
 def copied_jobs_note(jobs: dict[str, Any]) -> str:
@@ -558,8 +567,12 @@ def _seen_by_ensemble(run_dir: Path, task: Task, ens_metrics: dict[str, Any], en
     recorded since 0.2.2, so a copied run is not ensembled again), else by mtime."""
     recorded = ens_metrics.get("fold_digests")
     if isinstance(recorded, dict):
-        return recorded.get(task.key) == metrics_digest(task.dir(run_dir))
-    return (task.dir(run_dir) / "metrics.json").stat().st_mtime <= ens_path.stat().st_mtime
+        now = metrics_digest(task.dir(run_dir))
+        return now is not None and recorded.get(task.key) == now
+    try:
+        return (task.dir(run_dir) / "metrics.json").stat().st_mtime <= ens_path.stat().st_mtime
+    except OSError:  # removed meanwhile
+        return False
 
 
 def _finished_elsewhere(run_dir: Path, keys: set[str]) -> list[Task]:

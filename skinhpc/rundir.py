@@ -205,11 +205,30 @@ def run_layout(run_dir: Path, backbones: Sequence[str] = (), num_folds: int = 0)
     return backbones, num_folds
 
 
-def _same_dir(a: Path, b: Path) -> bool:
+def is_other_dir(recorded: Path, run_dir: Path) -> bool:
+    """Whether ``recorded`` is certainly another folder than ``run_dir``, i.e. ``run_dir`` is a copy.
+    Unsure counts as the same folder: taking the run for a copy of itself would set its own live
+    jobs aside and submit them twice. So a recorded folder that is absent here (moved, or not
+    mounted on this node), relative, or not a directory is the same one; one that exists is
+    compared by identity (``samefile``: symlinks, bind mounts), then by a probe file made in
+    ``run_dir`` and looked for through ``recorded``, which also sees one folder reached through
+    two NFS mounts whose device numbers differ."""
+    if not recorded.is_absolute() or not recorded.is_dir():
+        return False
     try:
-        return os.path.samefile(a, b)  # one folder under two names (a symlink, a bind mount)
-    except OSError:  # one of them is gone (moved)
-        return a.resolve() == b.resolve()
+        if os.path.samefile(recorded, run_dir):
+            return False
+    except OSError:
+        return False
+    probe = Path(run_dir) / f".same-dir-probe-{os.uname().nodename}-{os.getpid()}"
+    try:
+        probe.touch()
+    except OSError:  # a read-only copy: no way to tell, so not set apart
+        return False
+    try:
+        return not (recorded / probe.name).exists()
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def _rebased(path: str, old: Path, new: Path) -> str:
@@ -220,23 +239,25 @@ def _rebased(path: str, old: Path, new: Path) -> str:
 
 
 def own_jobs(jobs: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """``jobs.json`` as it applies to ``run_dir``. A run copied or moved from where it was launched
-    (its recorded ``run_dir`` is another folder) keeps its log paths, rebased into the copy, but not
-    its SLURM job ids: those jobs write into the original, so the copy must neither wait on them,
-    count them as its own, nor cancel them. They are kept as ``copied_job_id`` and the original
-    is named in ``copied_from``. A jobs.json without ``run_dir`` (older launches) is taken as it is."""
+    """``jobs.json`` as it applies to ``run_dir``. A copy of a run whose original is still there
+    (``is_other_dir``) keeps its log paths, rebased into the copy, but not its SLURM job ids: those
+    jobs write into the original, so the copy must neither wait on them, count them as its own,
+    nor cancel them. They are kept as ``copied_job_id`` and the original is named in
+    ``copied_from``. A run moved away from its recorded folder keeps its ids (its jobs, if any
+    still run, are the run's own to cancel); a jobs.json without ``run_dir`` is taken as it is."""
     recorded = jobs.get("run_dir")
-    if not isinstance(recorded, str) or not recorded or _same_dir(Path(recorded), Path(run_dir)):
+    if not isinstance(recorded, str) or not recorded or not is_other_dir(Path(recorded), Path(run_dir)):
         return jobs
-    entries = [e for e in (jobs.get("tasks") or {}).values() if isinstance(e, dict)]
+    tasks = jobs.get("tasks")
+    entries = [e for e in tasks.values() if isinstance(e, dict)] if isinstance(tasks, dict) else []
     entries += [jobs[k] for k in ("convert", "ensemble") if isinstance(jobs.get(k), dict)]
     for entry in entries:
         for key in ("log", "err"):
             if isinstance(entry.get(key), str):
-                entry[key] = _rebased(entry[key], Path(recorded), Path(run_dir))
+                entry[key] = _rebased(entry[key], Path(recorded), Path(run_dir).absolute())
         if entry.get("job_id"):
             entry["copied_job_id"] = entry.pop("job_id")
-    return {**jobs, "run_dir": str(run_dir), "copied_from": recorded}
+    return {**jobs, "run_dir": os.path.abspath(run_dir), "copied_from": recorded}
 
 
 def fold_digests(run_dir: Path) -> dict[str, str]:

@@ -618,7 +618,7 @@ def test_a_relaunch_with_fewer_backbones_keeps_the_others_in_the_run_and_its_ens
 
 
 @pytest.mark.timeout(60)
-def test_a_copied_or_moved_run_keeps_its_logs_but_never_counts_waits_on_or_cancels_the_originals_jobs(
+def test_a_copied_run_keeps_its_logs_but_never_counts_waits_on_or_cancels_the_originals_jobs_and_a_moved_one_keeps_its_own(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from skinhpc import launch as launch_mod
     from skinhpc.launch import JobInfo, _prepare_run, cancel, recorded_job_ids, status, write_jobs
@@ -656,13 +656,21 @@ def test_a_copied_or_moved_run_keeps_its_logs_but_never_counts_waits_on_or_cance
     assert [t.key for t in plan.submit] == ["resnet18/fold0", "resnet18/fold1"] and plan.ensemble == "submit"
     assert asked and all(ids == [] for ids in asked)  # the original's ids were never asked about for the copy
 
-    (tmp_path / "A").rename(tmp_path / "A2")  # moved: the same, its record names a folder now gone
-    assert recorded_job_ids(read_jobs(tmp_path / "A2")) == [] and read_jobs(tmp_path / "A2")["copied_from"] == str(orig)
     jobs = read_jobs(tmp_path / "B")
     write_jobs(tmp_path / "B", jobs)  # the copy's own launch writes its record: from now on its own
     again = read_jobs(tmp_path / "B")
     assert "copied_from" not in again and again["run_dir"] == str(tmp_path / "B")
     assert again["tasks"]["resnet18/fold1"]["copied_job_id"] == "5001_1"
+    # Moved, or its recorded folder not mounted on this node: unsure, so the jobs stay the run's own
+    # (taken for a copy of itself, a run would submit its live jobs a second time).
+    (tmp_path / "A").rename(tmp_path / "A2")
+    assert len(recorded_job_ids(read_jobs(tmp_path / "A2"))) == 3 and "copied_from" not in read_jobs(tmp_path / "A2")
+    (tmp_path / "A").write_text("not a folder")
+    assert len(recorded_job_ids(read_jobs(tmp_path / "A2"))) == 3
+    relative = json.loads((tmp_path / "A2" / "launch" / "jobs.json").read_text())
+    (tmp_path / "A2" / "launch" / "jobs.json").write_text(json.dumps({**relative, "run_dir": "A"}))
+    assert len(recorded_job_ids(read_jobs(tmp_path / "A2"))) == 3
+    assert not list((tmp_path / "B").glob(".same-dir-probe-*"))  # the probe that told B from A is gone
 
 
 @pytest.mark.timeout(60)
@@ -987,6 +995,12 @@ def test_a_relaunch_accepts_the_download_moved_but_not_copied_without_mtimes_nor
         check_compatible(run_dir, cfg(tmp_path / "copied"))
     with pytest.raises(LaunchError, match=r"data.images: \[.*\] -> \[\]; data.metadata"):
         check_compatible(run_dir, absolute_paths(load_config([f"run_dir={run_dir}", f"data.dir={data}"])))
+    with pytest.raises(LaunchError, match=r"typo.*meta.csv' \(a metadata file or image folder named is not there\)"):
+        check_compatible(run_dir, cfg(tmp_path / "typo"))  # the intact conversion alone must not let a typo through
+    (tmp_path / "moved").rename(tmp_path / "again")
+    shutil.rmtree(data)
+    with pytest.raises(LaunchError, match=r"\(no conversion in .*data to compare them with: .*; give the run's data.dir\)"):
+        check_compatible(run_dir, cfg(tmp_path / "again"))
 
 
 @pytest.mark.timeout(60)
