@@ -251,13 +251,16 @@ def own_jobs(jobs: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     tasks = jobs.get("tasks")
     entries = [e for e in tasks.values() if isinstance(e, dict)] if isinstance(tasks, dict) else []
     entries += [jobs[k] for k in ("convert", "ensemble") if isinstance(jobs.get(k), dict)]
+    set_aside = False
     for entry in entries:
         for key in ("log", "err"):
             if isinstance(entry.get(key), str):
                 entry[key] = _rebased(entry[key], Path(recorded), Path(run_dir).absolute())
         if entry.get("job_id"):
             entry["copied_job_id"] = entry.pop("job_id")
-    return {**jobs, "run_dir": os.path.abspath(run_dir), "copied_from": recorded}
+            set_aside = True
+    # copied_from: for the note that the original's SLURM jobs are left to it (a local run has none)
+    return {**jobs, "run_dir": os.path.abspath(run_dir), **({"copied_from": recorded} if set_aside else {})}
 
 
 def fold_digests(run_dir: Path) -> dict[str, str]:

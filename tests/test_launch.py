@@ -671,6 +671,12 @@ def test_a_copied_run_keeps_its_logs_but_never_counts_waits_on_or_cancels_the_or
     (tmp_path / "A2" / "launch" / "jobs.json").write_text(json.dumps({**relative, "run_dir": "A"}))
     assert len(recorded_job_ids(read_jobs(tmp_path / "A2"))) == 3
     assert not list((tmp_path / "B").glob(".same-dir-probe-*"))  # the probe that told B from A is gone
+    (tmp_path / "A").unlink()
+    (tmp_path / "A2").rename(tmp_path / "A")
+    write_jobs(orig, {"kind": "local", "tasks": {"resnet18/fold0": {"local_job": "7", "state": "done", "log": log}}})
+    shutil.copytree(orig, tmp_path / "L")  # a local run's copy: its logs rebased, no SLURM jobs to speak of
+    jobs = read_jobs(tmp_path / "L")
+    assert jobs["tasks"]["resnet18/fold0"]["log"].startswith(str(tmp_path / "L")) and "copied_from" not in jobs
 
 
 @pytest.mark.timeout(60)
