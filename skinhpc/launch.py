@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -76,6 +75,7 @@ from skinhpc.config import (
     ExperimentConfig,
     absolute_paths,
     atomic_write_text,
+    diff_keys,
     fold_config_conflicts,
     run_input_file_changes,
     for_backbone,
@@ -200,14 +200,14 @@ def moved_data_changes(saved: ExperimentConfig, cfg: ExperimentConfig) -> list[s
     new paths (the same metadata bytes and image names, sizes and mtimes, which ``mv`` keeps).
     Other files, or the download copied without its mtimes, are refused as before (the folds do
     not compare these paths: the run does it for them)."""
-    differ = [k for k in DATA_PATH_KEYS if _value(saved, k) != _value(cfg, k)]
+    differ = diff_keys(saved, cfg, list(DATA_PATH_KEYS))
     if not differ:
         return []
     from skinhpc.convert import conversion_problem
 
     there = (Path(cfg.data.metadata).is_file() and bool(cfg.data.images)
              and all(Path(d).is_dir() for d in cfg.data.images))  # else the conversion alone would pass
-    if there and _value(saved, "data.metadata") and _value(saved, "data.images") and data_up_to_date(cfg):
+    if there and saved.data.metadata and saved.data.images and data_up_to_date(cfg):
         return []
     if problem := conversion_problem(cfg.data_dir):
         hint = f" (no conversion in {cfg.data_dir} to compare them with: {problem}; give the run's data.dir)"
@@ -216,13 +216,7 @@ def moved_data_changes(saved: ExperimentConfig, cfg: ExperimentConfig) -> list[s
     else:
         hint = (f" (not what the conversion in {cfg.data_dir} was made from: other files, or a copy that did "
                 "not keep the files' mtimes; a download moved with mv is accepted)")
-    return [f"{k}: {_value(saved, k)!r} -> {_value(cfg, k)!r}" + (hint if k == differ[-1] else "") for k in differ]
-
-
-def _value(cfg: ExperimentConfig, key: str) -> Any:
-    """A data key's value as plain Python (a list of paths, or a path)."""
-    value = functools.reduce(getattr, key.split("."), cfg)
-    return value if isinstance(value, str) else list(value)
+    return differ[:-1] + [differ[-1] + hint]
 
 
 def slurm_answers(timeout_s: float = 10.0) -> bool:
@@ -1071,7 +1065,7 @@ def _launch_slurm(cfg: ExperimentConfig, echo: Callable[[str], None], remake: bo
         echo(note)
     for line in plan.lines():
         echo(line)
-    jobs.update(kind="slurm", run_dir=str(run_dir))
+    jobs["kind"] = "slurm"  # write_jobs records the run_dir
     convert_job = plan.convert[5:] if plan.convert.startswith("wait:") else ""
     if plan.stale:
         _run(["scancel", *plan.stale])

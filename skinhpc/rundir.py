@@ -6,6 +6,7 @@ import it.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -274,8 +275,6 @@ def fold_digests(run_dir: Path) -> dict[str, str]:
 
 def metrics_digest(fold_dir: Path) -> str | None:
     """sha256 of a fold's metrics.json (None without one)."""
-    import hashlib
-
     try:
         return hashlib.sha256((Path(fold_dir) / METRICS_NAME).read_bytes()).hexdigest()
     except OSError:
