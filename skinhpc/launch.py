@@ -1390,6 +1390,12 @@ def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict
     return TaskStatus(t, job or "-", state, epoch, best, log or (str(own_log) if own_log.is_file() else "-"), reason)
 
 
+def _shown_log(log: str) -> str:
+    """A log path as --status shows it: SLURM creates a job's log only when the job starts, so a
+    pending job's path is marked, lest an empty `cat` be read as a job that prints nothing."""
+    return f"{log} (not written yet)" if log != "-" and not Path(log).exists() else log
+
+
 def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     """A table per task merged from SLURM (squeue, sacct) and the run directory, plus the ensemble."""
     run_dir = Path(cfg.run_dir)
@@ -1405,8 +1411,8 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     local_running = jobs.get("kind") != "slurm" and bool(running_launch(run_dir))
     rows = [_task_row(cfg, t, jobs["tasks"].get(t.key, {}), infos, local_running) for t in experiment_tasks(cfg)]
     head = ("backbone", "fold", "job", "state", "epoch", "kept val bacc", "log")
-    table = [head] + [(r.task.backbone, str(r.task.fold), r.job_id, r.shown_state, r.epoch, r.best_val_bacc, r.log)
-                      for r in rows]
+    table = [head] + [(r.task.backbone, str(r.task.fold), r.job_id, r.shown_state, r.epoch, r.best_val_bacc,
+                       _shown_log(r.log)) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
     lines = [f"run dir: {run_dir}" + ("" if run_dir.is_dir() else " (does not exist: nothing launched there yet)")]
     if note := copied_jobs_note(jobs):
@@ -1456,7 +1462,7 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
         lines.append("  the ensemble job can never start (DependencyNeverSatisfied): a training task it waits "
                      "for did not finish:")
     for r in failed:
-        lines.append(f"  {r.state}: {r.task.key} (job {r.job_id}), log {r.log}")
+        lines.append(f"  {r.state}: {r.task.key} (job {r.job_id}), log {_shown_log(r.log)}")
     if failed:
         lines.append(f"  relaunch (jobs/launch.py with backbones including {', '.join(sorted({r.task.backbone for r in failed}))}) "
                      "to resubmit them and a new ensemble job")

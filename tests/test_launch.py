@@ -721,12 +721,18 @@ def test_status_shows_why_slurm_keeps_a_job_pending_and_an_ensemble_that_cannot_
              "7": JobInfo("PENDING", "DependencyNeverSatisfied", live=True)}
     _plan_for(tmp_path, infos, {}, converted=True, done=())
     cfg, _ = load_launch_config([f"run_dir={tmp_path / 'exp'}", "backbones=[resnet18]"], None, 2)
-    write_jobs(tmp_path / "exp", {"tasks": {"resnet18/fold0": {"job_id": "6_0"}, "resnet18/fold1": {"job_id": "6_1"}},
+    log = tmp_path / "exp" / ".launch" / "submitit" / "6_0_0_log.out"  # SLURM creates it when the job starts
+    write_jobs(tmp_path / "exp", {"tasks": {"resnet18/fold0": {"job_id": "6_0", "log": str(log)},
+                                            "resnet18/fold1": {"job_id": "6_1"}},
                                   "ensemble": {"job_id": "7"}})
     monkeypatch.setattr(launch_mod, "query_jobs", lambda ids: infos)
     text, summary = status(cfg)
-    assert " pending (PartitionTimeLimit) " in next(line for line in text.splitlines() if line.startswith("resnet18  0"))
-    assert summary["tasks"]["resnet18/fold0"]["state"] == "pending"
+    row = next(line for line in text.splitlines() if line.startswith("resnet18  0"))
+    assert " pending (PartitionTimeLimit) " in row and row.endswith(f"{log} (not written yet)")
+    assert summary["tasks"]["resnet18/fold0"]["state"] == "pending" and summary["tasks"]["resnet18/fold0"]["log"] == str(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("")
+    assert next(line for line in status(cfg)[0].splitlines() if line.startswith("resnet18  0")).endswith(str(log))
     assert "ensemble: job 7 blocked" in text and "a training task it waits for did not finish" in text
     infos["6_0"] = JobInfo("PENDING", "Priority", live=True)  # an ordinary wait for a turn: no reason shown
     assert " pending " in next(line for line in status(cfg)[0].splitlines() if line.startswith("resnet18  0"))
