@@ -388,9 +388,10 @@ def _plan(image_dirs: Sequence[str | Path], metadata: str | Path) -> _Plan:
 
 # --------------------------------------------------------------------------- fingerprint, up to date
 
-def _images_hash(paths: Sequence[Path]) -> str:
-    """Hash of the sorted list of used image files with their sizes and mtimes (no pixels read)."""
-    digest = hashlib.sha256()
+def _images_hashes(paths: Sequence[Path]) -> tuple[str, str]:
+    """Hashes of the sorted list of used image files with their sizes and mtimes, and with their
+    sizes only (the layout); no pixels read."""
+    digest, layout = hashlib.sha256(), hashlib.sha256()
     for path in sorted(paths, key=lambda p: p.name):
         try:
             st = path.stat()
@@ -398,6 +399,23 @@ def _images_hash(paths: Sequence[Path]) -> str:
             raise InputError([f"{path}: cannot read the image file's size ({e.strerror or e}); check its "
                               "folder's permissions"]) from None
         digest.update(f"{path.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        layout.update(f"{path.name}\t{st.st_size}\n".encode())
+    return digest.hexdigest(), layout.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()  # releases the GIL: threads hash in parallel
+
+
+def _images_content_hash(paths: Sequence[Path], workers: int) -> str:
+    """Hash of the sorted used image files' names and bytes: what a copy keeps when it loses the
+    mtimes (``cp -r``, ``scp``), read only when names and sizes match a conversion's."""
+    ordered = sorted(paths, key=lambda p: p.name)
+    digest = hashlib.sha256()
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="skinhpc-hash") as pool:
+        for path, file_hash in zip(ordered, pool.map(_file_sha256, ordered)):
+            digest.update(f"{path.name}\t{file_hash}\n".encode())
     return digest.hexdigest()
 
 
@@ -407,8 +425,9 @@ def _settings(max_resolution: int, write_mode: str, jpeg_quality: int) -> dict[s
 
 
 def _fingerprint(plan: _Plan, settings: dict[str, Any]) -> dict[str, Any]:
-    return {"metadata_sha256": sha256_file(plan.metadata), "images_sha256": _images_hash(plan.paths),
-            "settings": settings}
+    images_sha256, layout_sha256 = _images_hashes(plan.paths)
+    return {"metadata_sha256": sha256_file(plan.metadata), "images_sha256": images_sha256,
+            "layout_sha256": layout_sha256, "settings": settings}
 
 
 def ffcv_installed() -> bool:
@@ -435,19 +454,57 @@ def ffcv_import_error() -> str:
         return f"{type(e).__name__}: {e}"
 
 
-def _matches(out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+def _matches(out_dir: Path, fingerprint: dict[str, Any], plan: _Plan | None = None,
+             workers: int = 0) -> dict[str, Any] | None:
     """The manifest when out_dir holds a complete conversion of exactly these inputs and settings
-    (one made without FFCV counts only while FFCV is still missing: it has no .beton)."""
+    (one made without FFCV counts only while FFCV is still missing: it has no .beton).
+
+    Images are compared by name, size and mtime. With ``plan``, images of the same names and sizes
+    but other mtimes (a copy that did not keep them) are compared by their bytes; when those match,
+    the manifest is brought up to date with the new mtimes and folders (``_refresh_images``), so the
+    bytes are read once per copy."""
     try:
         manifest = read_manifest(out_dir)
-        same_inputs = (manifest["metadata"]["sha256"] == fingerprint["metadata_sha256"]
-                       and manifest["images"]["sha256"] == fingerprint["images_sha256"]
-                       and manifest["ffcv"] == fingerprint["settings"])
-        if not same_inputs or (manifest["beton"] is None and not ffcv_import_error()):
+        same_rest = (manifest["metadata"]["sha256"] == fingerprint["metadata_sha256"]
+                     and manifest["ffcv"] == fingerprint["settings"])
+        if not same_rest or (manifest["beton"] is None and not ffcv_import_error()):
             return None
+        if manifest["images"]["sha256"] != fingerprint["images_sha256"]:
+            recorded = manifest["images"]
+            if (plan is None or "content_sha256" not in recorded
+                    or recorded.get("layout_sha256") != fingerprint["layout_sha256"]
+                    or not _files_intact(out_dir, manifest)
+                    or _images_content_hash(plan.paths, _workers(workers)) != recorded["content_sha256"]):
+                return None
+            return _refresh_images(out_dir, manifest, plan, fingerprint)
         return manifest if _files_intact(out_dir, manifest) else None
     except (OSError, KeyError, TypeError, ValueError, InputError):
         return None
+
+
+def _refresh_images(out_dir: Path, manifest: dict[str, Any], plan: _Plan, fingerprint: dict[str, Any]
+                    ) -> dict[str, Any]:
+    """The manifest with the images' new mtime hash and folders, written in place when the folder's
+    lock can be had at once and the manifest is still the one checked (a conversion may be
+    replacing it); else returned unwritten (a read-only folder: the bytes are compared each time)."""
+    images = {**manifest["images"], "sha256": fingerprint["images_sha256"],
+              "dirs": [str(d.resolve()) for d in plan.image_dirs]}
+    refreshed = {**manifest, "images": images}
+    _say(f"{out_dir}: the images have other mtimes than when converted but the same names and bytes "
+         "(a copy): the conversion is up to date")
+    try:
+        fd = os.open(out_dir, os.O_RDONLY)
+    except OSError:
+        return refreshed
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if read_manifest(out_dir) == manifest:
+            atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(refreshed, indent=2) + "\n")
+    except (OSError, InputError):
+        pass  # busy, read-only, or a filesystem without locks: the bytes were compared, good for now
+    finally:
+        os.close(fd)
+    return refreshed
 
 
 def _recorded_files(manifest: dict[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -519,7 +576,7 @@ def is_up_to_date(image_dirs: Sequence[str | Path], metadata: str | Path, out_di
     if plan.row_problems:
         return False
     fingerprint = _fingerprint(plan, _settings(max_resolution, write_mode, jpeg_quality))
-    return _matches(Path(out_dir), fingerprint) is not None
+    return _matches(Path(out_dir), fingerprint, plan) is not None
 
 
 # --------------------------------------------------------------------------- pixels
@@ -883,9 +940,9 @@ def _counts(plan: _Plan) -> dict[str, int]:
     return {name: found.get(name, 0) for name in CLASSES}
 
 
-def _manifest(plan: _Plan, fingerprint: dict[str, Any], stored_size: list[int], sizes: Counter[tuple[int, int]],
-              n_resized: int, beton: Path | None, index: Path, seconds: float, write_rate: float,
-              workers: int) -> dict[str, Any]:
+def _manifest(plan: _Plan, fingerprint: dict[str, Any], content_sha256: str, stored_size: list[int],
+              sizes: Counter[tuple[int, int]], n_resized: int, beton: Path | None, index: Path, seconds: float,
+              write_rate: float, workers: int) -> dict[str, Any]:
     n = len(plan.records)
     return {
         "n_images": n,
@@ -896,7 +953,8 @@ def _manifest(plan: _Plan, fingerprint: dict[str, Any], stored_size: list[int], 
         "source_sizes": {f"{w}x{h}": c for (w, h), c in sizes.most_common(10)},
         "metadata": {"path": str(plan.metadata.resolve()), "sha256": fingerprint["metadata_sha256"]},
         "images": {"dirs": [str(d.resolve()) for d in plan.image_dirs], "n_files": n,
-                   "sha256": fingerprint["images_sha256"]},
+                   "sha256": fingerprint["images_sha256"], "layout_sha256": fingerprint["layout_sha256"],
+                   "content_sha256": content_sha256},
         "ffcv": fingerprint["settings"],
         "fields": {"image": "RGBImageField", "label": "IntField", "row": "IntField"},
         "beton": ({"name": BETON_NAME, "size": beton.stat().st_size, "sha256": sha256_file(beton)}
@@ -958,7 +1016,7 @@ def convert(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     settings = _settings(max_resolution, write_mode, jpeg_quality)
     fingerprint = _fingerprint(plan, settings)
-    manifest = _matches(out_dir, fingerprint) if not plan.row_problems else None
+    manifest = _matches(out_dir, fingerprint, plan, workers) if not plan.row_problems else None
     if manifest is not None:
         _remove_stale_temps_if_idle(out_dir)
         return _up_to_date_result(manifest, out_dir, start, plan.warnings)
@@ -1010,8 +1068,9 @@ def _write_outputs(plan: _Plan, fingerprint: dict[str, Any], sizes: Counter[tupl
             write_rate = _beton_if_ffcv(plan, stored_size, beton_tmp, settings, workers)
             with_beton = write_rate is not None
             _index_frame(plan).to_csv(index_tmp, index=False)
-            manifest = _manifest(plan, fingerprint, stored_size, sizes, n_resized, beton_tmp if with_beton else None,
-                                 index_tmp, time.monotonic() - start, write_rate or 0.0, workers)
+            manifest = _manifest(plan, fingerprint, _images_content_hash(plan.paths, workers), stored_size, sizes,
+                                 n_resized, beton_tmp if with_beton else None, index_tmp, time.monotonic() - start,
+                                 write_rate or 0.0, workers)
             # Manifest gone first: between the renames the folder reads as "not converted", never
             # as a new .beton described by an old manifest.
             (out_dir / MANIFEST_NAME).unlink(missing_ok=True)

@@ -197,8 +197,8 @@ def check_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
 def moved_data_changes(saved: ExperimentConfig, cfg: ExperimentConfig) -> list[str]:
     """``data.images``/``data.metadata`` naming other paths than the run's ("key: saved -> now"),
     unless they are the same download moved: the conversion in the data dir is up to date for the
-    new paths (the same metadata bytes and image names, sizes and mtimes, which ``mv`` keeps).
-    Other files, or the download copied without its mtimes, are refused as before (the folds do
+    new paths (the same metadata bytes and image names and sizes, with the same mtimes, which
+    ``mv`` keeps, or else the same bytes: a copy). Other files are refused as before (the folds do
     not compare these paths: the run does it for them)."""
     differ = diff_keys(saved, cfg, list(DATA_PATH_KEYS))
     if not differ:
@@ -214,8 +214,8 @@ def moved_data_changes(saved: ExperimentConfig, cfg: ExperimentConfig) -> list[s
     elif not there:
         hint = " (a metadata file or image folder named is not there)"
     else:
-        hint = (f" (not what the conversion in {cfg.data_dir} was made from: other files, or a copy that did "
-                "not keep the files' mtimes; a download moved with mv is accepted)")
+        hint = (f" (not what the conversion in {cfg.data_dir} was made from: other image names or bytes, or "
+                "another metadata file; the same download moved or copied is accepted)")
     return differ[:-1] + [differ[-1] + hint]
 
 

@@ -514,6 +514,32 @@ def test_a_conversion_whose_images_were_deleted_since_is_used_as_it_is(tmp_path:
 
 
 @pytest.mark.timeout(240)
+def test_a_download_copied_without_its_mtimes_is_compared_by_bytes_once_and_not_converted_again(
+        tmp_path: Path, capsys) -> None:
+    dirs, csv_path, ids, out, good = converted_raw(tmp_path)
+    copy = tmp_path / "copy"
+    for d in dirs:
+        shutil.copytree(d, copy / d.name, copy_function=shutil.copyfile)  # cp -r, scp: new mtimes
+    copied, copied_csv = [copy / d.name for d in dirs], Path(shutil.copyfile(csv_path, copy / csv_path.name))
+    capsys.readouterr()
+    assert is_up_to_date(copied, copied_csv, out)
+    assert "same names and bytes (a copy)" in capsys.readouterr().out
+    manifest = read_manifest(out)
+    assert manifest["images"]["dirs"] == [str(d.resolve()) for d in copied]  # the PIL loader reads these
+    assert {k: v for k, v in _files(out).items() if k != MANIFEST_NAME} == {k: v for k, v in good.items()
+                                                                          if k != MANIFEST_NAME}
+    assert convert(copied, copied_csv, out, workers=2).status == "up-to-date"
+    assert "a copy" not in capsys.readouterr().out  # the manifest now records the copy's mtimes: no bytes read
+    assert is_up_to_date(dirs, csv_path, out)  # the original too, by its bytes
+
+    image = _find(copied, ids[4])
+    flipped = bytearray(image.read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF  # other bytes, same name and size
+    image.write_bytes(bytes(flipped))
+    assert not is_up_to_date(copied, copied_csv, out)
+
+
+@pytest.mark.timeout(240)
 def test_image_failing_inside_the_ffcv_writer_stops_it_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
     """A file that breaks between the check and the write must not hang FFCV's writer."""
     import skinhpc.convert as conversion

@@ -986,7 +986,7 @@ def test_a_relaunch_accepts_the_weights_files_moved_but_not_other_ones(tmp_path:
 
 
 @pytest.mark.timeout(120)
-def test_a_relaunch_accepts_the_download_moved_but_not_copied_without_mtimes_nor_other_data(tmp_path: Path) -> None:
+def test_a_relaunch_accepts_the_download_moved_or_copied_but_not_other_data(tmp_path: Path) -> None:
     from skinhpc import SAMPLE_IMAGES, SAMPLE_METADATA
     from skinhpc.convert import convert
     from skinhpc.launch import LaunchError, check_compatible
@@ -1003,8 +1003,14 @@ def test_a_relaunch_accepts_the_download_moved_but_not_copied_without_mtimes_nor
     (raw).rename(tmp_path / "moved")
     check_compatible(run_dir, cfg(tmp_path / "moved"))  # mv keeps names, sizes, mtimes and bytes
     shutil.copytree(tmp_path / "moved", tmp_path / "copied", copy_function=shutil.copy)  # new mtimes
+    check_compatible(run_dir, cfg(tmp_path / "copied"))  # cp -r, scp: the same names and bytes
+    shutil.copytree(tmp_path / "moved", tmp_path / "edited", copy_function=shutil.copy)
+    image = sorted((tmp_path / "edited" / "images").iterdir())[7]
+    data_bytes = bytearray(image.read_bytes())
+    data_bytes[len(data_bytes) // 2] ^= 0xFF  # another image of the same name and size
+    image.write_bytes(bytes(data_bytes))
     with pytest.raises(LaunchError, match=r"data.metadata: .*meta.csv' \(not what the conversion in .*data was made from"):
-        check_compatible(run_dir, cfg(tmp_path / "copied"))
+        check_compatible(run_dir, cfg(tmp_path / "edited"))
     with pytest.raises(LaunchError, match=r"data.images: \[.*\] -> \[\]; data.metadata"):
         check_compatible(run_dir, absolute_paths(load_config([f"run_dir={run_dir}", f"data.dir={data}"])))
     with pytest.raises(LaunchError, match=r"typo.*meta.csv' \(a metadata file or image folder named is not there\)"):
