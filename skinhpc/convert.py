@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import errno
 import fcntl
 import functools
 import hashlib
@@ -63,6 +64,8 @@ WRITE_MODES: tuple[str, ...] = ("jpg", "raw", "proportion")
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 PAGE_SIZE = 2 << 20
 """FFCV page size: the smallest allowed (2 MiB); the 8 MiB default pads small datasets."""
+MAX_COPIES = 8
+"""How many copies of the download (their mtime hashes) a manifest remembers (``_refresh_images``)."""
 FORMAT_VERSION = 2
 """Bumped when the stored pixels would change for the same inputs (e.g. a new resize filter).
 2: pictures with an EXIF orientation are stored upright."""
@@ -413,7 +416,8 @@ def _images_content_hash(paths: Sequence[Path], workers: int) -> str:
     mtimes (``cp -r``, ``scp``), read only when names and sizes match a conversion's."""
     ordered = sorted(paths, key=lambda p: p.name)
     digest = hashlib.sha256()
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="skinhpc-hash") as pool:
+    # A few threads fill a disk or a network filesystem; a login node's every core would not help.
+    with ThreadPoolExecutor(max_workers=min(max(1, workers), 8), thread_name_prefix="skinhpc-hash") as pool:
         for path, file_hash in zip(ordered, pool.map(_file_sha256, ordered)):
             digest.update(f"{path.name}\t{file_hash}\n".encode())
     return digest.hexdigest()
@@ -459,18 +463,18 @@ def _matches(out_dir: Path, fingerprint: dict[str, Any], plan: _Plan | None = No
     """The manifest when out_dir holds a complete conversion of exactly these inputs and settings
     (one made without FFCV counts only while FFCV is still missing: it has no .beton).
 
-    Images are compared by name, size and mtime. With ``plan``, images of the same names and sizes
-    but other mtimes (a copy that did not keep them) are compared by their bytes; when those match,
-    the manifest is brought up to date with the new mtimes and folders (``_refresh_images``), so the
-    bytes are read once per copy."""
+    Images are compared by name, size and mtime (those of the conversion's images, or of a copy
+    already compared). With ``plan``, images of the same names and sizes but other mtimes (a copy
+    that did not keep them) are compared by their bytes; when those match, the manifest records the
+    copy's mtimes too (``_refresh_images``), so the bytes are read once per copy."""
     try:
         manifest = read_manifest(out_dir)
         same_rest = (manifest["metadata"]["sha256"] == fingerprint["metadata_sha256"]
                      and manifest["ffcv"] == fingerprint["settings"])
         if not same_rest or (manifest["beton"] is None and not ffcv_import_error()):
             return None
-        if manifest["images"]["sha256"] != fingerprint["images_sha256"]:
-            recorded = manifest["images"]
+        recorded = manifest["images"]
+        if fingerprint["images_sha256"] not in [recorded["sha256"], *recorded.get("copies_sha256", [])]:
             if (plan is None or "content_sha256" not in recorded
                     or recorded.get("layout_sha256") != fingerprint["layout_sha256"]
                     or not _files_intact(out_dir, manifest)
@@ -484,24 +488,32 @@ def _matches(out_dir: Path, fingerprint: dict[str, Any], plan: _Plan | None = No
 
 def _refresh_images(out_dir: Path, manifest: dict[str, Any], plan: _Plan, fingerprint: dict[str, Any]
                     ) -> dict[str, Any]:
-    """The manifest with the images' new mtime hash and folders, written in place when the folder's
-    lock can be had at once and the manifest is still the one checked (a conversion may be
-    replacing it); else returned unwritten (a read-only folder: the bytes are compared each time)."""
-    images = {**manifest["images"], "sha256": fingerprint["images_sha256"],
-              "dirs": [str(d.resolve()) for d in plan.image_dirs]}
-    refreshed = {**manifest, "images": images}
-    _say(f"{out_dir}: the images have other mtimes than when converted but the same names and bytes "
-         "(a copy): the conversion is up to date")
+    """The manifest with the mtime hash of a copy whose bytes matched added to ``copies_sha256``
+    (the last MAX_COPIES: two folders used by turns are not read by turns), written in place unless
+    another process holds the folder's lock (a conversion may be replacing the manifest) or the
+    manifest changed since it was checked. A read-only folder keeps it unwritten: the bytes are then
+    compared at each check."""
+    images = manifest["images"]
+    copies = [fingerprint["images_sha256"], *(h for h in images.get("copies_sha256", [])
+                                              if h != fingerprint["images_sha256"])][:MAX_COPIES]
+    refreshed = {**manifest, "images": {**images, "copies_sha256": copies}}
+    _say(f"{out_dir}: the images in {', '.join(str(d) for d in plan.image_dirs)} have other mtimes than when "
+         "converted but the same names and bytes (a copy): the conversion is up to date")
     try:
         fd = os.open(out_dir, os.O_RDONLY)
     except OSError:
         return refreshed
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return refreshed  # a conversion holds it: next time
+            # a filesystem without locks (as _dir_lock): the check below and the rename still hold
         if read_manifest(out_dir) == manifest:
             atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(refreshed, indent=2) + "\n")
     except (OSError, InputError):
-        pass  # busy, read-only, or a filesystem without locks: the bytes were compared, good for now
+        pass  # read-only: the bytes were compared, good for now
     finally:
         os.close(fd)
     return refreshed
@@ -1022,6 +1034,8 @@ def convert(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str
         return _up_to_date_result(manifest, out_dir, start, plan.warnings)
 
     image_sizes = _check_images(plan, workers)
+    # The bytes before the .beton reads them: a file changed while converting then differs next time.
+    content_sha256 = _images_content_hash(plan.paths, workers)
     sizes = Counter(image_sizes)
     usual = _most_common_size(sizes)
     if stretched := stretched_images(plan.paths, image_sizes, usual):
@@ -1032,7 +1046,7 @@ def convert(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str
         plan.warnings.append(warning)
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     with _termination_as_exception():
-        manifest = _write_outputs(plan, fingerprint, sizes, out_dir, workers, start)
+        manifest = _write_outputs(plan, fingerprint, content_sha256, sizes, out_dir, workers, start)
     seconds = time.monotonic() - start
     if manifest is None:  # another job converted the same inputs while we checked them
         return _up_to_date_result(read_manifest(out_dir), out_dir, start, plan.warnings)
@@ -1047,8 +1061,8 @@ def convert(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str
     return result
 
 
-def _write_outputs(plan: _Plan, fingerprint: dict[str, Any], sizes: Counter[tuple[int, int]], out_dir: Path,
-                   workers: int, start: float) -> dict[str, Any] | None:
+def _write_outputs(plan: _Plan, fingerprint: dict[str, Any], content_sha256: str, sizes: Counter[tuple[int, int]],
+                   out_dir: Path, workers: int, start: float) -> dict[str, Any] | None:
     """Write the three files under temporary names, then rename them in, manifest last.
 
     Returns the new manifest, or None when out_dir turned out up to date once locked.
@@ -1068,8 +1082,8 @@ def _write_outputs(plan: _Plan, fingerprint: dict[str, Any], sizes: Counter[tupl
             write_rate = _beton_if_ffcv(plan, stored_size, beton_tmp, settings, workers)
             with_beton = write_rate is not None
             _index_frame(plan).to_csv(index_tmp, index=False)
-            manifest = _manifest(plan, fingerprint, _images_content_hash(plan.paths, workers), stored_size, sizes,
-                                 n_resized, beton_tmp if with_beton else None, index_tmp, time.monotonic() - start,
+            manifest = _manifest(plan, fingerprint, content_sha256, stored_size, sizes, n_resized,
+                                 beton_tmp if with_beton else None, index_tmp, time.monotonic() - start,
                                  write_rate or 0.0, workers)
             # Manifest gone first: between the renames the folder reads as "not converted", never
             # as a new .beton described by an old manifest.

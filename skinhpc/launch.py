@@ -213,6 +213,14 @@ def moved_data_changes(saved: ExperimentConfig, cfg: ExperimentConfig) -> list[s
         hint = f" (no conversion in {cfg.data_dir} to compare them with: {problem}; give the run's data.dir)"
     elif not there:
         hint = " (a metadata file or image folder named is not there)"
+    elif "content_sha256" not in (read_json(cfg.data_dir / "manifest.json") or {}).get("images", {}):
+        d = cfg.data
+        command = shlex.join(["jobs/convert.py", "--images", *d.images, "--metadata", d.metadata, "--out",
+                              str(cfg.data_dir), "--max-resolution", str(d.max_resolution), "--write-mode",
+                              d.write_mode, "--jpeg-quality", str(d.jpeg_quality)])
+        hint = (f" (the conversion in {cfg.data_dir} was made by skinhpc < 0.2.3, which compares images by their "
+                "mtimes only, and these differ: if this is a copy of the run's download, convert it once into "
+                f"data.dir ({command}: the same pixels), then relaunch)")
     else:
         hint = (f" (not what the conversion in {cfg.data_dir} was made from: other image names or bytes, or "
                 "another metadata file; the same download moved or copied is accepted)")
@@ -1310,7 +1318,9 @@ def _local_state(entry: dict[str, Any], finished: bool, launch_running: bool) ->
 
 
 def _dry_run(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]) -> Plan:
-    """The plan and the sbatch scripts submitit would submit; nothing is written or submitted."""
+    """The plan and the sbatch scripts submitit would submit; nothing is submitted, and nothing
+    written but what any check of the data writes: a conversion's manifest noting a copy of the
+    download whose bytes it compared (``convert._refresh_images``)."""
     run_dir = Path(cfg.run_dir)
     jobs = read_jobs(run_dir)
     plan = make_plan(cfg, kind, jobs, query_jobs(recorded_job_ids(jobs)) if kind == "slurm" else {})
@@ -1390,10 +1400,13 @@ def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict
     return TaskStatus(t, job or "-", state, epoch, best, log or (str(own_log) if own_log.is_file() else "-"), reason)
 
 
-def _shown_log(log: str) -> str:
-    """A log path as --status shows it: SLURM creates a job's log only when the job starts, so a
-    pending job's path is marked, lest an empty `cat` be read as a job that prints nothing."""
-    return f"{log} (not written yet)" if log != "-" and not Path(log).exists() else log
+def _shown_log(log: str, state: str) -> str:
+    """A log path as --status shows it, marked when there is no such file: SLURM creates a job's log
+    only when the job starts (a pending one's is "not written yet"; a job cancelled before it
+    started never wrote one)."""
+    if log == "-" or Path(log).exists():
+        return log
+    return f"{log} (not written yet)" if state in ACTIVE or state == "blocked" else f"{log} (no such file)"
 
 
 def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
@@ -1412,7 +1425,7 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     rows = [_task_row(cfg, t, jobs["tasks"].get(t.key, {}), infos, local_running) for t in experiment_tasks(cfg)]
     head = ("backbone", "fold", "job", "state", "epoch", "kept val bacc", "log")
     table = [head] + [(r.task.backbone, str(r.task.fold), r.job_id, r.shown_state, r.epoch, r.best_val_bacc,
-                       _shown_log(r.log)) for r in rows]
+                       _shown_log(r.log, r.state)) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
     lines = [f"run dir: {run_dir}" + ("" if run_dir.is_dir() else " (does not exist: nothing launched there yet)")]
     if note := copied_jobs_note(jobs):
@@ -1462,7 +1475,7 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
         lines.append("  the ensemble job can never start (DependencyNeverSatisfied): a training task it waits "
                      "for did not finish:")
     for r in failed:
-        lines.append(f"  {r.state}: {r.task.key} (job {r.job_id}), log {_shown_log(r.log)}")
+        lines.append(f"  {r.state}: {r.task.key} (job {r.job_id}), log {_shown_log(r.log, r.state)}")
     if failed:
         lines.append(f"  relaunch (jobs/launch.py with backbones including {', '.join(sorted({r.task.backbone for r in failed}))}) "
                      "to resubmit them and a new ensemble job")

@@ -232,9 +232,11 @@ class _EpochBatches(torch.utils.data.Sampler):
 
 def _image_paths(data_dir: Path, manifest: dict[str, Any], data_cfg: DataConfig, index: Any,
                  rows: np.ndarray) -> dict[int, Path]:
-    """Source JPEG of every requested row: the folders the manifest records, else the config's."""
-    dirs = [Path(d) for d in manifest.get("images", {}).get("dirs", [])]
-    dirs += [Path(d) for d in data_cfg.images] + [skinhpc.SAMPLE_IMAGES]
+    """Source JPEG of every requested row: the config's folders (those ensure_converted just
+    checked against the conversion, e.g. a copy of the download), else the ones the manifest
+    records (a data.dir given alone), else the sample's."""
+    dirs = [Path(d) for d in data_cfg.images] + [Path(d) for d in manifest.get("images", {}).get("dirs", [])]
+    dirs += [skinhpc.SAMPLE_IMAGES]
     from skinhpc.convert import image_files
 
     dirs = [d for d in dirs if d.is_dir()]

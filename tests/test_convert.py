@@ -524,19 +524,67 @@ def test_a_download_copied_without_its_mtimes_is_compared_by_bytes_once_and_not_
     capsys.readouterr()
     assert is_up_to_date(copied, copied_csv, out)
     assert "same names and bytes (a copy)" in capsys.readouterr().out
-    manifest = read_manifest(out)
-    assert manifest["images"]["dirs"] == [str(d.resolve()) for d in copied]  # the PIL loader reads these
+    assert len(read_manifest(out)["images"]["copies_sha256"]) == 1
     assert {k: v for k, v in _files(out).items() if k != MANIFEST_NAME} == {k: v for k, v in good.items()
                                                                           if k != MANIFEST_NAME}
     assert convert(copied, copied_csv, out, workers=2).status == "up-to-date"
-    assert "a copy" not in capsys.readouterr().out  # the manifest now records the copy's mtimes: no bytes read
-    assert is_up_to_date(dirs, csv_path, out)  # the original too, by its bytes
+    assert is_up_to_date(dirs, csv_path, out)  # and the original, by turns
+    assert "a copy" not in capsys.readouterr().out  # both mtime hashes are recorded now: no bytes read
 
     image = _find(copied, ids[4])
     flipped = bytearray(image.read_bytes())
     flipped[len(flipped) // 2] ^= 0xFF  # other bytes, same name and size
     image.write_bytes(bytes(flipped))
     assert not is_up_to_date(copied, copied_csv, out)
+
+
+@pytest.mark.timeout(240)
+def test_an_image_changed_while_the_beton_is_written_is_not_taken_for_a_copy_later(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import skinhpc.convert as convert_mod
+    dirs, csv_path, ids = make_raw(tmp_path)
+    image, write_beton = _find(dirs, ids[2]), convert_mod._beton_if_ffcv
+
+    def rewritten_meanwhile(*args, **kwargs):  # e.g. an rsync in place: same name and size, other bytes
+        flipped = bytearray(image.read_bytes())
+        flipped[len(flipped) // 2] ^= 0xFF
+        image.write_bytes(bytes(flipped))
+        return write_beton(*args, **kwargs)
+
+    monkeypatch.setattr(convert_mod, "_beton_if_ffcv", rewritten_meanwhile)
+    convert(dirs, csv_path, tmp_path / "data", workers=2)
+    assert not is_up_to_date(dirs, csv_path, tmp_path / "data")
+
+
+@pytest.mark.timeout(240)
+def test_a_copy_is_recorded_on_a_filesystem_without_locks_and_compared_at_each_check_in_a_read_only_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import errno
+    import fcntl
+
+    import skinhpc.convert as convert_mod
+    dirs, csv_path, ids, out, good = converted_raw(tmp_path)
+    copies = []
+    for name in ("copy1", "copy2"):
+        for d in dirs:
+            shutil.copytree(d, tmp_path / name / d.name, copy_function=shutil.copyfile)
+        copies.append([tmp_path / name / d.name for d in dirs])
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    capsys.readouterr()
+    assert is_up_to_date(copies[0], csv_path, out) and "(a copy)" in capsys.readouterr().out
+    assert len(read_manifest(out)["images"]["copies_sha256"]) == 1  # written all the same
+
+    def read_only(path, text):  # chmod would not stop root, who runs CI
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(convert_mod, "atomic_write_text", read_only)
+    for _ in range(2):
+        assert is_up_to_date(copies[1], csv_path, out) and "(a copy)" in capsys.readouterr().out
+    assert len(read_manifest(out)["images"]["copies_sha256"]) == 1
 
 
 @pytest.mark.timeout(240)

@@ -1011,6 +1011,15 @@ def test_a_relaunch_accepts_the_download_moved_or_copied_but_not_other_data(tmp_
     image.write_bytes(bytes(data_bytes))
     with pytest.raises(LaunchError, match=r"data.metadata: .*meta.csv' \(not what the conversion in .*data was made from"):
         check_compatible(run_dir, cfg(tmp_path / "edited"))
+    manifest = json.loads((data / "manifest.json").read_text())
+    old = {**manifest, "images": {k: v for k, v in manifest["images"].items()
+                                  if k not in ("layout_sha256", "content_sha256", "copies_sha256")}}
+    (data / "manifest.json").write_text(json.dumps(old))  # as skinhpc < 0.2.3 wrote it
+    shutil.copytree(tmp_path / "moved", tmp_path / "copied2", copy_function=shutil.copy)
+    with pytest.raises(LaunchError, match=r"made by skinhpc < 0.2.3, .* convert it once into data.dir "
+                                          r"\(jobs/convert.py --images .*copied2/images --metadata .*copied2/meta.csv --out"):
+        check_compatible(run_dir, cfg(tmp_path / "copied2"))
+    check_compatible(run_dir, cfg(tmp_path / "moved"))  # the original still matches by its mtimes
     with pytest.raises(LaunchError, match=r"data.images: \[.*\] -> \[\]; data.metadata"):
         check_compatible(run_dir, absolute_paths(load_config([f"run_dir={run_dir}", f"data.dir={data}"])))
     with pytest.raises(LaunchError, match=r"typo.*meta.csv' \(a metadata file or image folder named is not there\)"):

@@ -339,3 +339,20 @@ def test_the_loaders_worker_count_leaves_torchs_cpu_threads_alone(data_dir: Path
             assert torch.get_num_threads() == available_cores()
     finally:
         loader.close()
+
+
+def test_the_pil_loader_reads_the_configured_copy_of_the_download_before_the_folder_the_manifest_names(
+        tmp_path: Path) -> None:
+    import pandas as pd
+
+    from skinhpc.load import _image_paths
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    for d in (original, copy):
+        d.mkdir()
+        (d / "ISIC_0000001.jpg").write_bytes(b"")
+    index = pd.DataFrame({"image_id": ["ISIC_0000001"]})
+    manifest = {"images": {"dirs": [str(original)]}}
+    # The config's folders are the ones the conversion check compared (a copy, by its bytes).
+    assert _image_paths(tmp_path, manifest, DataConfig(images=[str(copy)], metadata=str(tmp_path / "m.csv")), index, np.array([0])) == {
+        0: copy / "ISIC_0000001.jpg"}
+    assert _image_paths(tmp_path, manifest, DataConfig(), index, np.array([0])) == {0: original / "ISIC_0000001.jpg"}
