@@ -23,6 +23,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+import skinhpc
 from skinhpc import CONFIG_DIR
 
 PAPER_BACKBONES = ["resnet152", "seresnext101_32x4d", "vgg16"]
@@ -783,8 +784,37 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+_WRITTEN_BY = "# written by skinhpc "
+
+
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
-    atomic_write_text(path, to_yaml(cfg))
+    """Write ``cfg`` with the version that wrote it on its first line (a comment), so that an older
+    skinhpc can say that the file is newer than itself. A file that already says this is left as it
+    is: a relaunch with nothing new does not rewrite the run's config."""
+    text = f"{_WRITTEN_BY}{skinhpc.__version__}\n{to_yaml(cfg)}"
+    try:
+        if Path(path).read_text() == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    atomic_write_text(path, text)
+
+
+def _newer_writer(path: Path) -> str:
+    """The skinhpc version that wrote a saved config, when it is newer than this one ("" otherwise)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+    except OSError:
+        return ""
+    if not first.startswith(_WRITTEN_BY):
+        return ""
+    written = first[len(_WRITTEN_BY):].strip()
+
+    def as_tuple(version: str) -> tuple[int, ...]:
+        return tuple(int(part) if part.isdigit() else 0 for part in version.split(".")[:3])
+
+    return written if as_tuple(written) > as_tuple(skinhpc.__version__) else ""
 
 
 def config_hash(section: Any) -> str:
@@ -913,6 +943,44 @@ def recorded_inputs(fold_dir: Path) -> dict[str, dict[str, str]]:
             if isinstance(rec, dict) and isinstance(rec.get("sha256"), str)}
 
 
+DATA_INPUT = "data"
+"""The key of inputs.json recording what the fold's data came from (``convert.source_digest``)."""
+
+
+def data_input_record(data_dir: Path, digest: str | None) -> dict[str, dict[str, str]]:
+    """inputs.json's entry for the fold's data: the conversion it read and what that came from."""
+    return {DATA_INPUT: {"path": str(data_dir), "sha256": digest}} if digest else {}
+
+
+def data_source_conflict(fold_dir: Path, digest: str | None) -> str:
+    """Why a fold may not go on with data whose ``convert.source_digest`` is ``digest`` ("" when it
+    may): its inputs.json records other data (images or metadata changed under the same paths, or
+    data.dir holding another conversion). Folds and conversions of skinhpc < 0.2.3 record none."""
+    recorded = recorded_inputs(fold_dir).get(DATA_INPUT)
+    if recorded is None or digest is None or recorded["sha256"] == digest:
+        return ""
+    return (f"{fold_dir} was trained on other data: the images or metadata that the conversion in "
+            f"{recorded['path']} was made from differ in content now (sha256 {recorded['sha256'][:12]}... -> "
+            f"{digest[:12]}...). Use a new run_dir, or restore the data it trained on.")
+
+
+def recorded_data(run_dir: Path) -> dict[Path, dict[str, str]]:
+    """{fold dir: its inputs.json's data record} of the run's folds that recorded one."""
+    return {path.parent: rec for path in sorted(Path(run_dir).glob(f"*/fold*/{INPUTS_NAME}"))
+            if (rec := recorded_inputs(path.parent).get(DATA_INPUT)) is not None}
+
+
+def run_data_conflict(run_dir: Path, digest: str | None) -> str:
+    """``data_source_conflict`` over every fold of a run, in one message ("" when none conflicts):
+    a run never mixes folds trained on other data, whichever fold is started, resumed or launched."""
+    conflicts = {fold: why for fold in recorded_data(run_dir) if (why := data_source_conflict(fold, digest))}
+    if not conflicts:
+        return ""
+    first, *others = conflicts
+    also = f" The same holds for {', '.join(f'{f.parent.name}/{f.name}' for f in others)}." if others else ""
+    return conflicts[first] + also
+
+
 def run_recorded_sha256(run_dir: Path, backbone: str) -> dict[str, set[str]]:
     """{key: sha256s} of the input files the folds of one backbone of a run trained with (inputs.json)."""
     out: dict[str, set[str]] = {}
@@ -1008,7 +1076,10 @@ def read_saved_config(path: Path) -> ExperimentConfig | None:
     try:
         return from_yaml_file(path)
     except Exception as e:  # OmegaConf and validation errors alike: name the file
-        raise ConfigError(f"{path}: cannot read the saved config ({e})") from None
+        newer = _newer_writer(path)
+        hint = (f"; it was written by skinhpc {newer}, newer than this one ({skinhpc.__version__}): use that "
+                "version or a later one" if newer else "")
+        raise ConfigError(f"{path}: cannot read the saved config ({e}){hint}") from None
 
 
 def saved_config_changes(path: Path, cfg: Any, keys: list[str]) -> tuple[Any, list[str]]:

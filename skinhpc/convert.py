@@ -68,7 +68,8 @@ MAX_COPIES = 8
 """How many copies of the download (their mtime hashes) a manifest remembers (``_refresh_images``)."""
 FORMAT_VERSION = 2
 """Bumped when the stored pixels would change for the same inputs (e.g. a new resize filter).
-2: pictures with an EXIF orientation are stored upright."""
+2: pictures with an EXIF orientation are stored upright. A bump changes ``source_digest`` too:
+folds that recorded the older one are then refused, as trained on other pixels."""
 MAX_LISTED = 20
 """Problems listed in full in an error message; the rest are counted."""
 STALL_TIMEOUT_S = 300.0
@@ -519,6 +520,38 @@ def _refresh_images(out_dir: Path, manifest: dict[str, Any], plan: _Plan, finger
     return refreshed
 
 
+def _source_digest(metadata_sha256: str, content_sha256: str, settings: dict[str, Any]) -> str:
+    blob = json.dumps({"metadata": metadata_sha256, "images": content_sha256, "settings": settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def source_digest(manifest: dict[str, Any]) -> str | None:
+    """What a conversion's pixels and labels come from, as one hash: the metadata CSV's bytes, the
+    used images' names and bytes, and the settings (format version included). A fold records it
+    (inputs.json), so that data changed under the same paths is not mixed into its run. None for a
+    conversion of skinhpc < 0.2.3, which has no hash of the images' bytes."""
+    try:
+        content = manifest["images"].get("content_sha256")
+        return _source_digest(manifest["metadata"]["sha256"], content, manifest["ffcv"]) if content else None
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+
+def raw_source_digest(image_dirs: Sequence[str | Path], metadata: str | Path, *, max_resolution: int = MAX_RESOLUTION,
+                      write_mode: str = "jpg", jpeg_quality: int = 90, workers: int = 0) -> str | None:
+    """``source_digest`` of the conversion these raw inputs would make, read without converting
+    (the images' bytes are read); None when they cannot be read as a download (the conversion
+    will say why)."""
+    try:
+        plan = _plan(image_dirs, metadata)
+        if plan.row_problems:
+            return None
+        return _source_digest(sha256_file(plan.metadata), _images_content_hash(plan.paths, _workers(workers)),
+                              _settings(max_resolution, write_mode, jpeg_quality))
+    except (InputError, OSError):
+        return None
+
+
 def _recorded_files(manifest: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     """(file name, manifest key) of what a conversion wrote: the .beton (when there is one) and index.csv."""
     return ((BETON_NAME, "beton"), (INDEX_NAME, "index")) if manifest["beton"] is not None else ((INDEX_NAME, "index"),)
@@ -589,6 +622,37 @@ def is_up_to_date(image_dirs: Sequence[str | Path], metadata: str | Path, out_di
         return False
     fingerprint = _fingerprint(plan, _settings(max_resolution, write_mode, jpeg_quality))
     return _matches(Path(out_dir), fingerprint, plan) is not None
+
+
+def stale_reason(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str | Path, *,
+                 max_resolution: int = MAX_RESOLUTION, write_mode: str = "jpg", jpeg_quality: int = 90) -> str:
+    """Why ``out_dir`` is not up to date for these inputs, in a few words, for the launcher's plan
+    (call it when ``is_up_to_date`` said no; the bytes of the images are not read)."""
+    out_dir = Path(out_dir)
+    if problem := conversion_problem(out_dir):
+        return "no conversion yet" if not (out_dir / MANIFEST_NAME).exists() else f"no usable conversion: {problem}"
+    try:
+        manifest = read_manifest(out_dir)
+        settings = _settings(max_resolution, write_mode, jpeg_quality)
+        if manifest["ffcv"] != settings:
+            differ = [f"{k} {manifest['ffcv'].get(k)} -> {v}" for k, v in settings.items() if manifest["ffcv"].get(k) != v]
+            return f"made with other settings ({', '.join(differ)})"
+        if manifest["beton"] is None and not ffcv_import_error():
+            return "made without FFCV, which imports now: the .beton is written"
+        plan = _plan(image_dirs, metadata)
+        fingerprint = _fingerprint(plan, settings)
+        recorded = manifest["images"]
+        if fingerprint["metadata_sha256"] != manifest["metadata"]["sha256"]:
+            return f"made from another metadata CSV than {plan.metadata}"
+        if "layout_sha256" in recorded and recorded["layout_sha256"] != fingerprint["layout_sha256"]:
+            return "made from other images (names or sizes differ)"
+        if "content_sha256" not in recorded:
+            return "made by skinhpc < 0.2.3, which compares the images by their mtimes, and these differ"
+        return "made from other images (the same names and sizes, other bytes), or its files are damaged"
+    except InputError as e:
+        return f"the raw data cannot be read: {str(e).splitlines()[0]}"
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        return f"its manifest cannot be compared ({e!r})"
 
 
 # --------------------------------------------------------------------------- pixels
@@ -1207,5 +1271,6 @@ def read_index(data_dir: str | Path) -> Any:
 
 
 __all__ = ["BETON_NAME", "INDEX_NAME", "MANIFEST_NAME", "ConversionError", "ConvertResult", "InputError",
-           "convert", "ensure_converted", "image_files", "is_up_to_date", "kept_without_sources", "prepare_image", "read_index",
+           "convert", "ensure_converted", "image_files", "is_up_to_date", "kept_without_sources", "prepare_image",
+           "raw_source_digest", "read_index", "source_digest", "stale_reason",
            "read_manifest", "read_metadata_rows", "stored_size_for"]

@@ -83,7 +83,9 @@ from skinhpc.config import (
     pretrained_source,
     read_deepspeed_file,
     read_saved_config,
+    recorded_data,
     result_keys,
+    run_data_conflict,
     saved_config_changes,
     from_yaml_file,
     load_config,
@@ -628,19 +630,61 @@ def check_task_configs(cfg: ExperimentConfig, tasks: list[Task]) -> None:
             raise LaunchError(str(e)) from None
 
 
-def data_up_to_date(cfg: ExperimentConfig) -> bool:
-    """Does the data dir hold an up-to-date conversion of the configured images (or the sample)?"""
-    from skinhpc import SAMPLE_IMAGES, convert
+def _raw_inputs(cfg: ExperimentConfig) -> tuple[list[str], str] | None:
+    """(image folders, metadata CSV) the conversion is made from: the configured download, or the
+    sample; None for a data.dir given alone (a conversion made elsewhere, used as it is)."""
+    from skinhpc import SAMPLE_IMAGES
 
     d = cfg.data
     if not d.images and not d.metadata:
-        if d.dir:  # a conversion made elsewhere: used as it is, while its files are all there
-            return not convert.conversion_problem(cfg.data_dir)
-        images, metadata = [str(SAMPLE_IMAGES)], str(SAMPLE_METADATA)
-    else:
-        images, metadata = list(d.images), d.metadata
-    return convert.is_up_to_date(images, metadata, cfg.data_dir, max_resolution=d.max_resolution,
+        return None if d.dir else ([str(SAMPLE_IMAGES)], str(SAMPLE_METADATA))
+    return list(d.images), d.metadata
+
+
+def data_up_to_date(cfg: ExperimentConfig) -> bool:
+    """Does the data dir hold an up-to-date conversion of the configured images (or the sample)?"""
+    from skinhpc import convert
+
+    d = cfg.data
+    if (raw := _raw_inputs(cfg)) is None:  # used as it is, while its files are all there
+        return not convert.conversion_problem(cfg.data_dir)
+    return convert.is_up_to_date(*raw, cfg.data_dir, max_resolution=d.max_resolution,
                                  write_mode=d.write_mode, jpeg_quality=d.jpeg_quality)
+
+
+def data_stale_reason(cfg: ExperimentConfig) -> str:
+    """Why the data dir needs a conversion (``convert.stale_reason``), for the plan's line."""
+    from skinhpc import convert
+
+    d = cfg.data
+    if (raw := _raw_inputs(cfg)) is None:
+        return f"no usable conversion: {convert.conversion_problem(cfg.data_dir)}"
+    return convert.stale_reason(*raw, cfg.data_dir, max_resolution=d.max_resolution, write_mode=d.write_mode,
+                                jpeg_quality=d.jpeg_quality)
+
+
+def check_data_unchanged(cfg: ExperimentConfig, up_to_date: bool) -> None:
+    """Refuse a relaunch whose data differ in content from what the run's folds trained on (their
+    inputs.json), e.g. images edited under the same paths: the conversion would be made anew and
+    new folds mixed with old ones. The bytes are read only when a fold recorded its data and the
+    conversion is not up to date."""
+    from skinhpc import convert
+
+    if not recorded_data(Path(cfg.run_dir)):
+        return
+    d = cfg.data
+    if up_to_date:
+        try:
+            now = convert.source_digest(convert.read_manifest(cfg.data_dir))
+        except (OSError, ValueError, convert.InputError):
+            return
+    elif (raw := _raw_inputs(cfg)) is not None:
+        now = convert.raw_source_digest(*raw, max_resolution=d.max_resolution, write_mode=d.write_mode,
+                                        jpeg_quality=d.jpeg_quality, workers=d.convert_workers)
+    else:
+        return
+    if conflict := run_data_conflict(Path(cfg.run_dir), now):
+        raise LaunchError(conflict)
 
 
 def index_rows(cfg: ExperimentConfig, converted: bool) -> Any:
@@ -899,11 +943,13 @@ class Plan:
     cancel_ensemble: str = ""        # stale ensemble job to cancel before submitting a new one
     stale: list[str] = field(default_factory=list)  # pending jobs that can never start: cancelled
     tasks: list[Task] = field(default_factory=list)
+    convert_reason: str = ""         # why the data need a conversion ("submit")
 
     def lines(self) -> list[str]:
         out = [f"run dir: {self.run_dir} ({self.kind})"]
         conv = {"skip": "data up to date, no conversion job",
-                "submit": "conversion job (the training array waits for it)"}.get(
+                "submit": f"conversion job ({self.convert_reason + '; ' if self.convert_reason else ''}"
+                          "the training array waits for it)"}.get(
             self.convert, f"conversion job {self.convert[5:]} still queued/running: training waits for it")
         out.append(f"convert: {conv}")
         out.append(f"train: {len(self.tasks)} task(s) = {len({t.backbone for t in self.tasks})} backbone(s) x "
@@ -937,9 +983,12 @@ def make_plan(cfg: ExperimentConfig, kind: str, jobs: dict[str, Any], infos: dic
             return False
         return True
 
-    if not data_up_to_date(cfg):
+    up_to_date = data_up_to_date(cfg)
+    check_data_unchanged(cfg, up_to_date)
+    if not up_to_date:
         conv = jobs.get("convert", {}).get("job_id", "")
         plan.convert = f"wait:{conv}" if alive(conv) else "submit"
+        plan.convert_reason = data_stale_reason(cfg) if plan.convert == "submit" else ""
     for t in tasks:
         job = jobs["tasks"].get(t.key, {}).get("job_id", "")
         if task_done(run_dir, t):
@@ -960,7 +1009,7 @@ def make_plan(cfg: ExperimentConfig, kind: str, jobs: dict[str, Any], infos: dic
     ens_job = jobs.get("ensemble", {}).get("job_id", "")
     ens_active = kind == "slurm" and job_state(infos.get(ens_job)) in ACTIVE
     ens_done = ensemble_current(run_dir, plan.done + _finished_elsewhere(run_dir, keys))
-    if plan.submit or plan.convert == "submit":
+    if plan.submit:  # (a conversion alone changes no prediction the ensemble reads)
         plan.ensemble = "submit"
         plan.cancel_ensemble = ens_job if ens_active else ""
     elif ens_active and not dependency_never_satisfied(infos.get(ens_job)):

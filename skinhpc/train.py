@@ -70,9 +70,10 @@ from torch import nn
 
 from skinhpc import CLASSES, checkpoint, distributed
 from skinhpc.config import (INPUTS_NAME, ConfigError, ExperimentConfig, TrainConfig, absolute_paths,
-                            atomic_write_text, fold_config_conflicts, for_backbone, input_file_digests,
-                            mixed_config_refusal, pretrained_source, read_deepspeed_file, read_saved_config,
-                            run_config_changes, save_config)
+                            atomic_write_text, data_input_record, fold_config_conflicts,
+                            for_backbone, input_file_digests, mixed_config_refusal, pretrained_source,
+                            read_deepspeed_file, read_saved_config, run_config_changes, run_data_conflict,
+                            save_config)
 from skinhpc.distributed import DistEnv
 from skinhpc.rundir import (LOG_NAME, METRICS_NAME, UNNAMED_HOLDER, Busy, exclusive_lock, finished_metrics,
                              metric_value, read_log, replaces_best, selected_key, train_lock)
@@ -474,7 +475,7 @@ class FoldTrainer:
 
     # ---------------------------------------------------------------- setup
     def _prepare_data(self) -> None:
-        from skinhpc.convert import ensure_converted, read_index, read_manifest
+        from skinhpc.convert import ensure_converted, read_index, read_manifest, source_digest
         from skinhpc.load import build_loader
         from skinhpc.split import ensure_split, fold_rows
         cfg, env = self.cfg, self.env
@@ -482,6 +483,12 @@ class FoldTrainer:
         _main_rank_first(env, lambda: ensure_converted(cfg.data, cfg.data_dir))
         self.index = read_index(cfg.data_dir)
         self.manifest = read_manifest(cfg.data_dir)
+        # Images edited under the same paths are converted anew: no fold of the run trained on the
+        # old ones may be continued, or joined by one, on the new (every rank reads the same
+        # files, so all refuse alike).
+        self.data_digest = source_digest(self.manifest)
+        if conflict := run_data_conflict(Path(cfg.run_dir), self.data_digest):
+            raise ConfigError(conflict)
         made: list[dict] = []  # rank 0's split; the other ranks read (and check) the saved one
         _main_rank_first(env, lambda: made.append(ensure_split(cfg.run_dir, self.index, cfg.split)))
         split = made[0] if made else ensure_split(cfg.run_dir, self.index, cfg.split)
@@ -579,9 +586,10 @@ class FoldTrainer:
         self._resume()
         if env.is_main:  # only once a checkpoint, if any, is known to suit these settings
             save_config(self.cfg, out / "config.yaml")
-            # The content of the weights and DeepSpeed files, for a relaunch to compare with
-            # (config.yaml holds their names only, and a file can be replaced under its name).
-            atomic_write_text(out / INPUTS_NAME, json.dumps(input_file_digests(self.cfg), indent=1) + "\n")
+            # The content of the weights and DeepSpeed files, and what the data came from, for a
+            # relaunch to compare with (config.yaml holds names only; files change under them).
+            inputs = {**input_file_digests(self.cfg), **data_input_record(self.cfg.data_dir, self.data_digest)}
+            atomic_write_text(out / INPUTS_NAME, json.dumps(inputs, indent=1) + "\n")
         self._open_logs()
         for warning in self.cfg.warnings():
             _say(warning, env)
@@ -796,7 +804,8 @@ class FoldTrainer:
         if not (self.env.is_main and sys.stderr.isatty()):
             return None
         from tqdm import tqdm
-        return tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        return tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{self.tcfg.epochs}",
+                    leave=False, dynamic_ncols=True)
 
     def _report_step(self, bar: Any, step: int, loss: torch.Tensor, lr: float) -> None:
         if not self.env.is_main:
@@ -812,8 +821,9 @@ class FoldTrainer:
             if bar is not None:
                 bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
             elif g % every == 0:
-                print(f"epoch {self.state['epoch']} step {step + 1}/{self.steps_per_epoch} loss {value:.4f} "
-                      f"lr {lr:.3g}", flush=True)
+                # Counted from 1, as the per-epoch lines ("epoch 2/2 val ...") it comes before.
+                print(f"epoch {self.state['epoch'] + 1}/{self.tcfg.epochs} step {step + 1}/{self.steps_per_epoch} "
+                      f"loss {value:.4f} lr {lr:.3g}", flush=True)
 
     def _test_hooks(self, at_finish: bool = False) -> None:
         g = "finish" if at_finish else str(self.state["global_step"])  # "finish": before the last step

@@ -246,3 +246,27 @@ def test_a_frozen_random_or_never_unfrozen_backbone_is_warned_about() -> None:
     stays = said("model.freeze_epochs=5", "train.epochs=5", "model.pretrained=true")
     assert len(stays) == 1 and "stays frozen for the whole run" in stays[0]
     assert len(said("model.freeze_epochs=5", "train.epochs=5", "model.pretrained=false")) == 2  # both said
+
+
+def test_a_saved_config_names_its_writer_is_not_rewritten_unchanged_and_a_newer_ones_file_says_so(
+        tmp_path: Path) -> None:
+    import skinhpc
+    from skinhpc.config import read_saved_config, save_config
+    path = tmp_path / "config.yaml"
+    cfg = load_config(["train.epochs=3"])
+    save_config(cfg, path)
+    assert path.read_text().startswith(f"# written by skinhpc {skinhpc.__version__}\n")
+    assert read_saved_config(path) == cfg
+    os.utime(path, (1, 1))
+    save_config(cfg, path)  # a relaunch with nothing new
+    assert path.stat().st_mtime == 1
+    save_config(load_config(["train.epochs=4"]), path)
+    assert path.stat().st_mtime > 1
+    # A key some later version adds: this version cannot read it, and says why.
+    path.write_text("# written by skinhpc 9.0.0\n" + path.read_text().split("\n", 1)[1] + "future_key: 1\n")
+    with pytest.raises(ConfigError, match=r"written by skinhpc 9\.0\.0, newer than this one"):
+        read_saved_config(path)
+    path.write_text(path.read_text().replace("9.0.0", "0.0.1"))  # an older writer: no such hint
+    with pytest.raises(ConfigError) as refused:
+        read_saved_config(path)
+    assert "newer than this one" not in str(refused.value)

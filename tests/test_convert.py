@@ -536,6 +536,16 @@ def test_a_download_copied_without_its_mtimes_is_compared_by_bytes_once_and_not_
     flipped[len(flipped) // 2] ^= 0xFF  # other bytes, same name and size
     image.write_bytes(bytes(flipped))
     assert not is_up_to_date(copied, copied_csv, out)
+    # What the launcher's plan says of a conversion it submits.
+    from skinhpc.convert import stale_reason
+    assert stale_reason(copied, copied_csv, out) == ("made from other images (the same names and sizes, other "
+                                                     "bytes), or its files are damaged")
+    image.write_bytes(bytes(flipped[:100]))
+    assert stale_reason(copied, copied_csv, out) == "made from other images (names or sizes differ)"
+    assert stale_reason(dirs, csv_path, out, jpeg_quality=80) == "made with other settings (jpeg_quality 90 -> 80)"
+    _edit_csv(copied_csv, lambda rows: rows[:-1])
+    assert stale_reason(copied, copied_csv, out) == f"made from another metadata CSV than {copied_csv}"
+    assert stale_reason(dirs, csv_path, tmp_path / "nowhere") == "no conversion yet"
 
 
 @pytest.mark.timeout(240)

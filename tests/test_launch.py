@@ -1203,3 +1203,37 @@ def test_a_bad_value_in_a_cluster_profile_names_the_profile(tmp_path: Path) -> N
     profile.write_text("kind: slurm\naccount:\n")
     with pytest.raises(ConfigError, match=r"cluster.account \(profile .*for an empty string write account: ''"):
         load_launch_config([f"cluster.profile={profile}"], None, 2)
+
+
+@pytest.mark.timeout(120)
+def test_a_relaunch_is_refused_when_the_images_changed_under_the_same_paths_since_a_fold_trained(
+        tmp_path: Path) -> None:
+    from skinhpc import SAMPLE_IMAGES, SAMPLE_METADATA
+    from skinhpc.config import INPUTS_NAME, data_input_record
+    from skinhpc.convert import convert, read_manifest, source_digest
+    from skinhpc.launch import LaunchError, check_data_unchanged, data_up_to_date, make_plan
+    raw, data = tmp_path / "raw", tmp_path / "data"
+    shutil.copytree(SAMPLE_IMAGES, raw / "images")
+    shutil.copy2(SAMPLE_METADATA, raw / "meta.csv")
+    convert([raw / "images"], raw / "meta.csv", data, workers=1)
+    cfg, _ = load_launch_config([f"run_dir={tmp_path / 'exp'}", f"data.dir={data}", f"data.images=[{raw / 'images'}]",
+                                 f"data.metadata={raw / 'meta.csv'}", "backbones=[resnet18]"], None, 2)
+    fold = tmp_path / "exp" / "resnet18" / "fold0"
+    fold.mkdir(parents=True)
+    (fold / "metrics.json").write_text(json.dumps({"status": "done"}))
+    (fold / INPUTS_NAME).write_text(json.dumps(data_input_record(data, source_digest(read_manifest(data)))))
+    assert make_plan(cfg, "local", {"tasks": {}}, {}).convert == "skip"
+
+    image = sorted((raw / "images").iterdir())[11]
+    edited = bytearray(image.read_bytes())
+    edited[len(edited) // 2] ^= 0xFF  # e.g. a colour-corrected copy put in its place
+    image.write_bytes(bytes(edited))
+    assert not data_up_to_date(cfg)
+    with pytest.raises(LaunchError, match=rf"{fold} was trained on other data: .* differ in content now .*new run_dir"):
+        make_plan(cfg, "local", {"tasks": {}}, {})
+    image.write_bytes(bytes(edited[:len(edited) // 2]) + bytes([edited[len(edited) // 2] ^ 0xFF])
+                      + bytes(edited[len(edited) // 2 + 1:]))  # restored: new mtime, the same bytes
+    check_data_unchanged(cfg, data_up_to_date(cfg))
+    (fold / INPUTS_NAME).write_text("{}")  # a fold of skinhpc < 0.2.3 records no data: nothing to compare
+    image.write_bytes(bytes(edited))
+    check_data_unchanged(cfg, False)

@@ -222,6 +222,14 @@ def test_preempted_mid_epoch_run_resumes_bit_identical(tmp_path: Path, data_dir:
         train_fold(load_config(overrides(tmp_path, data_dir, *EXACT, "train.batch_size=4")))
     assert not (out / "config.yaml").exists()  # a refused resume leaves no config of its own behind
     (out / "config.yaml").write_text(saved)
+    # The fold records what its data came from; images changed under the same paths are refused.
+    from skinhpc.convert import read_manifest, source_digest
+    inputs = json.loads((out / "inputs.json").read_text())
+    assert inputs["data"]["sha256"] == source_digest(read_manifest(data_dir)) is not None
+    (out / "inputs.json").write_text(json.dumps({**inputs, "data": {**inputs["data"], "sha256": "0" * 64}}))
+    with pytest.raises(ConfigError, match=r"was trained on other data: .* \(sha256 000000000000\.\.\. -> "):
+        train_fold(cfg)
+    (out / "inputs.json").write_text(json.dumps(inputs))
 
     capsys.readouterr()
     assert train_fold(cfg)["status"] == "done"
