@@ -319,9 +319,8 @@ def settle_best(ckpt_dir: str | Path, recorded_epoch: int) -> str:
     held = best_epoch_of(best)
     return (f"{best}: the checkpoint records epoch {recorded_epoch + 1} as the best, but "
             + (f"these weights are of epoch {held + 1}" if held is not None else "they are missing or damaged")
-            + ". Training goes on: a better epoch from here on replaces them, else model_best.pt names the epoch it "
-            "holds. (A fold killed under skinhpc < 0.2.1 between its best weights and its checkpoint is left so; "
-            "nothing to do.)")
+            + ". A better epoch found later replaces them; else model_best.pt names the epoch it holds. (A fold "
+            "killed under skinhpc < 0.2.1 between its best weights and its checkpoint is left so; nothing to do.)")
 
 
 def load_best(ckpt_dir: str | Path) -> tuple[dict, dict] | None:

@@ -944,36 +944,69 @@ def recorded_inputs(fold_dir: Path) -> dict[str, dict[str, str]]:
 
 
 DATA_INPUT = "data"
-"""The key of inputs.json recording what the fold's data came from (``convert.source_digest``)."""
+"""The key of inputs.json recording what the fold's data came from (``convert.source_record``)."""
 
 
-def data_input_record(data_dir: Path, digest: str | None) -> dict[str, dict[str, str]]:
-    """inputs.json's entry for the fold's data: the conversion it read and what that came from."""
-    return {DATA_INPUT: {"path": str(data_dir), "sha256": digest}} if digest else {}
+def _source_sha256(source: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()
 
 
-def data_source_conflict(fold_dir: Path, digest: str | None) -> str:
-    """Why a fold may not go on with data whose ``convert.source_digest`` is ``digest`` ("" when it
-    may): its inputs.json records other data (images or metadata changed under the same paths, or
-    data.dir holding another conversion). Folds and conversions of skinhpc < 0.2.3 record none."""
-    recorded = recorded_inputs(fold_dir).get(DATA_INPUT)
-    if recorded is None or digest is None or recorded["sha256"] == digest:
+def data_input_record(data_dir: Path, source: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """inputs.json's entry for the fold's data: the conversion it read, what that came from
+    (``convert.source_record``) and one sha256 of it."""
+    return {DATA_INPUT: {"path": str(data_dir), "sha256": _source_sha256(source), **source}} if source else {}
+
+
+def recorded_data_entry(fold_dir: Path) -> dict[str, Any] | None:
+    """The data entry of a fold's inputs.json (None: none recorded, e.g. a fold of skinhpc < 0.2.3)."""
+    try:
+        entry = json.loads((Path(fold_dir) / INPUTS_NAME).read_text()).get(DATA_INPUT)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return entry if isinstance(entry, dict) and isinstance(entry.get("sha256"), str) else None
+
+
+def _source_changes(recorded: dict[str, Any], source: dict[str, Any]) -> str:
+    """What differs between a recorded data source and the present one, in words."""
+    parts = []
+    if recorded.get("settings") != source["settings"] and isinstance(recorded.get("settings"), dict):
+        old = recorded["settings"]
+        keys = [k for k in sorted({*old, *source["settings"]}) if old.get(k) != source["settings"].get(k)]
+        parts.append("the conversion settings (" + ", ".join(f"{k} {old.get(k)} -> {source['settings'].get(k)}"
+                                                             for k in keys) + ")")
+        if keys == ["format_version"]:
+            return (parts[0] + ": this skinhpc stores other pixels for the same images; finish the run with the "
+                    "skinhpc version that started it, or use a new run_dir")
+    if recorded.get("metadata_sha256", source["metadata_sha256"]) != source["metadata_sha256"]:
+        parts.append("the metadata CSV's content")
+    if recorded.get("images_sha256", source["images_sha256"]) != source["images_sha256"]:
+        parts.append("the images' content (names or bytes)")
+    what = " and ".join(parts) or "the images or metadata"
+    return f"{what} differ from what it trained on. Use a new run_dir, or restore the data it trained on"
+
+
+def data_source_conflict(fold_dir: Path, source: dict[str, Any] | None) -> str:
+    """Why a fold may not go on with data from ``source`` (``convert.source_record``; "" when it
+    may): its inputs.json records other data (images or metadata changed under the same paths,
+    data.dir holding another conversion, or another conversion format). Folds and conversions of
+    skinhpc < 0.2.3 record none, so are not compared."""
+    recorded = recorded_data_entry(fold_dir)
+    if recorded is None or source is None or recorded["sha256"] == _source_sha256(source):
         return ""
-    return (f"{fold_dir} was trained on other data: the images or metadata that the conversion in "
-            f"{recorded['path']} was made from differ in content now (sha256 {recorded['sha256'][:12]}... -> "
-            f"{digest[:12]}...). Use a new run_dir, or restore the data it trained on.")
+    return (f"{fold_dir} was trained on other data (its conversion in {recorded.get('path')}): "
+            f"{_source_changes(recorded, source)}.")
 
 
-def recorded_data(run_dir: Path) -> dict[Path, dict[str, str]]:
-    """{fold dir: its inputs.json's data record} of the run's folds that recorded one."""
+def recorded_data(run_dir: Path) -> dict[Path, dict[str, Any]]:
+    """{fold dir: its inputs.json's data entry} of the run's folds that recorded one."""
     return {path.parent: rec for path in sorted(Path(run_dir).glob(f"*/fold*/{INPUTS_NAME}"))
-            if (rec := recorded_inputs(path.parent).get(DATA_INPUT)) is not None}
+            if (rec := recorded_data_entry(path.parent)) is not None}
 
 
-def run_data_conflict(run_dir: Path, digest: str | None) -> str:
+def run_data_conflict(run_dir: Path, source: dict[str, Any] | None) -> str:
     """``data_source_conflict`` over every fold of a run, in one message ("" when none conflicts):
     a run never mixes folds trained on other data, whichever fold is started, resumed or launched."""
-    conflicts = {fold: why for fold in recorded_data(run_dir) if (why := data_source_conflict(fold, digest))}
+    conflicts = {fold: why for fold in recorded_data(run_dir) if (why := data_source_conflict(fold, source))}
     if not conflicts:
         return ""
     first, *others = conflicts

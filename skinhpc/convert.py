@@ -68,7 +68,7 @@ MAX_COPIES = 8
 """How many copies of the download (their mtime hashes) a manifest remembers (``_refresh_images``)."""
 FORMAT_VERSION = 2
 """Bumped when the stored pixels would change for the same inputs (e.g. a new resize filter).
-2: pictures with an EXIF orientation are stored upright. A bump changes ``source_digest`` too:
+2: pictures with an EXIF orientation are stored upright. A bump changes ``source_record`` too:
 folds that recorded the older one are then refused, as trained on other pixels."""
 MAX_LISTED = 20
 """Problems listed in full in an error message; the rest are counted."""
@@ -520,34 +520,47 @@ def _refresh_images(out_dir: Path, manifest: dict[str, Any], plan: _Plan, finger
     return refreshed
 
 
-def _source_digest(metadata_sha256: str, content_sha256: str, settings: dict[str, Any]) -> str:
-    blob = json.dumps({"metadata": metadata_sha256, "images": content_sha256, "settings": settings}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def source_digest(manifest: dict[str, Any]) -> str | None:
-    """What a conversion's pixels and labels come from, as one hash: the metadata CSV's bytes, the
+def source_record(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """What a conversion's pixels and labels come from: the metadata CSV's sha256, the hash of the
     used images' names and bytes, and the settings (format version included). A fold records it
     (inputs.json), so that data changed under the same paths is not mixed into its run. None for a
     conversion of skinhpc < 0.2.3, which has no hash of the images' bytes."""
     try:
         content = manifest["images"].get("content_sha256")
-        return _source_digest(manifest["metadata"]["sha256"], content, manifest["ffcv"]) if content else None
-    except (KeyError, TypeError, AttributeError):
+        return ({"metadata_sha256": manifest["metadata"]["sha256"], "images_sha256": content,
+                 "settings": dict(manifest["ffcv"])} if content else None)
+    except (KeyError, TypeError, AttributeError, ValueError):
         return None
 
 
-def raw_source_digest(image_dirs: Sequence[str | Path], metadata: str | Path, *, max_resolution: int = MAX_RESOLUTION,
-                      write_mode: str = "jpg", jpeg_quality: int = 90, workers: int = 0) -> str | None:
-    """``source_digest`` of the conversion these raw inputs would make, read without converting
-    (the images' bytes are read); None when they cannot be read as a download (the conversion
-    will say why)."""
+def raw_source_record(image_dirs: Sequence[str | Path], metadata: str | Path, out_dir: str | Path | None = None, *,
+                      max_resolution: int = MAX_RESOLUTION, write_mode: str = "jpg", jpeg_quality: int = 90,
+                      workers: int = 0) -> dict[str, Any] | None:
+    """``source_record`` of the conversion these raw inputs would make, without converting. No image
+    is read when ``out_dir``'s manifest knows them by their mtimes (and the same metadata bytes);
+    else their bytes are read, with a line saying so. None when they cannot be read as a download
+    (the conversion will say why)."""
     try:
         plan = _plan(image_dirs, metadata)
         if plan.row_problems:
             return None
-        return _source_digest(sha256_file(plan.metadata), _images_content_hash(plan.paths, _workers(workers)),
-                              _settings(max_resolution, write_mode, jpeg_quality))
+        settings = _settings(max_resolution, write_mode, jpeg_quality)
+        fingerprint = _fingerprint(plan, settings)
+        known = None
+        if out_dir is not None:
+            try:
+                manifest = read_manifest(out_dir)
+                images = manifest["images"]
+                if (fingerprint["metadata_sha256"] == manifest["metadata"]["sha256"]
+                        and fingerprint["images_sha256"] in [images["sha256"], *images.get("copies_sha256", [])]):
+                    known = images.get("content_sha256")
+            except (InputError, OSError, KeyError, TypeError, AttributeError):
+                pass
+        if known is None:
+            _say(f"reading the {len(plan.paths)} images to compare their bytes with the data the run's folds "
+                 "trained on")
+            known = _images_content_hash(plan.paths, _workers(workers))
+        return {"metadata_sha256": fingerprint["metadata_sha256"], "images_sha256": known, "settings": settings}
     except (InputError, OSError):
         return None
 
@@ -1272,5 +1285,5 @@ def read_index(data_dir: str | Path) -> Any:
 
 __all__ = ["BETON_NAME", "INDEX_NAME", "MANIFEST_NAME", "ConversionError", "ConvertResult", "InputError",
            "convert", "ensure_converted", "image_files", "is_up_to_date", "kept_without_sources", "prepare_image",
-           "raw_source_digest", "read_index", "source_digest", "stale_reason",
+           "raw_source_record", "read_index", "source_record", "stale_reason",
            "read_manifest", "read_metadata_rows", "stored_size_for"]

@@ -153,12 +153,13 @@ def _expected_layout(run_dir: Path) -> tuple[list[str], int, Any]:
     num_folds = 0
     cfg_path, cfg = run_dir / "config.yaml", None
     if cfg_path.is_file():
-        from skinhpc.config import from_yaml_file
+        from skinhpc.config import ConfigError, read_saved_config
         try:
-            cfg = from_yaml_file(cfg_path)
+            cfg = read_saved_config(cfg_path)  # names the file (and a newer skinhpc that wrote it)
+        except ConfigError as e:
+            raise EnsembleError(str(e)) from None
+        if cfg is not None:
             backbones, num_folds = list(cfg.backbones), cfg.split.folds
-        except Exception as e:  # OmegaConf and validation errors alike: name the file, no traceback
-            raise EnsembleError(f"{cfg_path}: {e}") from None
     try:
         backbones, num_folds = run_layout(run_dir, backbones, num_folds)
     except ValueError as e:

@@ -666,8 +666,8 @@ def data_stale_reason(cfg: ExperimentConfig) -> str:
 def check_data_unchanged(cfg: ExperimentConfig, up_to_date: bool) -> None:
     """Refuse a relaunch whose data differ in content from what the run's folds trained on (their
     inputs.json), e.g. images edited under the same paths: the conversion would be made anew and
-    new folds mixed with old ones. The bytes are read only when a fold recorded its data and the
-    conversion is not up to date."""
+    new folds mixed with old ones. Image bytes are read only when a fold recorded its data, the
+    conversion is not up to date, and its manifest does not know the images by their mtimes."""
     from skinhpc import convert
 
     if not recorded_data(Path(cfg.run_dir)):
@@ -675,11 +675,11 @@ def check_data_unchanged(cfg: ExperimentConfig, up_to_date: bool) -> None:
     d = cfg.data
     if up_to_date:
         try:
-            now = convert.source_digest(convert.read_manifest(cfg.data_dir))
+            now = convert.source_record(convert.read_manifest(cfg.data_dir))
         except (OSError, ValueError, convert.InputError):
             return
     elif (raw := _raw_inputs(cfg)) is not None:
-        now = convert.raw_source_digest(*raw, max_resolution=d.max_resolution, write_mode=d.write_mode,
+        now = convert.raw_source_record(*raw, cfg.data_dir, max_resolution=d.max_resolution, write_mode=d.write_mode,
                                         jpeg_quality=d.jpeg_quality, workers=d.convert_workers)
     else:
         return
@@ -1465,7 +1465,8 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     saved = run_dir / "config.yaml"
     if saved.is_file():
         # The run's own backbones and folds (the command line may not repeat them).
-        saved_cfg = from_yaml_file(saved)
+        saved_cfg = read_saved_config(saved)  # names the file (and a newer skinhpc that wrote it)
+        assert saved_cfg is not None
         cfg = dataclasses.replace(cfg, backbones=saved_cfg.backbones, split=saved_cfg.split, train=saved_cfg.train)
     else:
         cfg = _hand_made_layout(cfg)

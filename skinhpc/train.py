@@ -69,11 +69,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from skinhpc import CLASSES, checkpoint, distributed
-from skinhpc.config import (INPUTS_NAME, ConfigError, ExperimentConfig, TrainConfig, absolute_paths,
+from skinhpc.config import (DATA_INPUT, INPUTS_NAME, ConfigError, ExperimentConfig, TrainConfig, absolute_paths,
                             atomic_write_text, data_input_record, fold_config_conflicts,
                             for_backbone, input_file_digests, mixed_config_refusal, pretrained_source,
-                            read_deepspeed_file, read_saved_config, run_config_changes, run_data_conflict,
-                            save_config)
+                            read_deepspeed_file, read_saved_config, recorded_data_entry, run_config_changes,
+                            run_data_conflict, save_config)
 from skinhpc.distributed import DistEnv
 from skinhpc.rundir import (LOG_NAME, METRICS_NAME, UNNAMED_HOLDER, Busy, exclusive_lock, finished_metrics,
                              metric_value, read_log, replaces_best, selected_key, train_lock)
@@ -475,7 +475,7 @@ class FoldTrainer:
 
     # ---------------------------------------------------------------- setup
     def _prepare_data(self) -> None:
-        from skinhpc.convert import ensure_converted, read_index, read_manifest, source_digest
+        from skinhpc.convert import ensure_converted, read_index, read_manifest, source_record
         from skinhpc.load import build_loader
         from skinhpc.split import ensure_split, fold_rows
         cfg, env = self.cfg, self.env
@@ -486,8 +486,8 @@ class FoldTrainer:
         # Images edited under the same paths are converted anew: no fold of the run trained on the
         # old ones may be continued, or joined by one, on the new (every rank reads the same
         # files, so all refuse alike).
-        self.data_digest = source_digest(self.manifest)
-        if conflict := run_data_conflict(Path(cfg.run_dir), self.data_digest):
+        self.data_source = source_record(self.manifest)
+        if conflict := run_data_conflict(Path(cfg.run_dir), self.data_source):
             raise ConfigError(conflict)
         made: list[dict] = []  # rank 0's split; the other ranks read (and check) the saved one
         _main_rank_first(env, lambda: made.append(ensure_split(cfg.run_dir, self.index, cfg.split)))
@@ -588,7 +588,10 @@ class FoldTrainer:
             save_config(self.cfg, out / "config.yaml")
             # The content of the weights and DeepSpeed files, and what the data came from, for a
             # relaunch to compare with (config.yaml holds names only; files change under them).
-            inputs = {**input_file_digests(self.cfg), **data_input_record(self.cfg.data_dir, self.data_digest)}
+            # A conversion of skinhpc < 0.2.3 tells nothing of its source: the fold's record stays.
+            kept = recorded_data_entry(out)
+            data = data_input_record(self.cfg.data_dir, self.data_source) or ({DATA_INPUT: kept} if kept else {})
+            inputs = {**input_file_digests(self.cfg), **data}
             atomic_write_text(out / INPUTS_NAME, json.dumps(inputs, indent=1) + "\n")
         self._open_logs()
         for warning in self.cfg.warnings():

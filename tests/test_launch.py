@@ -1207,10 +1207,11 @@ def test_a_bad_value_in_a_cluster_profile_names_the_profile(tmp_path: Path) -> N
 
 @pytest.mark.timeout(120)
 def test_a_relaunch_is_refused_when_the_images_changed_under_the_same_paths_since_a_fold_trained(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import skinhpc.convert as convert_mod
     from skinhpc import SAMPLE_IMAGES, SAMPLE_METADATA
     from skinhpc.config import INPUTS_NAME, data_input_record
-    from skinhpc.convert import convert, read_manifest, source_digest
+    from skinhpc.convert import INDEX_NAME, convert, read_manifest, source_record
     from skinhpc.launch import LaunchError, check_data_unchanged, data_up_to_date, make_plan
     raw, data = tmp_path / "raw", tmp_path / "data"
     shutil.copytree(SAMPLE_IMAGES, raw / "images")
@@ -1218,22 +1219,45 @@ def test_a_relaunch_is_refused_when_the_images_changed_under_the_same_paths_sinc
     convert([raw / "images"], raw / "meta.csv", data, workers=1)
     cfg, _ = load_launch_config([f"run_dir={tmp_path / 'exp'}", f"data.dir={data}", f"data.images=[{raw / 'images'}]",
                                  f"data.metadata={raw / 'meta.csv'}", "backbones=[resnet18]"], None, 2)
-    fold = tmp_path / "exp" / "resnet18" / "fold0"
-    fold.mkdir(parents=True)
-    (fold / "metrics.json").write_text(json.dumps({"status": "done"}))
-    (fold / INPUTS_NAME).write_text(json.dumps(data_input_record(data, source_digest(read_manifest(data)))))
+    folds = [tmp_path / "exp" / "resnet18" / f"fold{k}" for k in range(2)]
+    record = data_input_record(data, source_record(read_manifest(data)))
+    for fold in folds:
+        fold.mkdir(parents=True)
+        (fold / "metrics.json").write_text(json.dumps({"status": "done"}))
+        (fold / INPUTS_NAME).write_text(json.dumps(record))
     assert make_plan(cfg, "local", {"tasks": {}}, {}).convert == "skip"
 
+    # A damaged conversion whose manifest still knows the images by their mtimes: no bytes read.
+    index = (data / INDEX_NAME).read_bytes()
+    (data / INDEX_NAME).write_bytes(b"")
+    with monkeypatch.context() as m:
+        m.setattr(convert_mod, "_images_content_hash", lambda *a: pytest.fail("read the images' bytes"))
+        assert make_plan(cfg, "local", {"tasks": {}}, {}).convert == "submit"
+    (data / INDEX_NAME).write_bytes(index)
+
     image = sorted((raw / "images").iterdir())[11]
-    edited = bytearray(image.read_bytes())
+    original = image.read_bytes()
+    edited = bytearray(original)
     edited[len(edited) // 2] ^= 0xFF  # e.g. a colour-corrected copy put in its place
     image.write_bytes(bytes(edited))
     assert not data_up_to_date(cfg)
-    with pytest.raises(LaunchError, match=rf"{fold} was trained on other data: .* differ in content now .*new run_dir"):
+    with pytest.raises(LaunchError, match=rf"{folds[0]} was trained on other data \(its conversion in {data}\): the "
+                                          r"images' content \(names or bytes\) differ from what it trained on\. Use a "
+                                          r"new run_dir, or restore the data it trained on\. The same holds for "
+                                          r"resnet18/fold1\.$"):
         make_plan(cfg, "local", {"tasks": {}}, {})
-    image.write_bytes(bytes(edited[:len(edited) // 2]) + bytes([edited[len(edited) // 2] ^ 0xFF])
-                      + bytes(edited[len(edited) // 2 + 1:]))  # restored: new mtime, the same bytes
+    image.write_bytes(original)  # restored: a new mtime, the same bytes
     check_data_unchanged(cfg, data_up_to_date(cfg))
-    (fold / INPUTS_NAME).write_text("{}")  # a fold of skinhpc < 0.2.3 records no data: nothing to compare
+
+    # A conversion format of another skinhpc: the same images give other pixels.
+    older = json.loads((folds[0] / INPUTS_NAME).read_text())
+    older["data"]["settings"]["format_version"] -= 1
+    older["data"]["sha256"] = "0" * 64
+    (folds[0] / INPUTS_NAME).write_text(json.dumps(older))
+    with pytest.raises(LaunchError, match=r"the conversion settings \(format_version 1 -> 2\): this skinhpc stores "
+                                          r"other pixels .* finish the run with the skinhpc version that started it"):
+        check_data_unchanged(cfg, True)
+    for fold in folds:  # folds of skinhpc < 0.2.3 record no data: nothing to compare
+        (fold / INPUTS_NAME).write_text("{}")
     image.write_bytes(bytes(edited))
     check_data_unchanged(cfg, False)

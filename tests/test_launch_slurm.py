@@ -185,7 +185,7 @@ def test_scontrol_requeue_and_usr2_preemption_resume_to_the_same_metrics(e2e_run
     job0, job1 = (jobs["tasks"][f"resnet18/fold{k}"]["job_id"] for k in range(2))
 
     def mid_epoch(key: str) -> bool:
-        return re.search(r"epoch 1 step [1-3]/", task_log(run_dir, key)) is not None
+        return re.search(r"epoch 2/\d+ step [1-3]/", task_log(run_dir, key)) is not None
     wait_for(lambda: mid_epoch("resnet18/fold0"), 600, "fold0 in the middle of epoch 2", poll=0.3)
     subprocess.run(["scontrol", "requeue", job0], check=True)
     wait_for(lambda: mid_epoch("resnet18/fold1"), 600, "fold1 in the middle of epoch 2", poll=0.3)

@@ -180,7 +180,7 @@ def test_single_process_fold_learns_and_writes_the_fold_layout(tmp_path: Path, d
     assert [r["train_ce"] for r in log] == pytest.approx([r["train_loss"] for r in log], rel=1e-5)
     for name in ("config.yaml", "model_best.pt", "predictions_val.npz", "predictions_test.npz", "metrics.json"):
         assert (out / name).is_file(), name
-    assert json.loads((out / "inputs.json").read_text()) == {}  # trained from scratch: no input files
+    assert list(json.loads((out / "inputs.json").read_text())) == ["data"]  # from scratch: no weights file
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert (out / "checkpoints" / "best" / "meta.json").is_file()
     assert len(list_checkpoints(out / "checkpoints")) == cfg.train.checkpoint.keep_last
@@ -223,11 +223,13 @@ def test_preempted_mid_epoch_run_resumes_bit_identical(tmp_path: Path, data_dir:
     assert not (out / "config.yaml").exists()  # a refused resume leaves no config of its own behind
     (out / "config.yaml").write_text(saved)
     # The fold records what its data came from; images changed under the same paths are refused.
-    from skinhpc.convert import read_manifest, source_digest
+    from skinhpc.config import data_input_record
+    from skinhpc.convert import read_manifest, source_record
     inputs = json.loads((out / "inputs.json").read_text())
-    assert inputs["data"]["sha256"] == source_digest(read_manifest(data_dir)) is not None
-    (out / "inputs.json").write_text(json.dumps({**inputs, "data": {**inputs["data"], "sha256": "0" * 64}}))
-    with pytest.raises(ConfigError, match=r"was trained on other data: .* \(sha256 000000000000\.\.\. -> "):
+    assert inputs["data"] == data_input_record(data_dir, source_record(read_manifest(data_dir)))["data"]
+    other = {**inputs["data"], "sha256": "0" * 64, "metadata_sha256": "0" * 64}
+    (out / "inputs.json").write_text(json.dumps({**inputs, "data": other}))
+    with pytest.raises(ConfigError, match=r"was trained on other data .*: the metadata CSV's content differ"):
         train_fold(cfg)
     (out / "inputs.json").write_text(json.dumps(inputs))
 
