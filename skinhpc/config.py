@@ -982,7 +982,7 @@ def _source_changes(recorded: dict[str, Any], source: dict[str, Any]) -> str:
     if recorded.get("images_sha256", source["images_sha256"]) != source["images_sha256"]:
         parts.append("the images' content (names or bytes)")
     what = " and ".join(parts) or "the images or metadata"
-    return f"{what} differ from what it trained on. Use a new run_dir, or restore the data it trained on"
+    return f"{what} changed since it trained. Use a new run_dir, or restore the data it trained on"
 
 
 def data_source_conflict(fold_dir: Path, source: dict[str, Any] | None) -> str:

@@ -419,8 +419,11 @@ def _images_content_hash(paths: Sequence[Path], workers: int) -> str:
     digest = hashlib.sha256()
     # A few threads fill a disk or a network filesystem; a login node's every core would not help.
     with ThreadPoolExecutor(max_workers=min(max(1, workers), 8), thread_name_prefix="skinhpc-hash") as pool:
-        for path, file_hash in zip(ordered, pool.map(_file_sha256, ordered)):
-            digest.update(f"{path.name}\t{file_hash}\n".encode())
+        try:
+            for path, file_hash in zip(ordered, pool.map(_file_sha256, ordered)):
+                digest.update(f"{path.name}\t{file_hash}\n".encode())
+        except OSError as e:  # removed or made unreadable since it was checked
+            raise InputError([f"{e.filename}: cannot read the image file ({e.strerror or e})"]) from None
     return digest.hexdigest()
 
 

@@ -778,3 +778,10 @@ def test_only_a_writer_worker_that_failed_counts_as_dead_not_one_that_finished_i
         os.waitpid(clean, 0)
         os.waitpid(failed, 0)
     assert _failed_children(os.getpid()) == 0
+
+
+def test_an_image_gone_before_its_bytes_are_hashed_is_named(tmp_path: Path) -> None:
+    from skinhpc.convert import _images_content_hash
+    gone = tmp_path / "ISIC_0000001.jpg"
+    with pytest.raises(InputError, match=rf"{gone}: cannot read the image file \(No such file or directory\)"):
+        _images_content_hash([gone], 2)

@@ -1242,7 +1242,7 @@ def test_a_relaunch_is_refused_when_the_images_changed_under_the_same_paths_sinc
     image.write_bytes(bytes(edited))
     assert not data_up_to_date(cfg)
     with pytest.raises(LaunchError, match=rf"{folds[0]} was trained on other data \(its conversion in {data}\): the "
-                                          r"images' content \(names or bytes\) differ from what it trained on\. Use a "
+                                          r"images' content \(names or bytes\) changed since it trained\. Use a "
                                           r"new run_dir, or restore the data it trained on\. The same holds for "
                                           r"resnet18/fold1\.$"):
         make_plan(cfg, "local", {"tasks": {}}, {})

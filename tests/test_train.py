@@ -229,7 +229,7 @@ def test_preempted_mid_epoch_run_resumes_bit_identical(tmp_path: Path, data_dir:
     assert inputs["data"] == data_input_record(data_dir, source_record(read_manifest(data_dir)))["data"]
     other = {**inputs["data"], "sha256": "0" * 64, "metadata_sha256": "0" * 64}
     (out / "inputs.json").write_text(json.dumps({**inputs, "data": other}))
-    with pytest.raises(ConfigError, match=r"was trained on other data .*: the metadata CSV's content differ"):
+    with pytest.raises(ConfigError, match=r"was trained on other data .*: the metadata CSV's content changed since it trained"):
         train_fold(cfg)
     (out / "inputs.json").write_text(json.dumps(inputs))
 
