@@ -540,9 +540,9 @@ def raw_source_record(image_dirs: Sequence[str | Path], metadata: str | Path, ou
                       max_resolution: int = MAX_RESOLUTION, write_mode: str = "jpg", jpeg_quality: int = 90,
                       workers: int = 0) -> dict[str, Any] | None:
     """``source_record`` of the conversion these raw inputs would make, without converting. No image
-    is read when ``out_dir``'s manifest knows them by their mtimes (and the same metadata bytes);
-    else their bytes are read, with a line saying so. None when they cannot be read as a download
-    (the conversion will say why)."""
+    is read when ``out_dir``'s manifest knows them by their names, sizes and mtimes; else their
+    bytes are read, with a line saying so. None when they cannot be read as a download (the
+    conversion will say why)."""
     try:
         plan = _plan(image_dirs, metadata)
         if plan.row_problems:
@@ -551,11 +551,9 @@ def raw_source_record(image_dirs: Sequence[str | Path], metadata: str | Path, ou
         fingerprint = _fingerprint(plan, settings)
         known = None
         if out_dir is not None:
-            try:
-                manifest = read_manifest(out_dir)
-                images = manifest["images"]
-                if (fingerprint["metadata_sha256"] == manifest["metadata"]["sha256"]
-                        and fingerprint["images_sha256"] in [images["sha256"], *images.get("copies_sha256", [])]):
+            try:  # the images' half alone: a metadata CSV edited in one cell lists the same images
+                images = read_manifest(out_dir)["images"]
+                if fingerprint["images_sha256"] in [images["sha256"], *images.get("copies_sha256", [])]:
                     known = images.get("content_sha256")
             except (InputError, OSError, KeyError, TypeError, AttributeError):
                 pass
@@ -1238,6 +1236,15 @@ def _remove_empty_dir(path: Path) -> None:
 
 # --------------------------------------------------------------------------- entry points for the other stages
 
+def raw_inputs(data_cfg: DataConfig) -> tuple[list[str], str] | None:
+    """(image folders, metadata CSV) a conversion is made from: the configured download, or the
+    bundled sample when neither is given; None for a data.dir given alone (a conversion made
+    elsewhere, used as it is)."""
+    if not data_cfg.images and not data_cfg.metadata:
+        return None if data_cfg.dir else ([str(skinhpc.SAMPLE_IMAGES)], str(skinhpc.SAMPLE_METADATA))
+    return list(data_cfg.images), data_cfg.metadata
+
+
 def ensure_converted(data_cfg: DataConfig, data_dir: Path) -> list[str]:
     """Converted data in ``data_dir`` for this data config; converts only when not up to date.
     Returns the conversion's warnings (images skipped, duplicated, ...), for a launcher to show.
@@ -1288,5 +1295,5 @@ def read_index(data_dir: str | Path) -> Any:
 
 __all__ = ["BETON_NAME", "INDEX_NAME", "MANIFEST_NAME", "ConversionError", "ConvertResult", "InputError",
            "convert", "ensure_converted", "image_files", "is_up_to_date", "kept_without_sources", "prepare_image",
-           "raw_source_record", "read_index", "source_record", "stale_reason",
+           "raw_inputs", "raw_source_record", "read_index", "source_record", "stale_reason",
            "read_manifest", "read_metadata_rows", "stored_size_for"]

@@ -209,8 +209,15 @@ def moved_data_changes(saved: ExperimentConfig, cfg: ExperimentConfig) -> list[s
 
     there = (Path(cfg.data.metadata).is_file() and bool(cfg.data.images)
              and all(Path(d).is_dir() for d in cfg.data.images))  # else the conversion alone would pass
-    if there and saved.data.metadata and saved.data.images and data_up_to_date(cfg):
-        return []
+    if there and saved.data.metadata and saved.data.images:
+        if recorded_data(Path(cfg.run_dir)) and (now := raw_data_record(cfg)) is not None:
+            # The folds know their data by content: the new paths are the same data when it
+            # matches, whatever the conversion in data.dir holds now.
+            if conflict := run_data_conflict(Path(cfg.run_dir), now):
+                raise LaunchError(conflict)
+            return []
+        if data_up_to_date(cfg):
+            return []
     if problem := conversion_problem(cfg.data_dir):
         hint = f" (no conversion in {cfg.data_dir} to compare them with: {problem}; give the run's data.dir)"
     elif not there:
@@ -630,23 +637,12 @@ def check_task_configs(cfg: ExperimentConfig, tasks: list[Task]) -> None:
             raise LaunchError(str(e)) from None
 
 
-def _raw_inputs(cfg: ExperimentConfig) -> tuple[list[str], str] | None:
-    """(image folders, metadata CSV) the conversion is made from: the configured download, or the
-    sample; None for a data.dir given alone (a conversion made elsewhere, used as it is)."""
-    from skinhpc import SAMPLE_IMAGES
-
-    d = cfg.data
-    if not d.images and not d.metadata:
-        return None if d.dir else ([str(SAMPLE_IMAGES)], str(SAMPLE_METADATA))
-    return list(d.images), d.metadata
-
-
 def data_up_to_date(cfg: ExperimentConfig) -> bool:
     """Does the data dir hold an up-to-date conversion of the configured images (or the sample)?"""
     from skinhpc import convert
 
     d = cfg.data
-    if (raw := _raw_inputs(cfg)) is None:  # used as it is, while its files are all there
+    if (raw := convert.raw_inputs(d)) is None:  # used as it is, while its files are all there
         return not convert.conversion_problem(cfg.data_dir)
     return convert.is_up_to_date(*raw, cfg.data_dir, max_resolution=d.max_resolution,
                                  write_mode=d.write_mode, jpeg_quality=d.jpeg_quality)
@@ -657,7 +653,7 @@ def data_stale_reason(cfg: ExperimentConfig) -> str:
     from skinhpc import convert
 
     d = cfg.data
-    if (raw := _raw_inputs(cfg)) is None:
+    if (raw := convert.raw_inputs(d)) is None:
         return f"no usable conversion: {convert.conversion_problem(cfg.data_dir)}"
     return convert.stale_reason(*raw, cfg.data_dir, max_resolution=d.max_resolution, write_mode=d.write_mode,
                                 jpeg_quality=d.jpeg_quality)
@@ -672,19 +668,26 @@ def check_data_unchanged(cfg: ExperimentConfig, up_to_date: bool) -> None:
 
     if not recorded_data(Path(cfg.run_dir)):
         return
-    d = cfg.data
     if up_to_date:
         try:
             now = convert.source_record(convert.read_manifest(cfg.data_dir))
         except (OSError, ValueError, convert.InputError):
             return
-    elif (raw := _raw_inputs(cfg)) is not None:
-        now = convert.raw_source_record(*raw, cfg.data_dir, max_resolution=d.max_resolution, write_mode=d.write_mode,
-                                        jpeg_quality=d.jpeg_quality, workers=d.convert_workers)
-    else:
+    elif (now := raw_data_record(cfg)) is None:
         return
     if conflict := run_data_conflict(Path(cfg.run_dir), now):
         raise LaunchError(conflict)
+
+
+def raw_data_record(cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """``convert.raw_source_record`` of the configured raw data (None for a data.dir given alone)."""
+    from skinhpc import convert
+
+    d = cfg.data
+    if (raw := convert.raw_inputs(d)) is None:
+        return None
+    return convert.raw_source_record(*raw, cfg.data_dir, max_resolution=d.max_resolution, write_mode=d.write_mode,
+                                     jpeg_quality=d.jpeg_quality, workers=d.convert_workers)
 
 
 def index_rows(cfg: ExperimentConfig, converted: bool) -> Any:
@@ -948,15 +951,17 @@ class Plan:
     def lines(self) -> list[str]:
         out = [f"run dir: {self.run_dir} ({self.kind})"]
         conv = {"skip": "data up to date, no conversion job",
-                "submit": f"conversion job ({self.convert_reason + '; ' if self.convert_reason else ''}"
-                          "the training array waits for it)"}.get(
+                "submit": "conversion job (" + "; ".join(
+                    [*([self.convert_reason] if self.convert_reason else []),
+                     *(["the training array waits for it"] if self.submit else [])]) + ")"}.get(
             self.convert, f"conversion job {self.convert[5:]} still queued/running: training waits for it")
         out.append(f"convert: {conv}")
         out.append(f"train: {len(self.tasks)} task(s) = {len({t.backbone for t in self.tasks})} backbone(s) x "
                    f"{len({t.fold for t in self.tasks})} fold(s): {len(self.submit)} to submit, "
                    f"{len(self.active)} queued/running, {len(self.done)} done")
         for t in self.submit:
-            out.append(f"  submit {t.key}")
+            resumes = any((t.dir(self.run_dir) / "checkpoints").glob("e*-s*"))
+            out.append(f"  submit {t.key}" + (" (resumes from its checkpoint)" if resumes else ""))
         for key, job in self.active.items():
             out.append(f"  keep   {key} (job {job})")
         for key, job in self.others.items():

@@ -72,8 +72,8 @@ from skinhpc import CLASSES, checkpoint, distributed
 from skinhpc.config import (DATA_INPUT, INPUTS_NAME, ConfigError, ExperimentConfig, TrainConfig, absolute_paths,
                             atomic_write_text, data_input_record, fold_config_conflicts,
                             for_backbone, input_file_digests, mixed_config_refusal, pretrained_source,
-                            read_deepspeed_file, read_saved_config, recorded_data_entry, run_config_changes,
-                            run_data_conflict, save_config)
+                            read_deepspeed_file, read_saved_config, recorded_data, recorded_data_entry,
+                            run_config_changes, run_data_conflict, save_config)
 from skinhpc.distributed import DistEnv
 from skinhpc.rundir import (LOG_NAME, METRICS_NAME, UNNAMED_HOLDER, Busy, exclusive_lock, finished_metrics,
                              metric_value, read_log, replaces_best, selected_key, train_lock)
@@ -475,12 +475,12 @@ class FoldTrainer:
 
     # ---------------------------------------------------------------- setup
     def _prepare_data(self) -> None:
-        from skinhpc.convert import ensure_converted, read_index, read_manifest, source_record
+        from skinhpc.convert import read_index, read_manifest, source_record
         from skinhpc.load import build_loader
         from skinhpc.split import ensure_split, fold_rows
         cfg, env = self.cfg, self.env
         # One converter and one split writer; the other ranks read their results.
-        _main_rank_first(env, lambda: ensure_converted(cfg.data, cfg.data_dir))
+        _main_rank_first(env, lambda: _converted_unless_other_data(cfg))
         self.index = read_index(cfg.data_dir)
         self.manifest = read_manifest(cfg.data_dir)
         # Images edited under the same paths are converted anew: no fold of the run trained on the
@@ -1054,6 +1054,19 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return _jsonable(value.tolist())
     return value
+
+
+def _converted_unless_other_data(cfg: ExperimentConfig) -> None:
+    """``ensure_converted``, once the raw data are known to be what the run's folds trained on:
+    edited images must not replace a shared conversion only for the fold to be refused after."""
+    from skinhpc.convert import ensure_converted, raw_inputs, raw_source_record
+    run_dir, d = Path(cfg.run_dir), cfg.data
+    if recorded_data(run_dir) and (raw := raw_inputs(d)) is not None:
+        now = raw_source_record(*raw, cfg.data_dir, max_resolution=d.max_resolution, write_mode=d.write_mode,
+                                jpeg_quality=d.jpeg_quality, workers=d.convert_workers)
+        if conflict := run_data_conflict(run_dir, now):
+            raise ConfigError(conflict)
+    ensure_converted(d, cfg.data_dir)
 
 
 def _main_rank_first(env: DistEnv, work: Any) -> None:

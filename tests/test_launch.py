@@ -1235,6 +1235,15 @@ def test_a_relaunch_is_refused_when_the_images_changed_under_the_same_paths_sinc
         assert make_plan(cfg, "local", {"tasks": {}}, {}).convert == "submit"
     (data / INDEX_NAME).write_bytes(index)
 
+    # One cell of the metadata CSV edited: refused for the metadata, without reading the images.
+    meta = (raw / "meta.csv").read_bytes()
+    (raw / "meta.csv").write_bytes(meta.replace(b",45.0,", b",46.0,", 1))
+    with monkeypatch.context() as m:
+        m.setattr(convert_mod, "_images_content_hash", lambda *a: pytest.fail("read the images' bytes"))
+        with pytest.raises(LaunchError, match=r"the metadata CSV's content changed since it trained"):
+            make_plan(cfg, "local", {"tasks": {}}, {})
+    (raw / "meta.csv").write_bytes(meta)
+
     image = sorted((raw / "images").iterdir())[11]
     original = image.read_bytes()
     edited = bytearray(original)
@@ -1248,6 +1257,21 @@ def test_a_relaunch_is_refused_when_the_images_changed_under_the_same_paths_sinc
         make_plan(cfg, "local", {"tasks": {}}, {})
     image.write_bytes(original)  # restored: a new mtime, the same bytes
     check_data_unchanged(cfg, data_up_to_date(cfg))
+
+    # The run's download given by another path (a copy) while the conversion is damaged: the folds'
+    # record says it is their data.
+    from skinhpc.launch import check_compatible
+    save_config(cfg, tmp_path / "exp" / "config.yaml")
+    shutil.copytree(raw, tmp_path / "copy", copy_function=shutil.copy)
+    (data / INDEX_NAME).unlink()
+    copied = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, images=[str(tmp_path / "copy" / "images")], metadata=str(tmp_path / "copy" / "meta.csv")))
+    check_compatible(tmp_path / "exp", copied)
+    edited_copy = tmp_path / "copy" / "images" / image.name
+    edited_copy.write_bytes(bytes(edited))
+    with pytest.raises(LaunchError, match=r"was trained on other data .*images' content"):
+        check_compatible(tmp_path / "exp", copied)
+    (data / INDEX_NAME).write_bytes(index)
 
     # A conversion format of another skinhpc: the same images give other pixels.
     older = json.loads((folds[0] / INPUTS_NAME).read_text())

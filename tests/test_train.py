@@ -723,3 +723,32 @@ def test_a_fold_job_prints_which_pretrained_tensors_it_loaded(tmp_path: Path) ->
     proc = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, proc.stderr
     assert "loaded 120/122 tensors from weights file" in proc.stdout and "head re-initialised: fc.weight" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_a_fold_of_a_run_whose_images_were_edited_is_refused_before_the_shared_conversion_is_redone(
+        tmp_path: Path) -> None:
+    import shutil
+
+    from skinhpc import SAMPLE_IMAGES, SAMPLE_METADATA
+    from skinhpc.config import INPUTS_NAME, data_input_record
+    from skinhpc.convert import convert, read_manifest, source_record
+    from skinhpc.train import _converted_unless_other_data
+    raw, data = tmp_path / "raw", tmp_path / "data"
+    shutil.copytree(SAMPLE_IMAGES, raw / "images")
+    shutil.copy2(SAMPLE_METADATA, raw / "meta.csv")
+    convert([raw / "images"], raw / "meta.csv", data, workers=1)
+    cfg = load_config([f"run_dir={tmp_path / 'exp'}", f"data.dir={data}", f"data.images=[{raw / 'images'}]",
+                       f"data.metadata={raw / 'meta.csv'}", "fold=1"])
+    trained = tmp_path / "exp" / "resnet18" / "fold0"
+    trained.mkdir(parents=True)
+    (trained / INPUTS_NAME).write_text(json.dumps(data_input_record(data, source_record(read_manifest(data)))))
+    _converted_unless_other_data(cfg)  # the same data: up to date, nothing converted
+    image = sorted((raw / "images").iterdir())[5]
+    edited = bytearray(image.read_bytes())
+    edited[len(edited) // 2] ^= 0xFF
+    image.write_bytes(bytes(edited))
+    manifest = (data / "manifest.json").read_bytes()
+    with pytest.raises(ConfigError, match=rf"{trained} was trained on other data .*images' content"):
+        _converted_unless_other_data(cfg)  # fold 1 would join fold 0 on other pixels
+    assert (data / "manifest.json").read_bytes() == manifest  # the shared conversion is left alone
