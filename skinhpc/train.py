@@ -988,10 +988,11 @@ class FoldTrainer:
         self.writer.flush()
         mark = " *best*" if improved else ""
         val = f"val {format_metrics(metrics)}" if metrics is not None else "(no validation)"
+        speed = (f"{record['images_per_s']:.0f} img/s, data wait {100 * record['data_wait_frac']:.0f}%"
+                 if record["images_per_s"] > 0 else "no step left to this job (resumed at the epoch's end)")
         print(f"epoch {record['epoch'] + 1}/{self.tcfg.epochs} {val} | train loss "
               f"{record['train_loss']:.4f} acc {record['train_acc']:.3f} bal_acc {record['train_balanced_accuracy']:.3f}"
-              f" | {record['images_per_s']:.0f} img/s, "
-              f"data wait {100 * record['data_wait_frac']:.0f}%{mark}", flush=True)
+              f" | {speed}{mark}", flush=True)
 
     # ---------------------------------------------------------------- after training
     def _finish(self) -> dict:
