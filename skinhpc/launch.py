@@ -1467,11 +1467,10 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     """A table per task merged from SLURM (squeue, sacct) and the run directory, plus the ensemble."""
     run_dir = Path(cfg.run_dir)
     jobs = read_jobs(run_dir)
-    saved = run_dir / "config.yaml"
-    if saved.is_file():
-        # The run's own backbones and folds (the command line may not repeat them).
-        saved_cfg = read_saved_config(saved)  # names the file (and a newer skinhpc that wrote it)
-        assert saved_cfg is not None
+    # The run's own backbones and folds (the command line may not repeat them); a ConfigError names
+    # the file, and a newer skinhpc that wrote it.
+    saved_cfg = read_saved_config(run_dir / "config.yaml")
+    if saved_cfg is not None:
         cfg = dataclasses.replace(cfg, backbones=saved_cfg.backbones, split=saved_cfg.split, train=saved_cfg.train)
     else:
         cfg = _hand_made_layout(cfg)
@@ -1505,7 +1504,7 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     failed = [r for r in rows if r.state in ("failed", "cancelled")]
     conv = jobs.get("convert", {})
     if conv.get("local_job"):
-        data_dir = saved_cfg.data_dir if saved.is_file() else cfg.data_dir
+        data_dir = saved_cfg.data_dir if saved_cfg is not None else cfg.data_dir
         conv_state = _local_state(conv, _written_since(data_dir / "manifest.json", conv), local_running)
         lines.append(f"conversion: job local {conv['local_job']} {conv_state}"
                      + (f", log {conv.get('err', '')}" if conv_state in ("failed", "stopped") else ""))
