@@ -478,7 +478,7 @@ def _matches(out_dir: Path, fingerprint: dict[str, Any], plan: _Plan | None = No
         if not same_rest or (manifest["beton"] is None and not ffcv_import_error()):
             return None
         recorded = manifest["images"]
-        if fingerprint["images_sha256"] not in [recorded["sha256"], *recorded.get("copies_sha256", [])]:
+        if not _known_by_mtimes(recorded, fingerprint):
             if (plan is None or "content_sha256" not in recorded
                     or recorded.get("layout_sha256") != fingerprint["layout_sha256"]
                     or not _files_intact(out_dir, manifest)
@@ -488,6 +488,12 @@ def _matches(out_dir: Path, fingerprint: dict[str, Any], plan: _Plan | None = No
         return manifest if _files_intact(out_dir, manifest) else None
     except (OSError, KeyError, TypeError, ValueError, InputError):
         return None
+
+
+def _known_by_mtimes(images: dict[str, Any], fingerprint: dict[str, Any]) -> bool:
+    """Does a manifest's images record know these images by names, sizes and mtimes: those of the
+    conversion's own images, or of a copy whose bytes were compared (``copies_sha256``)?"""
+    return fingerprint["images_sha256"] in [images["sha256"], *images.get("copies_sha256", [])]
 
 
 def _refresh_images(out_dir: Path, manifest: dict[str, Any], plan: _Plan, fingerprint: dict[str, Any]
@@ -553,7 +559,7 @@ def raw_source_record(image_dirs: Sequence[str | Path], metadata: str | Path, ou
         if out_dir is not None:
             try:  # the images' half alone: a metadata CSV edited in one cell lists the same images
                 images = read_manifest(out_dir)["images"]
-                if fingerprint["images_sha256"] in [images["sha256"], *images.get("copies_sha256", [])]:
+                if _known_by_mtimes(images, fingerprint):
                     known = images.get("content_sha256")
             except (InputError, OSError, KeyError, TypeError, AttributeError):
                 pass
@@ -1245,6 +1251,19 @@ def raw_inputs(data_cfg: DataConfig) -> tuple[list[str], str] | None:
     return list(data_cfg.images), data_cfg.metadata
 
 
+def conversion_settings(data_cfg: DataConfig) -> dict[str, Any]:
+    """The keyword arguments of ``convert``/``is_up_to_date``/... that a data config sets."""
+    return {"max_resolution": data_cfg.max_resolution, "write_mode": data_cfg.write_mode,
+            "jpeg_quality": data_cfg.jpeg_quality}
+
+
+def raw_data_record(data_cfg: DataConfig, data_dir: Path) -> dict[str, Any] | None:
+    """``raw_source_record`` of a data config's raw data (None for a data.dir given alone)."""
+    if (raw := raw_inputs(data_cfg)) is None:
+        return None
+    return raw_source_record(*raw, data_dir, workers=data_cfg.convert_workers, **conversion_settings(data_cfg))
+
+
 def ensure_converted(data_cfg: DataConfig, data_dir: Path) -> list[str]:
     """Converted data in ``data_dir`` for this data config; converts only when not up to date.
     Returns the conversion's warnings (images skipped, duplicated, ...), for a launcher to show.
@@ -1253,17 +1272,15 @@ def ensure_converted(data_cfg: DataConfig, data_dir: Path) -> list[str]:
     unless ``data.dir`` points at an existing conversion, which is then used as it is.
     """
     data_dir = Path(data_dir)
-    images, metadata = list(data_cfg.images), data_cfg.metadata
-    if not images and not metadata:
-        if data_cfg.dir:
-            if (data_dir / MANIFEST_NAME).is_file():
-                return []  # a conversion made elsewhere; nothing here says how to redo it
-            raise InputError([f"{data_dir}: no converted data ({MANIFEST_NAME} missing); give data.images and"
-                              " data.metadata to convert your download, or run jobs/convert.py"])
+    raw = raw_inputs(data_cfg)
+    if raw is None:
+        if (data_dir / MANIFEST_NAME).is_file():
+            return []  # a conversion made elsewhere; nothing here says how to redo it
+        raise InputError([f"{data_dir}: no converted data ({MANIFEST_NAME} missing); give data.images and"
+                          " data.metadata to convert your download, or run jobs/convert.py"])
+    if not data_cfg.images:
         _say(f"no data.images/data.metadata given: using the bundled HAM10000 sample ({skinhpc.SAMPLE_METADATA})")
-        images, metadata = [str(skinhpc.SAMPLE_IMAGES)], str(skinhpc.SAMPLE_METADATA)
-    result = convert(images, metadata, data_dir, max_resolution=data_cfg.max_resolution,
-                     write_mode=data_cfg.write_mode, jpeg_quality=data_cfg.jpeg_quality, workers=data_cfg.convert_workers)
+    result = convert(*raw, data_dir, workers=data_cfg.convert_workers, **conversion_settings(data_cfg))
     return list(result.warnings)
 
 
@@ -1295,5 +1312,6 @@ def read_index(data_dir: str | Path) -> Any:
 
 __all__ = ["BETON_NAME", "INDEX_NAME", "MANIFEST_NAME", "ConversionError", "ConvertResult", "InputError",
            "convert", "ensure_converted", "image_files", "is_up_to_date", "kept_without_sources", "prepare_image",
-           "raw_inputs", "raw_source_record", "read_index", "source_record", "stale_reason",
+           "conversion_settings", "raw_data_record", "raw_inputs", "raw_source_record", "read_index",
+           "source_record", "stale_reason",
            "read_manifest", "read_metadata_rows", "stored_size_for"]

@@ -151,15 +151,13 @@ def _expected_layout(run_dir: Path) -> tuple[list[str], int, Any]:
     (None when it has none: folds trained by hand)."""
     backbones: list[str] = []
     num_folds = 0
-    cfg_path, cfg = run_dir / "config.yaml", None
-    if cfg_path.is_file():
-        from skinhpc.config import ConfigError, read_saved_config
-        try:
-            cfg = read_saved_config(cfg_path)  # names the file (and a newer skinhpc that wrote it)
-        except ConfigError as e:
-            raise EnsembleError(str(e)) from None
-        if cfg is not None:
-            backbones, num_folds = list(cfg.backbones), cfg.split.folds
+    from skinhpc.config import ConfigError, read_saved_config
+    try:  # None without one; an error names the file (and a newer skinhpc that wrote it)
+        cfg = read_saved_config(run_dir / "config.yaml")
+    except ConfigError as e:
+        raise EnsembleError(str(e)) from None
+    if cfg is not None:
+        backbones, num_folds = list(cfg.backbones), cfg.split.folds
     try:
         backbones, num_folds = run_layout(run_dir, backbones, num_folds)
     except ValueError as e:

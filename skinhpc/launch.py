@@ -210,13 +210,14 @@ def moved_data_changes(saved: ExperimentConfig, cfg: ExperimentConfig) -> list[s
     there = (Path(cfg.data.metadata).is_file() and bool(cfg.data.images)
              and all(Path(d).is_dir() for d in cfg.data.images))  # else the conversion alone would pass
     if there and saved.data.metadata and saved.data.images:
-        if recorded_data(Path(cfg.run_dir)) and (now := raw_data_record(cfg)) is not None:
+        if data_up_to_date(cfg):  # (make_plan compares that conversion with the folds' records)
+            return []
+        from skinhpc.convert import raw_data_record
+        if recorded_data(Path(cfg.run_dir)) and (now := raw_data_record(cfg.data, cfg.data_dir)) is not None:
             # The folds know their data by content: the new paths are the same data when it
             # matches, whatever the conversion in data.dir holds now.
             if conflict := run_data_conflict(Path(cfg.run_dir), now):
                 raise LaunchError(conflict)
-            return []
-        if data_up_to_date(cfg):
             return []
     if problem := conversion_problem(cfg.data_dir):
         hint = f" (no conversion in {cfg.data_dir} to compare them with: {problem}; give the run's data.dir)"
@@ -644,8 +645,7 @@ def data_up_to_date(cfg: ExperimentConfig) -> bool:
     d = cfg.data
     if (raw := convert.raw_inputs(d)) is None:  # used as it is, while its files are all there
         return not convert.conversion_problem(cfg.data_dir)
-    return convert.is_up_to_date(*raw, cfg.data_dir, max_resolution=d.max_resolution,
-                                 write_mode=d.write_mode, jpeg_quality=d.jpeg_quality)
+    return convert.is_up_to_date(*raw, cfg.data_dir, **convert.conversion_settings(d))
 
 
 def data_stale_reason(cfg: ExperimentConfig) -> str:
@@ -655,8 +655,7 @@ def data_stale_reason(cfg: ExperimentConfig) -> str:
     d = cfg.data
     if (raw := convert.raw_inputs(d)) is None:
         return f"no usable conversion: {convert.conversion_problem(cfg.data_dir)}"
-    return convert.stale_reason(*raw, cfg.data_dir, max_resolution=d.max_resolution, write_mode=d.write_mode,
-                                jpeg_quality=d.jpeg_quality)
+    return convert.stale_reason(*raw, cfg.data_dir, **convert.conversion_settings(d))
 
 
 def check_data_unchanged(cfg: ExperimentConfig, up_to_date: bool) -> None:
@@ -671,23 +670,12 @@ def check_data_unchanged(cfg: ExperimentConfig, up_to_date: bool) -> None:
     if up_to_date:
         try:
             now = convert.source_record(convert.read_manifest(cfg.data_dir))
-        except (OSError, ValueError, convert.InputError):
+        except (OSError, ValueError):  # InputError is a ValueError
             return
-    elif (now := raw_data_record(cfg)) is None:
+    elif (now := convert.raw_data_record(cfg.data, cfg.data_dir)) is None:
         return
     if conflict := run_data_conflict(Path(cfg.run_dir), now):
         raise LaunchError(conflict)
-
-
-def raw_data_record(cfg: ExperimentConfig) -> dict[str, Any] | None:
-    """``convert.raw_source_record`` of the configured raw data (None for a data.dir given alone)."""
-    from skinhpc import convert
-
-    d = cfg.data
-    if (raw := convert.raw_inputs(d)) is None:
-        return None
-    return convert.raw_source_record(*raw, cfg.data_dir, max_resolution=d.max_resolution, write_mode=d.write_mode,
-                                     jpeg_quality=d.jpeg_quality, workers=d.convert_workers)
 
 
 def index_rows(cfg: ExperimentConfig, converted: bool) -> Any:

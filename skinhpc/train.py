@@ -1060,14 +1060,11 @@ def _jsonable(value: Any) -> Any:
 def _converted_unless_other_data(cfg: ExperimentConfig) -> None:
     """``ensure_converted``, once the raw data are known to be what the run's folds trained on:
     edited images must not replace a shared conversion only for the fold to be refused after."""
-    from skinhpc.convert import ensure_converted, raw_inputs, raw_source_record
-    run_dir, d = Path(cfg.run_dir), cfg.data
-    if recorded_data(run_dir) and (raw := raw_inputs(d)) is not None:
-        now = raw_source_record(*raw, cfg.data_dir, max_resolution=d.max_resolution, write_mode=d.write_mode,
-                                jpeg_quality=d.jpeg_quality, workers=d.convert_workers)
-        if conflict := run_data_conflict(run_dir, now):
-            raise ConfigError(conflict)
-    ensure_converted(d, cfg.data_dir)
+    from skinhpc.convert import ensure_converted, raw_data_record
+    run_dir = Path(cfg.run_dir)
+    if recorded_data(run_dir) and (conflict := run_data_conflict(run_dir, raw_data_record(cfg.data, cfg.data_dir))):
+        raise ConfigError(conflict)
+    ensure_converted(cfg.data, cfg.data_dir)
 
 
 def _main_rank_first(env: DistEnv, work: Any) -> None:
