@@ -1204,6 +1204,8 @@ def _launch_inline(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]
         raise LaunchError("cluster.kind=debug trains in this one process: cluster.nodes and cluster.gpus_per_node "
                           "must be 1 (cluster.kind=local runs several processes per task)")
     _prepare_run(cfg, converted=plan.convert == "skip", remake=remake)
+    if kind == "local":
+        _record_queued(run_dir, [t.key for t in plan.submit] + (["ensemble"] if plan.ensemble == "submit" else []))
     for line in plan.lines():
         echo(line)
     folder = submitit_folder(run_dir)
@@ -1336,6 +1338,20 @@ def _record_local(run_dir: Path, where: str, job: Any, state: str) -> None:
     write_jobs(run_dir, jobs)
 
 
+def _record_queued(run_dir: Path, where: list[str]) -> None:
+    """The tasks (keys) and ensemble a local launch will run once a slot is free, for --status: it
+    shows them "queued" while the launch runs, not "not submitted" as if nothing would run them."""
+    jobs = read_jobs(run_dir)
+    for key in where:
+        entry = {"state": "queued", "time": time.time()}
+        if key == "ensemble":
+            jobs["ensemble"] = entry
+        else:
+            jobs["tasks"][key] = entry
+    jobs["kind"] = "local"
+    write_jobs(run_dir, jobs)
+
+
 def _written_since(output: Path, entry: dict[str, Any]) -> bool:
     """Whether a local job's output exists and is its own or newer: a stopped or failed job whose
     work was then done by hand (jobs/ensemble.py, jobs/convert.py) reads done. A running job's
@@ -1422,6 +1438,8 @@ def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict
         state = "done"
     elif entry.get("local_job"):
         state = _local_state(entry, False, local_launch_running)
+    elif entry.get("state") == "queued" and local_launch_running:
+        state = "queued"  # waits for a slot of the running local launch (_record_queued)
     elif not job:
         state = "started" if rows else "not submitted"
     else:
@@ -1477,7 +1495,9 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     ens_job = ens_entry.get("job_id", "")
     ens_metrics = read_json(run_dir / "ensemble" / "metrics.json")
     ens_info = infos.get(ens_job)
-    if ens_entry.get("local_job"):  # a local launch's ensemble (_record_local)
+    if ens_entry.get("state") == "queued" and local_running:
+        ens_state = "queued"  # the running local launch runs it after the tasks (_record_queued)
+    elif ens_entry.get("local_job"):  # a local launch's ensemble (_record_local)
         ens_job = f"local {ens_entry['local_job']}"
         ens_state = _local_state(ens_entry, _written_since(run_dir / "ensemble" / "metrics.json", ens_entry),
                                  local_running)

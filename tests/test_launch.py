@@ -851,6 +851,24 @@ def test_status_of_a_local_run_shows_its_conversion_and_ensemble_jobs_failed_or_
 
 
 @pytest.mark.timeout(60)
+def test_status_during_a_local_launch_shows_the_tasks_and_ensemble_it_has_yet_to_run_as_queued(
+        tmp_path: Path) -> None:
+    from skinhpc.launch import _record_local, _record_queued, launch_lock, status
+    run_dir = tmp_path / "exp"
+    cfg, _ = load_launch_config([f"run_dir={run_dir}", "backbones=[resnet18]"], None, 2)
+    _record_queued(run_dir, ["resnet18/fold0", "resnet18/fold1", "ensemble"])  # what a local launch records first
+    job = type("Job", (), {"job_id": "77", "paths": type("Paths", (), {"stdout": "/x/77.out", "stderr": "/x/77.err"})})
+    _record_local(run_dir, "resnet18/fold0", job, "running")  # its one slot: fold 0 started
+    with launch_lock(run_dir):
+        text = status(cfg)[0]
+    assert re.search(r"resnet18 +0 +local 77 +running", text)
+    assert re.search(r"resnet18 +1 +- +queued", text) and "ensemble: job - queued" in text
+    assert "not submitted" not in text
+    text = status(cfg)[0]  # the launch stopped before it got to them: nothing will run them
+    assert re.search(r"resnet18 +1 +- +not submitted", text) and "ensemble: job - not submitted" in text
+
+
+@pytest.mark.timeout(60)
 def test_folds_given_twice_must_agree() -> None:
     assert load_launch_config(["split.folds=3"], None, 3)[0].split.folds == 3
     assert load_launch_config(["split.folds=03"], None, 3)[0].split.folds == 3
