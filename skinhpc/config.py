@@ -930,17 +930,21 @@ def input_file_digests(cfg: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def recorded_inputs(fold_dir: Path) -> dict[str, dict[str, str]]:
-    """{key: {"path", "sha256"}} of the input files a fold trained with, by its inputs.json; empty
-    when it has none (folds from before it) or a damaged one (no record to compare with)."""
+def _inputs_entries(fold_dir: Path) -> dict[str, dict[str, Any]]:
+    """The entries of a fold's inputs.json that have a sha256; empty when it has none (folds from
+    before it) or a damaged one (no record to compare with)."""
     try:
-        recorded = json.loads((fold_dir / INPUTS_NAME).read_text())
+        recorded = json.loads((Path(fold_dir) / INPUTS_NAME).read_text())
     except (OSError, ValueError):
         return {}
     if not isinstance(recorded, dict):
         return {}
-    return {key: {"path": str(rec.get("path")), "sha256": rec["sha256"]} for key, rec in recorded.items()
-            if isinstance(rec, dict) and isinstance(rec.get("sha256"), str)}
+    return {key: rec for key, rec in recorded.items() if isinstance(rec, dict) and isinstance(rec.get("sha256"), str)}
+
+
+def recorded_inputs(fold_dir: Path) -> dict[str, dict[str, str]]:
+    """{key: {"path", "sha256"}} of the input files a fold trained with, by its inputs.json."""
+    return {key: {"path": str(rec.get("path")), "sha256": rec["sha256"]} for key, rec in _inputs_entries(fold_dir).items()}
 
 
 DATA_INPUT = "data"
@@ -959,11 +963,7 @@ def data_input_record(data_dir: Path, source: dict[str, Any] | None) -> dict[str
 
 def recorded_data_entry(fold_dir: Path) -> dict[str, Any] | None:
     """The data entry of a fold's inputs.json (None: none recorded, e.g. a fold of skinhpc < 0.2.3)."""
-    try:
-        entry = json.loads((Path(fold_dir) / INPUTS_NAME).read_text()).get(DATA_INPUT)
-    except (OSError, ValueError, AttributeError):
-        return None
-    return entry if isinstance(entry, dict) and isinstance(entry.get("sha256"), str) else None
+    return _inputs_entries(fold_dir).get(DATA_INPUT)
 
 
 def _source_changes(recorded: dict[str, Any], source: dict[str, Any]) -> str:
