@@ -1469,6 +1469,34 @@ def _shown_log(log: str, state: str) -> str:
     return f"{log} (not written yet)" if state in ACTIVE or state == "blocked" else f"{log} (no such file)"
 
 
+def _ensemble_state(run_dir: Path, entry: dict[str, Any], info: JobInfo | None, has_metrics: bool,
+                    local_running: bool) -> str:
+    """The ensemble's state as --status shows it, from its jobs.json entry, SLURM and its output."""
+    if entry.get("state") == "queued" and local_running:
+        return "queued"  # the running local launch runs it after the tasks (_record_queued)
+    if entry.get("local_job"):  # a local launch's ensemble (_record_local)
+        return _local_state(entry, _written_since(run_dir / "ensemble" / "metrics.json", entry), local_running)
+    if has_metrics and not (info and info.live):
+        return "done"
+    if dependency_never_satisfied(info):
+        return "blocked"  # status's lines below say which task it waits for
+    return job_state(info) if entry.get("job_id") else "not submitted"
+
+
+def _conversion_line(entry: dict[str, Any], data_dir: Path, infos: dict[str, JobInfo], local_running: bool) -> str:
+    """--status's line for the run's conversion job ("" when the launch submitted none)."""
+    if entry.get("local_job"):
+        state = _local_state(entry, _written_since(data_dir / "manifest.json", entry), local_running)
+        return (f"conversion: job local {entry['local_job']} {state}"
+                + (f", log {entry.get('err', '')}" if state in ("failed", "stopped") else ""))
+    if entry.get("job_id"):
+        state = job_state(infos.get(entry["job_id"]))
+        state = "done" if state == "completed" else state
+        return (f"conversion: job {entry['job_id']} {state}"
+                + (f", log {entry.get('log', '')}" if state in ("failed", "cancelled") else ""))
+    return ""
+
+
 def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     """A table per task merged from SLURM (squeue, sacct) and the run directory, plus the ensemble."""
     run_dir = Path(cfg.run_dir)
@@ -1495,32 +1523,13 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     ens_job = ens_entry.get("job_id", "")
     ens_metrics = read_json(run_dir / "ensemble" / "metrics.json")
     ens_info = infos.get(ens_job)
-    if ens_entry.get("state") == "queued" and local_running:
-        ens_state = "queued"  # the running local launch runs it after the tasks (_record_queued)
-    elif ens_entry.get("local_job"):  # a local launch's ensemble (_record_local)
+    ens_state = _ensemble_state(run_dir, ens_entry, ens_info, ens_metrics is not None, local_running)
+    if ens_entry.get("local_job"):  # a local launch's ensemble (_record_local)
         ens_job = f"local {ens_entry['local_job']}"
-        ens_state = _local_state(ens_entry, _written_since(run_dir / "ensemble" / "metrics.json", ens_entry),
-                                 local_running)
-    elif ens_metrics is not None and not (ens_info and ens_info.live):
-        ens_state = "done"
-    elif dependency_never_satisfied(ens_info):
-        ens_state = "blocked"  # the lines below say which task it waits for
-    elif ens_job:
-        ens_state = job_state(ens_info)
-    else:
-        ens_state = "not submitted"
     failed = [r for r in rows if r.state in ("failed", "cancelled")]
-    conv = jobs.get("convert", {})
-    if conv.get("local_job"):
-        data_dir = saved_cfg.data_dir if saved_cfg is not None else cfg.data_dir
-        conv_state = _local_state(conv, _written_since(data_dir / "manifest.json", conv), local_running)
-        lines.append(f"conversion: job local {conv['local_job']} {conv_state}"
-                     + (f", log {conv.get('err', '')}" if conv_state in ("failed", "stopped") else ""))
-    elif conv.get("job_id"):
-        conv_state = job_state(infos.get(conv["job_id"]))
-        conv_state = "done" if conv_state == "completed" else conv_state
-        lines.append(f"conversion: job {conv['job_id']} {conv_state}"
-                     + (f", log {conv.get('log', '')}" if conv_state in ("failed", "cancelled") else ""))
+    data_dir = saved_cfg.data_dir if saved_cfg is not None else cfg.data_dir
+    if conv_line := _conversion_line(jobs.get("convert", {}), data_dir, infos, local_running):
+        lines.append(conv_line)
     ens_reason = pending_reason(ens_info) if ens_state == "pending" else ""
     lines.append(f"ensemble: job {ens_job or '-'} {ens_state}" + (f" ({ens_reason})" if ens_reason else "")
                  + (f", log {ens_entry['err']}" if ens_state in ("failed", "stopped", "cancelled")
