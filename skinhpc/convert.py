@@ -1077,7 +1077,7 @@ def _result_from(manifest: dict[str, Any], status: str, out_dir: Path, seconds: 
 
 def _up_to_date_result(manifest: dict[str, Any], out_dir: Path, start: float, warnings: list[str]) -> ConvertResult:
     h, w = manifest["stored_size"]
-    _say(f"{out_dir}: up to date ({manifest['n_images']} images, {h}x{w}); nothing to do")
+    _say(f"{out_dir}: up to date ({manifest['n_images']} images, {w}x{h} px); nothing to do")
     return _result_from(manifest, "up-to-date", out_dir, time.monotonic() - start, warnings)
 
 

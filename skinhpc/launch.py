@@ -1038,7 +1038,7 @@ def launch(cfg: ExperimentConfig, *, dry_run: bool = False, echo: Callable[[str]
             if pretrained_source(cfg.model.pretrained) == "hub":
                 echo("note: model.pretrained=true downloads the ImageNet weights on the compute nodes, which "
                      "fails where they are offline (after the wait in the queue): fetch the files on this node "
-                     "and pass model.pretrained=weights/{backbone}.pth (README, 'On the login node')")
+                     "and pass model.pretrained=weights/{backbone}.pth (README, 'Running on a real cluster')")
             return _launch_slurm(cfg, echo, remake)
         return _launch_inline(cfg, kind, echo, remake)
 
