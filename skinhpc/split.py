@@ -156,8 +156,33 @@ def save_split(split: dict, path: str | Path) -> None:
 
 
 def load_split(path: str | Path) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    """A saved split, checked for the shape every reader relies on; SplitError names a damaged file.
+    The split is a pure function of the metadata and ``split.*``: deleting a damaged file lets the
+    next launch or training task make the same split again."""
+    try:
+        split = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SplitError(f"{path}: not a split file ({e}); delete it and run the command again: the same "
+                         "split is made anew from the metadata and the split.* settings") from None
+    problem = _split_shape_problem(split)
+    if problem:
+        raise SplitError(f"{path}: not a split file ({problem}); delete it and run the command again: the same "
+                         "split is made anew from the metadata and the split.* settings")
+    return split
+
+
+def _split_shape_problem(split: object) -> str:
+    """What a parsed split.json lacks ("" when it has every part make_split writes)."""
+    if not isinstance(split, dict):
+        return f"a JSON {type(split).__name__}, not an object"
+    if not isinstance(split.get("test"), list) or not isinstance(split.get("folds"), list) or not split["folds"]:
+        return "no 'test' list or 'folds' list"
+    for k, part in enumerate(split["folds"]):
+        if not (isinstance(part, dict) and isinstance(part.get("train"), list) and isinstance(part.get("val"), list)):
+            return f"fold {k} has no 'train' and 'val' lists"
+    if not isinstance(split.get("config"), dict):
+        return "no 'config' object"
+    return ""
 
 
 def ensure_split(run_dir: str | Path, df: pd.DataFrame, cfg: SplitConfig, remake: bool = False) -> dict:

@@ -188,3 +188,17 @@ def test_a_lesion_whose_images_disagree_gets_the_same_class_whatever_the_row_ord
     first_images = two.drop_duplicates("lesion_id")["image_id"]
     df.loc[df["image_id"].isin(first_images), "dx"] = "nv"
     assert make_split(df, SplitConfig(folds=5)) == make_split(df.iloc[::-1], SplitConfig(folds=5))
+
+
+@pytest.mark.parametrize("damage", ['{"test": [], "folds": [{"train": [', '{"test": [], "seed": 7}', '[1, 2]',
+                                    '{"test": [], "folds": [[1]], "config": {}}'])
+def test_a_damaged_saved_split_is_refused_naming_the_file_and_deleting_it_makes_the_same_split(
+        tmp_path, full, damage):
+    cfg = SplitConfig(folds=3, seed=5)
+    first = ensure_split(tmp_path, full, cfg)
+    path = tmp_path / "split.json"
+    path.write_text(damage)  # e.g. cut off by a full disk, or edited by hand
+    with pytest.raises(SplitError, match=rf"{path}: not a split file \(.*\); delete it and run the command again"):
+        ensure_split(tmp_path, full, cfg)
+    path.unlink()
+    assert ensure_split(tmp_path, full, cfg) == first
