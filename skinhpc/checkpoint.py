@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from skinhpc import distributed
-from skinhpc.config import atomic_write_text, sha256_file
+from skinhpc.config import atomic_write_text, os_error_in, sha256_file
 from skinhpc.distributed import DistEnv
 
 META = "meta.json"
@@ -115,21 +115,10 @@ def _torch_save(obj: Any, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
     except RuntimeError as e:  # torch's writer wraps a full disk's OSError in "unexpected pos ..."
-        cause = _os_error_in(e)
+        cause = os_error_in(e)
         if cause is None:
             raise
         raise OSError(cause.errno, cause.strerror, str(path)) from e
-
-
-def _os_error_in(e: BaseException) -> OSError | None:
-    """The OSError among an exception's causes, if any."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
 
 
 @contextlib.contextmanager

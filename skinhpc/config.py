@@ -759,11 +759,27 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
         if e.filename is not None or e.errno is None:
             raise
         raise OSError(e.errno, e.strerror, str(path)) from e  # a failed write() names no file: name it
+    except RuntimeError as e:  # torch.save wraps a full disk's OSError in "unexpected pos ..."
+        cause = os_error_in(e)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(path)) from e
     finally:
         try:
             tmp.unlink(missing_ok=True)
         except OSError:  # e.g. a read-only filesystem: the error that matters is the one raised above
             pass
+
+
+def os_error_in(e: BaseException | None) -> OSError | None:
+    """The OSError among an exception's causes, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def os_error_text(e: OSError) -> str:

@@ -237,6 +237,29 @@ def test_a_failed_atomic_write_names_its_file_and_leaves_the_earlier_one(tmp_pat
     assert target.read_text() == "earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
 
+def test_a_model_file_that_fills_the_disk_is_said_as_a_full_disk_naming_it_not_a_torch_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from skinhpc.config import ModelConfig, os_error_text
+    from skinhpc.models import save_model_file
+    target = tmp_path / "model_best.pt"
+    target.write_bytes(b"earlier")
+
+    def full_disk(obj, f) -> None:  # as torch's zip writer reports ENOSPC: wrapped in its own error
+        f.write(b"x" * 100)
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 100 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError) as caught:
+        save_model_file(target, torch.nn.Linear(2, 7), ModelConfig(), [150, 200])
+    assert os_error_text(caught.value) == f"{target}: No space left on device"
+    assert target.read_bytes() == b"earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["model_best.pt"]
+
+
 def test_a_frozen_random_or_never_unfrozen_backbone_is_warned_about() -> None:
     def said(*overrides: str) -> list[str]:
         return load_config(list(overrides)).warnings()
