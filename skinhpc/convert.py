@@ -1275,7 +1275,13 @@ def ensure_converted(data_cfg: DataConfig, data_dir: Path) -> list[str]:
     raw = raw_inputs(data_cfg)
     if raw is None:
         if (data_dir / MANIFEST_NAME).is_file():
-            return []  # a conversion made elsewhere; nothing here says how to redo it
+            # A conversion made elsewhere; nothing here says how to redo it, so a damaged one is
+            # refused here, by name, rather than by the loader's reader of the .beton.
+            if problem := conversion_problem(data_dir):
+                raise InputError([f"{data_dir} holds no usable conversion ({problem}) and no raw data is configured "
+                                  "(data.images, data.metadata): convert again with jobs/convert.py, or set "
+                                  "data.images and data.metadata to have it converted"])
+            return []
         raise InputError([f"{data_dir}: no converted data ({MANIFEST_NAME} missing); give data.images and"
                           " data.metadata to convert your download, or run jobs/convert.py"])
     if not data_cfg.images:

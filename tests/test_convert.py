@@ -692,6 +692,20 @@ def test_ensure_converted_refuses_a_data_dir_without_a_conversion(tmp_path: Path
         ensure_converted(DataConfig(dir=str(tmp_path)), tmp_path)
 
 
+@pytest.mark.timeout(60)
+def test_a_data_dir_given_alone_whose_beton_was_cut_short_is_refused_naming_it(tmp_path: Path,
+                                                                               sample_data_dir: Path) -> None:
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(sample_data_dir, data)
+    assert ensure_converted(DataConfig(dir=str(data)), data) == []  # intact: used as it is
+    with open(data / "ham10000.beton", "r+b") as f:  # e.g. a copy cut short by a full disk
+        f.truncate(100_000)
+    with pytest.raises(InputError, match=rf"{data} holds no usable conversion \({data / 'ham10000.beton'} has "
+                                         r"100000 bytes.*convert again with jobs/convert.py"):
+        ensure_converted(DataConfig(dir=str(data)), data)
+
+
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_conversion_stopped_while_writing_leaves_no_files(tmp_path: Path, repo_dir: Path, sig: int) -> None:
