@@ -507,7 +507,18 @@ def read_jobs(run_dir: Path) -> dict[str, Any]:
     if not isinstance(jobs, dict):
         raise LaunchError(f"{path}: not a JSON object; move it away to start the bookkeeping afresh")
     jobs.setdefault("tasks", {})
+    if problem := _jobs_shape_problem(jobs):
+        raise LaunchError(f"{path}: not a launcher's record ({problem}); move it away to start the bookkeeping afresh")
     return own_jobs(jobs, run_dir)
+
+
+def _jobs_shape_problem(jobs: dict[str, Any]) -> str:
+    """What a parsed jobs.json lacks that every reader relies on ("" when nothing)."""
+    if not isinstance(jobs["tasks"], dict):
+        return "'tasks' is not an object"
+    bad = [key for key, entry in jobs["tasks"].items() if not isinstance(entry, dict)]
+    bad += [key for key in ("convert", "ensemble") if not isinstance(jobs.get(key, {}), dict)]
+    return f"the entry of {', '.join(bad)} is not an object" if bad else ""
 
 
 def write_jobs(run_dir: Path, jobs: dict[str, Any]) -> None:

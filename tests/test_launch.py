@@ -869,6 +869,21 @@ def test_status_during_a_local_launch_shows_the_tasks_and_ensemble_it_has_yet_to
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("damage", ['{"tasks": {"resnet18/fold0": {"job_id"', '[1]', '{"tasks": "x", "ensemble": 5}',
+                                    '{"tasks": {"resnet18/fold0": 3}}', '{"tasks": {}, "ensemble": 5}'])
+def test_a_damaged_jobs_record_is_refused_naming_it_by_status_and_launch(tmp_path: Path, damage: str) -> None:
+    from skinhpc.launch import JOBS_FILE, launch_dir, make_plan, read_jobs, status
+    run_dir = tmp_path / "exp"
+    cfg, _ = load_launch_config([f"run_dir={run_dir}", "backbones=[resnet18]"], None, 2)
+    path = launch_dir(run_dir) / JOBS_FILE
+    path.parent.mkdir(parents=True)
+    path.write_text(damage)
+    for read in (lambda: status(cfg), lambda: make_plan(cfg, "local", read_jobs(run_dir), {})):
+        with pytest.raises(LaunchError, match=rf"{path}: not .*; move it away to start the bookkeeping afresh"):
+            read()
+
+
+@pytest.mark.timeout(60)
 def test_folds_given_twice_must_agree() -> None:
     assert load_launch_config(["split.folds=3"], None, 3)[0].split.folds == 3
     assert load_launch_config(["split.folds=03"], None, 3)[0].split.folds == 3
