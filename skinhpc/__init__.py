@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-__version__ = "0.2.3"
+__version__ = "0.2.4"
 
 # Label order is fixed and documented: index i of every probability vector is CLASSES[i].
 CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")

@@ -222,6 +222,11 @@ def save_checkpoint(ckpt_dir: str | Path, epoch: int, step: int, *, env: DistEnv
     final = ckpt_dir / tag
     tmp = ckpt_dir / f".tmp-{tag}"
     if env.is_main:
+        # Room first: with keep_last checkpoints on disk the new one would need a disk with room for
+        # keep_last + 1, and a disk sized for keep_last would fail at the same save after every
+        # resume. The newest one stays, so a valid checkpoint exists throughout.
+        if ckpt_dir.is_dir():
+            prune(ckpt_dir, max(1, keep_last - 1))
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     distributed.barrier(env)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from skinhpc import CLASSES
-from skinhpc.config import atomic_write_text, available_cores
+from skinhpc.config import atomic_write_text, available_cores, sha256_file
 from skinhpc.convert import IMAGE_SUFFIXES  # the images the conversion takes, in any case
 
 
@@ -97,6 +97,20 @@ def finished_model_files(run_dir: str | Path, warn: Callable[[str], None] | None
     return sorted(found, key=lambda t: (t[0], t[1]))
 
 
+def _check_recorded_digest(path: Path) -> None:
+    """Refuse a model_best.pt whose bytes differ from those its fold recorded in metrics.json when it
+    finished (folds of skinhpc < 0.2.4 recorded none): torch.load notices a file cut short, not
+    bytes changed in place, and such a model answers wrongly without an error."""
+    try:
+        recorded = json.loads((path.parent / "metrics.json").read_text()).get("model_best_sha256")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(recorded, str) and sha256_file(path) != recorded:
+        raise PredictError(f"{path}: its bytes differ from those its fold recorded when it finished (sha256 in "
+                           f"{path.parent / 'metrics.json'}): damaged or replaced; restore it from a copy of the run, "
+                           f"or move {path.parent} away and relaunch to train that fold again")
+
+
 def _evaluated_with_tta(fold_dir: Path) -> bool:
     from omegaconf import OmegaConf
     try:
@@ -119,6 +133,7 @@ def load_fold_models(run_dir: str | Path, device: torch.device | str | None = No
         raise PredictError(f"device {device}: no CUDA GPU is available here; use --device cpu")
     models = []
     for backbone, fold, path in finished_model_files(run_dir, warn):
+        _check_recorded_digest(path)
         model, meta = load_model_file(path, map_location="cpu")
         classes = list(meta.get("classes", CLASSES))
         if classes != list(CLASSES):

@@ -73,7 +73,7 @@ from skinhpc.config import (DATA_INPUT, INPUTS_NAME, ConfigError, ExperimentConf
                             atomic_write_text, data_input_record, fold_config_conflicts,
                             for_backbone, input_file_digests, mixed_config_refusal, pretrained_source,
                             read_deepspeed_file, read_saved_config, recorded_data, recorded_data_entry,
-                            run_config_changes, run_data_conflict, save_config)
+                            run_config_changes, run_data_conflict, save_config, sha256_file)
 from skinhpc.distributed import DistEnv
 from skinhpc.rundir import (LOG_NAME, METRICS_NAME, UNNAMED_HOLDER, Busy, exclusive_lock, finished_metrics,
                              metric_value, read_log, replaces_best, selected_key, train_lock)
@@ -1029,6 +1029,8 @@ class FoldTrainer:
                 save_predictions(out / "predictions_test.npz", test, self.index)
             save_model_file(out / "model_best.pt", self.raw, self.cfg.model, self.manifest["stored_size"],
                             epoch=best_epoch, val_balanced_accuracy=best_metric)
+            # torch.load checks no checksum: predict compares this, so bytes changed on disk are noticed.
+            result["model_best_sha256"] = sha256_file(out / "model_best.pt")
             atomic_write_text(out / METRICS_NAME, json.dumps(_jsonable(result), indent=1) + "\n")
             from skinhpc.evaluate import format_metrics
             print(f"fold {self.cfg.fold} {self.cfg.model.backbone} done: best epoch {best_epoch + 1}; "

@@ -264,3 +264,25 @@ def test_best_weights_of_a_run_no_checkpoint_knows_are_dropped_and_lost_ones_are
     checkpoint.save_best(tmp_path, _weights(9), {"epoch": 9})
     warning = checkpoint.settle_best(tmp_path, 5)  # e.g. the newest checkpoint was damaged
     assert "records epoch 6 as the best, but these weights are of epoch 10" in warning
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("keep_last", [1, 2, 3])
+def test_a_save_needs_room_for_no_more_checkpoints_than_are_kept_and_one_valid_stays_throughout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep_last: int) -> None:
+    """A disk with room for keep_last checkpoints must not fail at the same save after every resume."""
+    model, opt = make_objects()
+    seen: list[list[str]] = []
+    real_save = checkpoint._torch_save
+
+    def watched(obj, path) -> None:  # what is on disk while the new checkpoint is written
+        seen.append(sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".tmp-")))
+        real_save(obj, path)
+
+    for epoch in range(keep_last):
+        save(tmp_path, model, opt, epoch, 0, keep_last=keep_last)
+    monkeypatch.setattr(checkpoint, "_torch_save", watched)
+    save(tmp_path, model, opt, keep_last, 0, keep_last=keep_last)
+    newest = checkpoint.tag_of(keep_last - 1, 0)
+    assert all(len(names) == max(1, keep_last - 1) and newest in names for names in seen)  # peak: max(2, keep_last)
+    assert [c.path.name for c in list_checkpoints(tmp_path)] == [checkpoint.tag_of(e, 0) for e in range(1, keep_last + 1)]

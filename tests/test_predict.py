@@ -226,6 +226,23 @@ def test_a_finished_fold_without_its_model_file_is_named_not_silently_dropped(ru
     assert len(warnings) == 1 and "resnet18/fold1" in warnings[0] and "model_best.pt" in warnings[0]
 
 
+@pytest.mark.timeout(120)
+def test_a_model_file_whose_bytes_changed_since_its_fold_finished_is_refused_naming_it(run_dir, tmp_path):
+    from skinhpc.config import sha256_file
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    path = run / "resnet18" / "fold1" / "model_best.pt"
+    status = path.parent / "metrics.json"
+    status.write_text(json.dumps({**json.loads(status.read_text()), "model_best_sha256": sha256_file(path)}))
+    assert len(load_fold_models(run, "cpu")) == 3  # as recorded
+    with open(path, "r+b") as f:  # bytes changed in place (a bad disk, a partial overwrite): torch.load reads it
+        f.seek(path.stat().st_size // 2)
+        f.write(bytes(4096))
+    with pytest.raises(PredictError, match=rf"{path}: its bytes differ from those its fold recorded when it "
+                                           rf"finished .*move {path.parent} away and relaunch"):
+        load_fold_models(run, "cpu")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 @pytest.mark.timeout(60)
 def test_asking_for_a_gpu_where_there_is_none_is_a_clear_error(run_dir):
@@ -247,6 +264,10 @@ def test_trained_run_ensembles_and_predicts_like_the_training_eval_path(tmp_path
                                "split.folds=2", "train.epochs=1", "train.max_steps_per_epoch=2", "data.loader=pil",
                                "data.num_workers=1"], capture_output=True, text=True, timeout=500)
         assert proc.returncode == 0, proc.stderr[-3000:]
+    from skinhpc.config import sha256_file
+    for fold in (0, 1):  # what predict checks the model file against
+        fold_dir = run / "resnet18" / f"fold{fold}"
+        assert json.loads((fold_dir / "metrics.json").read_text())["model_best_sha256"] == sha256_file(fold_dir / "model_best.pt")
     results = run_ensemble(run, n_boot=20)
     assert results["missing"] == [] and len(results["finished"]) == 2
     assert (run / "ensemble" / "report.md").is_file() and results["plots"]
