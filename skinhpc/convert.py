@@ -591,8 +591,17 @@ def _size_problem(out_dir: Path, manifest: dict[str, Any]) -> str:
 
 def _files_intact(out_dir: Path, manifest: dict[str, Any]) -> bool:
     """The .beton (when there is one) and index.csv have the size and sha256 the manifest records."""
-    return not _size_problem(out_dir, manifest) and all(
-        sha256_file(out_dir / name) == manifest[key]["sha256"] for name, key in _recorded_files(manifest))
+    return not _content_problem(out_dir, manifest)
+
+
+def _content_problem(out_dir: Path, manifest: dict[str, Any]) -> str:
+    """A recorded file missing, or not of the size or sha256 the manifest records ("" when none is)."""
+    if problem := _size_problem(out_dir, manifest):
+        return problem
+    for name, key in _recorded_files(manifest):
+        if sha256_file(out_dir / name) != manifest[key]["sha256"]:
+            return f"{out_dir / name} has other bytes than {MANIFEST_NAME} records (its sha256 differs: damaged or replaced)"
+    return ""
 
 
 def conversion_problem(out_dir: str | Path) -> str:
@@ -1277,7 +1286,9 @@ def ensure_converted(data_cfg: DataConfig, data_dir: Path) -> list[str]:
         if (data_dir / MANIFEST_NAME).is_file():
             # A conversion made elsewhere; nothing here says how to redo it, so a damaged one is
             # refused here, by name, rather than by the loader's reader of the .beton.
-            if problem := conversion_problem(data_dir):
+            # Every byte, not only the sizes (conversion_problem): nothing else here would notice
+            # bytes changed in place, and a training task reads the whole file anyway.
+            if problem := conversion_problem(data_dir) or _content_problem(data_dir, read_manifest(data_dir)):
                 raise InputError([f"{data_dir} holds no usable conversion ({problem}) and no raw data is configured "
                                   "(data.images, data.metadata): convert again with jobs/convert.py, or set "
                                   "data.images and data.metadata to have it converted"])

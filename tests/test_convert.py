@@ -693,15 +693,22 @@ def test_ensure_converted_refuses_a_data_dir_without_a_conversion(tmp_path: Path
 
 
 @pytest.mark.timeout(60)
-def test_a_data_dir_given_alone_whose_beton_was_cut_short_is_refused_naming_it(tmp_path: Path,
+def test_a_data_dir_given_alone_whose_beton_was_changed_or_cut_short_is_refused_naming_it(tmp_path: Path,
                                                                                sample_data_dir: Path) -> None:
     import shutil
     data = tmp_path / "data"
     shutil.copytree(sample_data_dir, data)
     assert ensure_converted(DataConfig(dir=str(data)), data) == []  # intact: used as it is
-    with open(data / "ham10000.beton", "r+b") as f:  # e.g. a copy cut short by a full disk
+    beton = data / "ham10000.beton"
+    with open(beton, "r+b") as f:  # bytes changed in place, the size kept (a bad disk or copy)
+        f.seek(beton.stat().st_size // 2)
+        f.write(bytes(4096))
+    with pytest.raises(InputError, match=rf"{data} holds no usable conversion \({beton} has other bytes than "
+                                         r"manifest.json records .*convert again with jobs/convert.py"):
+        ensure_converted(DataConfig(dir=str(data)), data)
+    with open(beton, "r+b") as f:  # e.g. a copy cut short by a full disk
         f.truncate(100_000)
-    with pytest.raises(InputError, match=rf"{data} holds no usable conversion \({data / 'ham10000.beton'} has "
+    with pytest.raises(InputError, match=rf"{data} holds no usable conversion \({beton} has "
                                          r"100000 bytes.*convert again with jobs/convert.py"):
         ensure_converted(DataConfig(dir=str(data)), data)
 
