@@ -66,8 +66,9 @@ from submitit.core.utils import FailedJobError
 from submitit.slurm.slurm import _make_sbatch_string
 
 from skinhpc import PROFILE_DIR, REPO_DIR, SAMPLE_METADATA
-from skinhpc.rundir import (JOBS_PATH, LOG_NAME, Busy, exclusive_lock, finished_metrics, kept_val_balanced_accuracy,
-                            lock_holder, metrics_digest, own_jobs, read_json, read_log, run_layout, train_lock)
+from skinhpc.rundir import (JOBS_PATH, LOG_NAME, METRICS_NAME, Busy, exclusive_lock, finished_metrics,
+                            kept_val_balanced_accuracy, lock_holder, metrics_digest, own_jobs, read_json, read_log,
+                            run_layout, train_lock)
 from skinhpc.config import (
     ClusterConfig,
     FILE_KEYS,
@@ -1429,7 +1430,7 @@ class TaskStatus:
     epoch: str
     best_val_bacc: str
     log: str
-    reason: str = ""  # SLURM's reason for a pending job (PartitionTimeLimit, QOSMaxGRESPerUser, ...)
+    reason: str = ""  # SLURM's reason for a pending job (PartitionTimeLimit, ...), or why a fold reads unfinished
 
     @property
     def shown_state(self) -> str:
@@ -1463,7 +1464,13 @@ def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict
         reason = pending_reason(info) if state == "pending" else ""
     if metrics is None and not entry.get("job_id") and lock_holder(train_lock(run_dir, t.backbone, t.fold)):
         state = "running"  # a local or hand-run trainer, e.g. the task of a local launch that was killed
-    epoch = f"{max(int(r.get('epoch', 0)) for r in rows) + 1}/{cfg.train.epochs}" if rows else f"0/{cfg.train.epochs}"
+    if metrics is None and state != "running" and (t.dir(run_dir) / METRICS_NAME).is_file() \
+            and read_json(t.dir(run_dir) / METRICS_NAME) is None:
+        reason = f"its {METRICS_NAME} is unreadable"  # damaged after the fold finished: a relaunch trains it again
+    if metrics is not None and isinstance(metrics.get("epochs_trained"), int):
+        epoch = f"{metrics['epochs_trained']}/{cfg.train.epochs}"  # also when log.jsonl lost its last line
+    else:
+        epoch = f"{max(int(r.get('epoch', 0)) for r in rows) + 1}/{cfg.train.epochs}" if rows else f"0/{cfg.train.epochs}"
     kept = kept_val_balanced_accuracy(rows, metrics, cfg.train.select_metric)
     best = f"{kept:.4f}" if kept is not None else "-"
     log = entry.get("err", "") if state in ("failed", "cancelled", "stopped") else entry.get("log", "")

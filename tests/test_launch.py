@@ -884,6 +884,25 @@ def test_a_damaged_jobs_record_is_refused_naming_it_by_status_and_launch(tmp_pat
 
 
 @pytest.mark.timeout(60)
+def test_status_says_a_finished_folds_metrics_file_is_unreadable_and_counts_epochs_from_a_readable_one(
+        tmp_path: Path) -> None:
+    from skinhpc.launch import status, write_jobs
+    run_dir = tmp_path / "exp"
+    cfg, _ = load_launch_config([f"run_dir={run_dir}", "backbones=[resnet18]", "train.epochs=3"], None, 2)
+    entry = {"local_job": "77", "log": "/x/77.out", "err": "/x/77.err", "state": "done"}
+    write_jobs(run_dir, {"kind": "local", "tasks": {"resnet18/fold0": entry, "resnet18/fold1": {**entry, "local_job": "78"}}})
+    for fold in (0, 1):
+        d = run_dir / "resnet18" / f"fold{fold}"
+        d.mkdir(parents=True)
+        (d / "log.jsonl").write_text('{"epoch": 0}\n{"epoch": 1}\n{"epo')  # the last line cut by a crash
+    (run_dir / "resnet18" / "fold0" / "metrics.json").write_text('{"status": "done", "epochs_trained": 3}')
+    (run_dir / "resnet18" / "fold1" / "metrics.json").write_text('{"status": "do')  # damaged since
+    text = status(cfg)[0]
+    assert re.search(r"resnet18 +0 +local 77 +done +3/3", text)
+    assert re.search(r"resnet18 +1 +local 78 +failed \(its metrics.json is unreadable\) +2/3", text)
+
+
+@pytest.mark.timeout(60)
 def test_folds_given_twice_must_agree() -> None:
     assert load_launch_config(["split.folds=3"], None, 3)[0].split.folds == 3
     assert load_launch_config(["split.folds=03"], None, 3)[0].split.folds == 3
