@@ -97,8 +97,11 @@ def exclusive_lock(path: Path, required: bool = True, patience_s: float = 0.5) -
             return
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-        f.flush()
+        try:  # unbuffered: a full disk's error is raised here, not again when the file closes
+            os.write(f.fileno(), f"pid {os.getpid()} on {os.uname().nodename}\n".encode())
+        except OSError as e:  # name the file, as write() does not
+            fcntl.flock(f, fcntl.LOCK_UN)
+            raise OSError(e.errno, e.strerror, str(path)) from None
         try:
             yield
         finally:

@@ -903,6 +903,27 @@ def test_status_says_a_finished_folds_metrics_file_is_unreadable_and_counts_epoc
 
 
 @pytest.mark.timeout(60)
+def test_a_lock_that_cannot_be_written_on_a_full_disk_names_its_file_and_is_not_left_held(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from skinhpc import rundir
+    from skinhpc.config import os_error_text
+    path = tmp_path / "launch" / "lock"
+
+    def full_disk(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")  # as write() raises it: no file name
+
+    monkeypatch.setattr(rundir.os, "write", full_disk)
+    with pytest.raises(OSError) as caught:
+        with rundir.exclusive_lock(path):
+            pass
+    assert os_error_text(caught.value) == f"{path}: No space left on device"
+    monkeypatch.undo()
+    assert rundir.lock_holder(path) == ""  # released: the next launch is not refused as busy
+
+
+@pytest.mark.timeout(60)
 def test_folds_given_twice_must_agree() -> None:
     assert load_launch_config(["split.folds=3"], None, 3)[0].split.folds == 3
     assert load_launch_config(["split.folds=03"], None, 3)[0].split.folds == 3
