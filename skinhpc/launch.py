@@ -1590,11 +1590,23 @@ def _left_out_lines(cfg: ExperimentConfig, ens_metrics: dict[str, Any]) -> list[
         t = Task(str(m.get("backbone")), int(m.get("fold", -1)))
         line = f"  left out of the ensemble: {t.key}: {m.get('reason')}"
         if task_done(run_dir, t) and m.get("done") and _seen_by_ensemble(run_dir, t, ens_metrics, ens_path):
-            line += f"; to train it again, move {t.dir(run_dir)} away and relaunch"
+            line += _redo_advice(t.dir(run_dir))
         elif task_done(run_dir, t):
             line += "; it has finished since: relaunch to ensemble it too"
         lines.append(line)
     return lines
+
+
+def _redo_advice(fold_dir: Path) -> str:
+    """How to have a finished fold whose outputs are damaged write them again: from its newest
+    checkpoint when it kept one (a fold without metrics.json resumes, then writes its outputs),
+    else by training it anew."""
+    from skinhpc.checkpoint import list_checkpoints
+    kept = list_checkpoints(fold_dir / "checkpoints") if (fold_dir / "checkpoints").is_dir() else []
+    if kept:
+        return (f"; to write its outputs again, delete {fold_dir / METRICS_NAME} and relaunch: it resumes from its "
+                f"checkpoint {kept[-1].path.name}")
+    return f"; to train it again, move {fold_dir} away and relaunch"
 
 
 def _hand_made_layout(cfg: ExperimentConfig) -> ExperimentConfig:

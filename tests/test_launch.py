@@ -531,6 +531,17 @@ def test_a_done_fold_the_ensemble_left_out_is_named_by_status_and_does_not_resub
     text = status(cfg)[0]
     assert (f"left out of the ensemble: resnet18/fold0: {reason}; to train it again, move "
             f"{tmp_path / 'exp' / 'resnet18' / 'fold0'} away and relaunch") in text
+    import torch
+
+    from skinhpc.checkpoint import save_checkpoint
+    from skinhpc.distributed import DistEnv
+    model = torch.nn.Linear(4, 3)  # the fold kept its checkpoints: it need not be trained again
+    save_checkpoint(tmp_path / "exp" / "resnet18" / "fold0" / "checkpoints", 3, 0,
+                    env=DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), train_state={},
+                    resume_keys={}, model=model, optimizer=torch.optim.AdamW(model.parameters()))
+    assert (f"left out of the ensemble: resnet18/fold0: {reason}; to write its outputs again, delete "
+            f"{tmp_path / 'exp' / 'resnet18' / 'fold0' / 'metrics.json'} and relaunch: it resumes from its "
+            "checkpoint e003-s000000") in status(cfg)[0]
     later = ens.stat().st_mtime + 10  # the fold finished again after the ensemble ran
     os.utime(tmp_path / "exp" / "resnet18" / "fold0" / "metrics.json", (later, later))
     assert "it has finished since: relaunch to ensemble it too" in status(cfg)[0]
