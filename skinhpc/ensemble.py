@@ -709,12 +709,16 @@ def _majority_probs(n: int) -> np.ndarray:
     return probs
 
 
+# What the report's fold table shows of each fold's metrics.json besides its metrics.
+_FOLD_STATUS_KEYS = ("best_epoch", "epochs_trained", "epochs", "stopped", "best_lost")
+
+
 def _backbone_numbers(folds: list[FoldRun], test_labels: np.ndarray) -> tuple[dict, dict, list[TestEntry]]:
     """One backbone: metrics of each fold (val and test), their mean ± std, and its test entries
     (every fold model, then the fold ensemble)."""
     per_fold = {f"fold{f.fold}": {"val": metrics_of(f.val.probs, f.val.labels),
                                   "test": metrics_of(f.test.probs, f.test.labels),
-                                  **{k: f.status.get(k) for k in ("best_epoch", "epochs_trained", "epochs", "stopped")},
+                                  **{k: f.status.get(k) for k in _FOLD_STATUS_KEYS},
                                   "select_metric": _select_metric(f)}
                 for f in folds}
     cv = {"val": aggregate_folds([m["val"] for m in per_fold.values()]),

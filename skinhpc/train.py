@@ -1002,6 +1002,7 @@ class FoldTrainer:
         distributed.barrier(env)
         best = checkpoint.load_best(self.ckpt_dir)
         best_epoch, best_metric = st["best_epoch"], st["best_metric"]
+        best_lost = ""  # recorded in metrics.json and shown by the report: not only a warning in a log
         if best is not None:
             self.raw.load_state_dict(best[0])
             if best[1].get("epoch") != best_epoch:  # settle_best warned on resume: name what is kept
@@ -1012,6 +1013,7 @@ class FoldTrainer:
                    else f"was never saved (val {self.tcfg.select_metric.replace('_', ' ')} never defined)")
             best_epoch = st["epoch"] - 1  # what the files below then hold: the last epoch's weights
             _say(f"WARNING: the best checkpoint {why}; using the last weights (epoch {best_epoch + 1})", env)
+            best_lost = f"the best checkpoint {why}; the last epoch's weights are used"
         val = self._predict(self.val_loader)
         test = self._predict(self.test_loader) if self.test_loader is not None else None
         val_metrics = self._metrics(val)
@@ -1023,6 +1025,8 @@ class FoldTrainer:
                   "epochs_trained": st["epoch"], "epochs": self.tcfg.epochs,
                   "stopped": st["stop_reason"] or None, "world_size": env.world_size,
                   "strategy": self.tcfg.strategy, "val": val_metrics, "test": test_metrics}
+        if best_lost:
+            result["best_lost"] = best_lost
         if env.is_main:
             save_predictions(out / "predictions_val.npz", val, self.index)
             if test is not None:

@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -71,7 +72,7 @@ class FakeRun:
 
     def write_fold(self, backbone: str, fold: int, val_probs: np.ndarray, test_probs: np.ndarray,
                    status: str = "done", epochs: int = 3, planned: int | None = None,
-                   stopped: str | None = None, select_metric: str | None = None) -> Path:
+                   stopped: str | None = None, select_metric: str | None = None, **status_extra: Any) -> Path:
         d = self.root / backbone / f"fold{fold}"
         v, t = self.val_rows[fold], self.test_rows
         write_npz(d / "predictions_val.npz", val_probs, self.labels[v], v, self.lesions[v])
@@ -82,7 +83,8 @@ class FakeRun:
         (d / "metrics.json").write_text(json.dumps({"status": status, "backbone": backbone, "fold": fold,
                                                     "best_epoch": epochs - 1, "epochs_trained": epochs,
                                                     "epochs": planned or epochs, "stopped": stopped,
-                                                    **({"select_metric": select_metric} if select_metric else {})}))
+                                                    **({"select_metric": select_metric} if select_metric else {}),
+                                                    **status_extra}))
         return d
 
     def fill(self, signals: dict[str, float], seed: int = 1, skip: set[tuple[str, int]] = frozenset()) -> None:

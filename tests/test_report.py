@@ -198,14 +198,15 @@ def test_fold_table_shows_the_best_epoch_of_those_trained_and_why_a_fold_stopped
     run = FakeRun(tmp_path / "run", backbones=("resnet18",), folds=3, n_lesions=120)
     rng = np.random.default_rng(0)
     for fold, kwargs in enumerate([{}, {"epochs": 2, "planned": 5, "stopped": "time_limit"},
-                                   {"epochs": 4, "planned": 6, "stopped": "early_stop"}]):
+                                   {"epochs": 4, "planned": 6, "stopped": "early_stop",
+                                    "best_lost": "the best checkpoint is damaged; the last epoch's weights are used"}]):
         run.write_fold("resnet18", fold, noisy_probs(run.labels[run.val_rows[fold]], 2.0, rng),
                        noisy_probs(run.labels[run.test_rows], 2.0, rng), **kwargs)
     run_ensemble(run.root, n_boot=0, plots=False)
     text = (run.root / "ensemble" / "report.md").read_text()
     assert "| resnet18 | fold0 | 3 of 3 |" in text
     assert "| resnet18 | fold1 | 2 of 2 (time limit; 5 planned) |" in text
-    assert "| resnet18 | fold2 | 4 of 4 (early stop; 6 planned) |" in text
+    assert "| resnet18 | fold2 | 4 of 4 (early stop; 6 planned) (last weights: the best were lost) |" in text
     assert "**Stopped by the time limit** (`train.stop_after_min`) before their last epoch: resnet18 fold1 after 2 of 5 epochs." in text
 
 

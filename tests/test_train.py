@@ -408,6 +408,7 @@ def test_a_damaged_best_checkpoint_ends_the_fold_on_its_last_weights_and_says_so
     result = train_fold(cfg)
     assert result["status"] == "done" and result["best_epoch"] == 2  # the weights used: the last epoch's
     assert "the best checkpoint is damaged; using the last weights (epoch 3)" in capsys.readouterr().out
+    assert result["best_lost"] == "the best checkpoint is damaged; the last epoch's weights are used"  # in metrics.json
     saved = torch.load(fold_dir(cfg) / "model_best.pt", weights_only=True)
     assert saved["epoch"] == 2 and saved["val_balanced_accuracy"] == result["val"]["balanced_accuracy"]
 
