@@ -208,14 +208,16 @@ def list_checkpoints(ckpt_dir: str | Path, env: DistEnv | None = None, warn: boo
 def save_checkpoint(ckpt_dir: str | Path, epoch: int, step: int, *, env: DistEnv, train_state: dict,
                     resume_keys: dict, rank_state: dict | None = None, model: torch.nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None, scaler: Any = None,
-                    engine: Any = None, keep_last: int = 2) -> Path:
+                    engine: Any = None, keep_last: int = 2, protect: str = "") -> Path:
     """Save a resumable checkpoint; every rank must call this (DeepSpeed saves collectively).
 
     ``train_state`` (ints, floats, lists, dicts) carries the loop's own state: global step, best
     metric, early-stop counter; it is taken from rank 0. ``rank_state`` is this rank's own part
     (e.g. its running loss sum), saved per rank. ``resume_keys`` are the settings a resume must
     match (see ``check_resume_keys``). With ``engine`` (DeepSpeed) model and optimizer come from it;
-    otherwise rank 0 writes the unwrapped ``model``, ``optimizer`` and ``scaler``.
+    otherwise rank 0 writes the unwrapped ``model``, ``optimizer`` and ``scaler``. ``protect``: the
+    tag of the checkpoint the caller resumed from or last wrote, known to be readable: it outlives
+    this save, whatever newer-looking checkpoint (bytes damaged, sizes intact) is on disk.
     """
     ckpt_dir = Path(ckpt_dir)
     tag = tag_of(epoch, step)
@@ -224,9 +226,10 @@ def save_checkpoint(ckpt_dir: str | Path, epoch: int, step: int, *, env: DistEnv
     if env.is_main:
         # Room first: with keep_last checkpoints on disk the new one would need a disk with room for
         # keep_last + 1, and a disk sized for keep_last would fail at the same save after every
-        # resume. The newest one stays, so a valid checkpoint exists throughout.
+        # resume. The readable checkpoint the run stands on (protect) stays throughout; those
+        # newer than this save belong to a past the run resumed before (it fell back past them).
         if ckpt_dir.is_dir():
-            prune(ckpt_dir, max(1, keep_last - 1))
+            prune(ckpt_dir, max(1, keep_last - 1), protect=protect, before=(epoch, step))
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     distributed.barrier(env)
@@ -254,10 +257,11 @@ def save_checkpoint(ckpt_dir: str | Path, epoch: int, step: int, *, env: DistEnv
     return final
 
 
-def prune(ckpt_dir: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` valid checkpoints (and best/); remove older ones and leftovers."""
-    valid = list_checkpoints(ckpt_dir)
-    keep = {c.path.name for c in valid[-keep_last:]}
+def prune(ckpt_dir: Path, keep_last: int, protect: str = "", before: tuple[int, int] | None = None) -> None:
+    """Keep the newest ``keep_last`` valid checkpoints (and best/) and ``protect``; remove older
+    ones and leftovers. With ``before`` (epoch, step) only checkpoints up to it count; newer ones go."""
+    valid = [c for c in list_checkpoints(ckpt_dir) if before is None or (c.epoch, c.step) <= before]
+    keep = {c.path.name for c in valid[-keep_last:]} | {protect}
     for folder in ckpt_dir.iterdir():
         if folder.name == BEST or not folder.is_dir() or folder.name in keep:
             continue

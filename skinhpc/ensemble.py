@@ -267,16 +267,20 @@ def scan_run(run_dir: str | Path) -> RunScan:
         ref, against = _reference_config(run_dir, backbone, num_folds, run_cfg)
         for fold in range(num_folds):
             result = _read_fold(run_dir, backbone, fold)
+            otherwise = ""
             if isinstance(result, FoldRun) and ref is not None:
-                result = _trained_otherwise(result.dir, ref, against) or result
+                otherwise = _trained_otherwise(result.dir, ref, against)
+                result = otherwise or result
             if isinstance(result, FoldRun):
                 scan.finished.append(result)
             else:
                 # "done": the fold had finished (its files damaged, or trained otherwise): another
-                # ensemble would leave it out again (launch.ensemble_current).
+                # ensemble would leave it out again (launch.ensemble_current). "trained_otherwise":
+                # its outputs are sound, written again they would be left out again.
                 fold_dir = run_dir / backbone / f"fold{fold}"
                 scan.missing.append({"backbone": backbone, "fold": fold, "reason": result,
-                                     "done": finished_metrics(fold_dir) is not None})
+                                     "done": finished_metrics(fold_dir) is not None,
+                                     "trained_otherwise": bool(otherwise)})
     if not scan.finished:
         reasons = "".join(f"\n  {m['backbone']} fold {m['fold']}: {m['reason']}" for m in scan.missing[:10])
         raise EnsembleError(f"{run_dir}: no finished fold (looked for <backbone>/fold<k>/metrics.json "

@@ -54,7 +54,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1274,6 +1274,9 @@ def _launch_inline(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]
     except KeyboardInterrupt:
         stop_local_jobs(started, echo)
         raise
+    finally:
+        if kind == "local":
+            _unqueue(run_dir)  # what it did not get to
     echo(f"report: {run_dir / 'ensemble' / 'report.md'}")
     return plan
 
@@ -1329,6 +1332,8 @@ def _run_local_tasks(cfg: ExperimentConfig, tasks: list[Task], submit: Callable[
             except LaunchError as e:
                 _record_local(Path(cfg.run_dir), t.key, job, "failed")
                 failures.append(e)
+                # Nothing pending starts now, nor the ensemble: not "queued" while the others finish.
+                _unqueue(Path(cfg.run_dir), [p.key for p in pending] + ["ensemble"])
     if failures:
         if pending:
             echo(f"not started after the failure: {', '.join(t.key for t in pending)}")
@@ -1355,13 +1360,30 @@ def _record_queued(run_dir: Path, where: list[str]) -> None:
     shows them "queued" while the launch runs, not "not submitted" as if nothing would run them."""
     jobs = read_jobs(run_dir)
     for key in where:
-        entry = {"state": "queued", "time": time.time()}
-        if key == "ensemble":
-            jobs["ensemble"] = entry
-        else:
-            jobs["tasks"][key] = entry
+        entries = jobs if key == "ensemble" else jobs["tasks"]
+        # What an earlier launch recorded (e.g. a job that failed before its fold began) comes back
+        # should this launch end without running it (_unqueue).
+        entries[key] = {"state": "queued", "time": time.time(), "before": entries.get(key, {})}
     jobs["kind"] = "local"
     write_jobs(run_dir, jobs)
+
+
+def _unqueue(run_dir: Path, keys: Sequence[str] | None = None) -> None:
+    """Entries a local launch recorded queued (of ``keys``, or all) back to what they were: the
+    launch will not run them (a task failed, or it is ending)."""
+    jobs = read_jobs(run_dir)
+    changed = False
+    for key, entries in [(k, jobs["tasks"]) for k in list(jobs["tasks"])] + [("ensemble", jobs)]:
+        entry = entries.get(key)
+        if isinstance(entry, dict) and entry.get("state") == "queued" and (keys is None or key in keys):
+            before = entry.get("before")
+            if isinstance(before, dict) and before:
+                entries[key] = before
+            else:
+                del entries[key]
+            changed = True
+    if changed:
+        write_jobs(run_dir, jobs)
 
 
 def _written_since(output: Path, entry: dict[str, Any]) -> bool:
@@ -1464,9 +1486,9 @@ def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict
         reason = pending_reason(info) if state == "pending" else ""
     if metrics is None and not entry.get("job_id") and lock_holder(train_lock(run_dir, t.backbone, t.fold)):
         state = "running"  # a local or hand-run trainer, e.g. the task of a local launch that was killed
-    if metrics is None and state != "running" and (t.dir(run_dir) / METRICS_NAME).is_file() \
+    if metrics is None and state != "running" and not reason and (t.dir(run_dir) / METRICS_NAME).is_file() \
             and read_json(t.dir(run_dir) / METRICS_NAME) is None:
-        reason = f"its {METRICS_NAME} is unreadable"  # damaged after the fold finished: a relaunch trains it again
+        reason = f"its {METRICS_NAME} is unreadable"  # damaged after the fold finished: a relaunch redoes its end
     if metrics is not None and isinstance(metrics.get("epochs_trained"), int):
         epoch = f"{metrics['epochs_trained']}/{cfg.train.epochs}"  # also when log.jsonl lost its last line
     else:
@@ -1590,22 +1612,23 @@ def _left_out_lines(cfg: ExperimentConfig, ens_metrics: dict[str, Any]) -> list[
         t = Task(str(m.get("backbone")), int(m.get("fold", -1)))
         line = f"  left out of the ensemble: {t.key}: {m.get('reason')}"
         if task_done(run_dir, t) and m.get("done") and _seen_by_ensemble(run_dir, t, ens_metrics, ens_path):
-            line += _redo_advice(t.dir(run_dir))
+            line += _redo_advice(t.dir(run_dir), m.get("trained_otherwise", True))
         elif task_done(run_dir, t):
             line += "; it has finished since: relaunch to ensemble it too"
         lines.append(line)
     return lines
 
 
-def _redo_advice(fold_dir: Path) -> str:
+def _redo_advice(fold_dir: Path, trained_otherwise: bool) -> str:
     """How to have a finished fold whose outputs are damaged write them again: from its newest
     checkpoint when it kept one (a fold without metrics.json resumes, then writes its outputs),
-    else by training it anew."""
+    else by training it anew, as a fold trained with other settings must be (an ensemble of
+    skinhpc < 0.2.4 does not say which it was: trained anew)."""
     from skinhpc.checkpoint import list_checkpoints
     kept = list_checkpoints(fold_dir / "checkpoints") if (fold_dir / "checkpoints").is_dir() else []
-    if kept:
+    if kept and not trained_otherwise:
         return (f"; to write its outputs again, delete {fold_dir / METRICS_NAME} and relaunch: it resumes from its "
-                f"checkpoint {kept[-1].path.name}")
+                f"newest readable checkpoint ({kept[-1].path.name} is the newest)")
     return f"; to train it again, move {fold_dir} away and relaunch"
 
 

@@ -108,7 +108,8 @@ def _check_recorded_digest(path: Path) -> None:
     if isinstance(recorded, str) and sha256_file(path) != recorded:
         raise PredictError(f"{path}: its bytes differ from those its fold recorded when it finished (sha256 in "
                            f"{path.parent / 'metrics.json'}): damaged or replaced; restore it from a copy of the run, "
-                           f"or move {path.parent} away and relaunch to train that fold again")
+                           f"or delete that metrics.json and relaunch: the fold writes it again from its checkpoints "
+                           f"if it kept them, else trains again")
 
 
 def _evaluated_with_tta(fold_dir: Path) -> bool:

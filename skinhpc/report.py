@@ -308,7 +308,7 @@ def _epochs_text(m: dict[str, Any]) -> str:
     if stopped and planned is not None and trained is not None and trained < planned:
         text += f" ({stopped}; {planned} planned)"
     if m.get("best_lost"):  # the best epoch's weights were lost: the fold's model is its last epoch's
-        text += " (last weights: the best were lost)"
+        text += " (its last weights: no best kept)"
     return text
 
 

@@ -162,13 +162,15 @@ def load_split(path: str | Path) -> dict:
     try:
         split = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise SplitError(f"{path}: not a split file ({e}); delete it and run the command again: the same "
-                         "split is made anew from the metadata and the split.* settings") from None
+        raise SplitError(f"{path}: not a split file ({e}); {_REMAKE_HINT}") from None
     problem = _split_shape_problem(split)
     if problem:
-        raise SplitError(f"{path}: not a split file ({problem}); delete it and run the command again: the same "
-                         "split is made anew from the metadata and the split.* settings")
+        raise SplitError(f"{path}: not a split file ({problem}); {_REMAKE_HINT}")
     return split
+
+
+_REMAKE_HINT = ("delete it and run the command again: the split is made anew from the metadata and the split.* "
+                "settings (the same split, if the data are unchanged)")
 
 
 def _split_shape_problem(split: object) -> str:
@@ -197,7 +199,8 @@ def ensure_split(run_dir: str | Path, df: pd.DataFrame, cfg: SplitConfig, remake
         try:
             return ensure_split(run_dir, df, cfg)
         except SplitError as e:
-            print(f"note: no task of the run has started: its split is made anew ({e})", flush=True)
+            print(f"note: no task of the run has started: its split is made anew ({str(e).removesuffix('; ' + _REMAKE_HINT)})",
+                  flush=True)
     elif path.is_file():
         split = load_split(path)
         saved = split.get("config", {})

@@ -459,6 +459,7 @@ class FoldTrainer:
         self.ckpt_dir = out / "checkpoints"
         self.flag = PreemptionFlag()
         self.stop_status = "preempted"  # what a stop on a signal returns ("interrupted" for Ctrl-C)
+        self.standing_on = ""  # the tag of the checkpoint resumed from or last written (save_checkpoint's protect)
         self.writer: Any = None
         self.engine: Any = None
         self.ddp: nn.Module | None = None
@@ -640,6 +641,7 @@ class FoldTrainer:
                 self._settle_best(self.state["best_epoch"])
             return
         info, state = found
+        self.standing_on = info.path.name  # readable: kept until a newer checkpoint is written
         self.state.update(upgrade_loop_state(state))
         _say(f"resuming from epoch {self.state['epoch']} step {self.state['step']} (checkpoint {info.path}; "
              f"device {self.env.device.type})", self.env)
@@ -883,7 +885,9 @@ class FoldTrainer:
         rank_state = {k: state[k] for k in self.RANK_KEYS}
         checkpoint.save_checkpoint(self.ckpt_dir, epoch, step, env=self.env, train_state=state,
                                    resume_keys=self.resume_keys, rank_state=rank_state, model=self.raw, optimizer=self.optimizer,
-                                   scaler=self.scaler, engine=self.engine, keep_last=self.tcfg.checkpoint.keep_last)
+                                   scaler=self.scaler, engine=self.engine, keep_last=self.tcfg.checkpoint.keep_last,
+                                   protect=self.standing_on)
+        self.standing_on = checkpoint.tag_of(epoch, step)
         if self.env.is_main:
             self._settle_best(state["best_epoch"])
 

@@ -286,3 +286,33 @@ def test_a_save_needs_room_for_no_more_checkpoints_than_are_kept_and_one_valid_s
     newest = checkpoint.tag_of(keep_last - 1, 0)
     assert all(len(names) == max(1, keep_last - 1) and newest in names for names in seen)  # peak: max(2, keep_last)
     assert [c.path.name for c in list_checkpoints(tmp_path)] == [checkpoint.tag_of(e, 0) for e in range(1, keep_last + 1)]
+
+
+@pytest.mark.timeout(60)
+def test_a_save_never_removes_the_checkpoint_the_run_fell_back_to_past_a_damaged_newer_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, opt = make_objects()
+    save(tmp_path, model, opt, 5, 0, keep_last=2)
+    damaged = save(tmp_path, model, opt, 5, 400, keep_last=2) / checkpoint.STATE
+    with open(damaged, "r+b") as f:  # bytes changed, size kept: only its sha256 tells
+        f.seek(damaged.stat().st_size // 2)
+        f.write(bytes(64))
+    info, _ = load_latest(tmp_path, env=ENV, resume_keys=KEYS, model=model, optimizer=opt)
+    assert info.path.name == "e005-s000000"  # the fall-back
+
+    def full_disk(obj, path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    with monkeypatch.context() as m:  # the next save fails: what the run stands on must still be there
+        m.setattr(checkpoint, "_torch_save", full_disk)
+        with pytest.raises(OSError):
+            save_checkpoint(tmp_path, 6, 0, env=ENV, train_state={"global_step": 60}, resume_keys=KEYS, model=model,
+                            optimizer=opt, keep_last=2, protect="e005-s000000")
+    info, _ = load_latest(tmp_path, env=ENV, resume_keys=KEYS, model=model, optimizer=opt)
+    assert info.path.name == "e005-s000000"
+    # Saving mid-epoch again (older than the damaged one): the damaged one, from a past the run
+    # left, goes; the run's own checkpoints are what stays.
+    for step, standing_on in ((200, "e005-s000000"), (300, "e005-s000200")):
+        save_checkpoint(tmp_path, 5, step, env=ENV, train_state={"global_step": 50 + step}, resume_keys=KEYS,
+                        model=model, optimizer=opt, keep_last=2, protect=standing_on)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e005-s000200", "e005-s000300"]

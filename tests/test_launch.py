@@ -524,7 +524,7 @@ def test_a_done_fold_the_ensemble_left_out_is_named_by_status_and_does_not_resub
     ens.mkdir()
     reason = "metrics.json says done but its predictions are unreadable: predictions_test.npz: truncated"
     (ens / "metrics.json").write_text(json.dumps({"finished": [{"backbone": "resnet18", "fold": 1}], "missing": [
-        {"backbone": "resnet18", "fold": 0, "reason": reason, "done": True}]}))
+        {"backbone": "resnet18", "fold": 0, "reason": reason, "done": True, "trained_otherwise": False}]}))
     plan = _plan_for(tmp_path, {}, {}, converted=True)
     assert plan.ensemble == "skip" and not plan.submit  # another ensemble job would leave it out again
     cfg, _ = load_launch_config([f"run_dir={tmp_path / 'exp'}", "backbones=[resnet18]"], None, 2)
@@ -541,7 +541,14 @@ def test_a_done_fold_the_ensemble_left_out_is_named_by_status_and_does_not_resub
                     resume_keys={}, model=model, optimizer=torch.optim.AdamW(model.parameters()))
     assert (f"left out of the ensemble: resnet18/fold0: {reason}; to write its outputs again, delete "
             f"{tmp_path / 'exp' / 'resnet18' / 'fold0' / 'metrics.json'} and relaunch: it resumes from its "
-            "checkpoint e003-s000000") in status(cfg)[0]
+            "newest readable checkpoint (e003-s000000 is the newest)") in status(cfg)[0]
+    (ens / "metrics.json").write_text(json.dumps({"finished": [{"backbone": "resnet18", "fold": 1}], "missing": [
+        {"backbone": "resnet18", "fold": 0, "reason": "trained with another config", "done": True,
+         "trained_otherwise": True}]}))  # its outputs would be left out again: only training it anew helps
+    assert (f"resnet18/fold0: trained with another config; to train it again, move "
+            f"{tmp_path / 'exp' / 'resnet18' / 'fold0'} away and relaunch") in status(cfg)[0]
+    (ens / "metrics.json").write_text(json.dumps({"finished": [{"backbone": "resnet18", "fold": 1}], "missing": [
+        {"backbone": "resnet18", "fold": 0, "reason": reason, "done": True, "trained_otherwise": False}]}))
     later = ens.stat().st_mtime + 10  # the fold finished again after the ensemble ran
     os.utime(tmp_path / "exp" / "resnet18" / "fold0" / "metrics.json", (later, later))
     assert "it has finished since: relaunch to ensemble it too" in status(cfg)[0]
@@ -875,8 +882,26 @@ def test_status_during_a_local_launch_shows_the_tasks_and_ensemble_it_has_yet_to
     assert re.search(r"resnet18 +0 +local 77 +running", text)
     assert re.search(r"resnet18 +1 +- +queued", text) and "ensemble: job - queued" in text
     assert "not submitted" not in text
-    text = status(cfg)[0]  # the launch stopped before it got to them: nothing will run them
+    text = status(cfg)[0]  # the launch was killed before it got to them: nothing will run them
     assert re.search(r"resnet18 +1 +- +not submitted", text) and "ensemble: job - not submitted" in text
+
+
+@pytest.mark.timeout(60)
+def test_a_local_launch_that_ends_without_running_its_queued_tasks_puts_back_what_was_recorded_before(
+        tmp_path: Path) -> None:
+    from skinhpc.launch import _record_queued, _unqueue, read_jobs, write_jobs
+    from skinhpc.ensemble import _not_started
+    run_dir = tmp_path / "exp"
+    failed = {"local_job": "77", "log": "/x/77.out", "err": "/x/77.err", "state": "failed"}
+    write_jobs(run_dir, {"kind": "local", "tasks": {"resnet18/fold1": failed}})
+    _record_queued(run_dir, ["resnet18/fold0", "resnet18/fold1", "ensemble"])
+    _unqueue(run_dir, ["resnet18/fold1", "ensemble"])  # a task failed: these will not start
+    jobs = read_jobs(run_dir)
+    assert jobs["tasks"]["resnet18/fold1"] == failed and "ensemble" not in jobs
+    assert jobs["tasks"]["resnet18/fold0"]["state"] == "queued"
+    assert "its local job 77 failed before training began" in _not_started(run_dir, "resnet18/fold1")
+    _unqueue(run_dir)  # the launch ends
+    assert "resnet18/fold0" not in read_jobs(run_dir)["tasks"]
 
 
 @pytest.mark.timeout(60)

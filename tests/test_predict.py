@@ -239,7 +239,7 @@ def test_a_model_file_whose_bytes_changed_since_its_fold_finished_is_refused_nam
         f.seek(path.stat().st_size // 2)
         f.write(bytes(4096))
     with pytest.raises(PredictError, match=rf"{path}: its bytes differ from those its fold recorded when it "
-                                           rf"finished .*move {path.parent} away and relaunch"):
+                                           r"finished .*delete that metrics.json and relaunch"):
         load_fold_models(run, "cpu")
 
 

@@ -206,7 +206,7 @@ def test_fold_table_shows_the_best_epoch_of_those_trained_and_why_a_fold_stopped
     text = (run.root / "ensemble" / "report.md").read_text()
     assert "| resnet18 | fold0 | 3 of 3 |" in text
     assert "| resnet18 | fold1 | 2 of 2 (time limit; 5 planned) |" in text
-    assert "| resnet18 | fold2 | 4 of 4 (early stop; 6 planned) (last weights: the best were lost) |" in text
+    assert "| resnet18 | fold2 | 4 of 4 (early stop; 6 planned) (its last weights: no best kept) |" in text
     assert "**Stopped by the time limit** (`train.stop_after_min`) before their last epoch: resnet18 fold1 after 2 of 5 epochs." in text
 
 
