@@ -1152,7 +1152,8 @@ def _launch_slurm(cfg: ExperimentConfig, echo: Callable[[str], None], remake: bo
                                     "err": str(job.paths.stderr), "submitted": time.time()}
             plan.active[t.key] = job.job_id
         write_jobs(run_dir, jobs)
-        echo(f"submitted training array {submitted[0].job_id.split('_')[0]}: "
+        what = "array" if len(submitted) > 1 or "_" in submitted[0].job_id else "job"  # submitit submits one task plainly
+        echo(f"submitted training {what} {submitted[0].job_id.split('_')[0]}: "
              + ", ".join(f"{t.key}={j.job_id}" for t, j in zip(plan.submit, submitted)))
     if plan.ensemble == "submit":
         waits = set(plan.active.values()) | set(plan.others.values())
