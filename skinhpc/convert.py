@@ -604,12 +604,14 @@ def _content_problem(out_dir: Path, manifest: dict[str, Any]) -> str:
     return ""
 
 
-def conversion_problem(out_dir: str | Path) -> str:
+def conversion_problem(out_dir: str | Path, compare_bytes: bool = False) -> str:
     """Why ``out_dir`` holds no usable conversion ("" when it does): no manifest, or its .beton or
-    index.csv missing or not of the size the manifest records. Sizes only: the sha256 of a full
-    .beton (gigabytes) is too slow for every launch; a file cut short or deleted is what happens."""
+    index.csv missing or not of the size the manifest records. Sizes only by default: the sha256 of
+    a full .beton is too slow for every launch, and a file cut short or deleted is what happens;
+    ``compare_bytes`` also compares their sha256 with the manifest's (bytes changed in place)."""
     try:
-        return _size_problem(Path(out_dir), read_manifest(out_dir))
+        manifest = read_manifest(out_dir)
+        return _content_problem(Path(out_dir), manifest) if compare_bytes else _size_problem(Path(out_dir), manifest)
     except InputError as e:
         return str(e)
     except (OSError, KeyError, TypeError) as e:
@@ -1286,9 +1288,9 @@ def ensure_converted(data_cfg: DataConfig, data_dir: Path) -> list[str]:
         if (data_dir / MANIFEST_NAME).is_file():
             # A conversion made elsewhere; nothing here says how to redo it, so a damaged one is
             # refused here, by name, rather than by the loader's reader of the .beton.
-            # Every byte, not only the sizes (conversion_problem): nothing else here would notice
-            # bytes changed in place, and a training task reads the whole file anyway.
-            if problem := conversion_problem(data_dir) or _content_problem(data_dir, read_manifest(data_dir)):
+            # Every byte, not only the sizes: nothing else here would notice bytes changed in
+            # place, and a training task reads the whole file anyway.
+            if problem := conversion_problem(data_dir, compare_bytes=True):
                 raise InputError([f"{data_dir} holds no usable conversion ({problem}) and no raw data is configured "
                                   "(data.images, data.metadata): convert again with jobs/convert.py, or set "
                                   "data.images and data.metadata to have it converted"])

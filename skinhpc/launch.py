@@ -1346,14 +1346,15 @@ def _record_local(run_dir: Path, where: str, job: Any, state: str) -> None:
     the ensemble's list of missing folds: without it a failed local task looked never submitted.
     ``where``: a task's key, "convert" or "ensemble"."""
     jobs = read_jobs(run_dir)
-    entry = {"local_job": str(job.job_id), "state": state, "log": str(job.paths.stdout), "err": str(job.paths.stderr),
-             "time": time.time()}
-    if where in ("convert", "ensemble"):
-        jobs[where] = entry
-    else:
-        jobs["tasks"][where] = entry
+    _entries_of(jobs, where)[where] = {"local_job": str(job.job_id), "state": state, "log": str(job.paths.stdout),
+                                       "err": str(job.paths.stderr), "time": time.time()}
     jobs["kind"] = "local"
     write_jobs(run_dir, jobs)
+
+
+def _entries_of(jobs: dict[str, Any], where: str) -> dict[str, Any]:
+    """The part of jobs.json that holds the entry of ``where``: a task's key, "convert" or "ensemble"."""
+    return jobs if where in ("convert", "ensemble") else jobs["tasks"]
 
 
 def _record_queued(run_dir: Path, where: list[str]) -> None:
@@ -1361,7 +1362,7 @@ def _record_queued(run_dir: Path, where: list[str]) -> None:
     shows them "queued" while the launch runs, not "not submitted" as if nothing would run them."""
     jobs = read_jobs(run_dir)
     for key in where:
-        entries = jobs if key == "ensemble" else jobs["tasks"]
+        entries = _entries_of(jobs, key)
         # What an earlier launch recorded (e.g. a job that failed before its fold began) comes back
         # should this launch end without running it (_unqueue).
         entries[key] = {"state": "queued", "time": time.time(), "before": entries.get(key, {})}
@@ -1374,7 +1375,8 @@ def _unqueue(run_dir: Path, keys: Sequence[str] | None = None) -> None:
     launch will not run them (a task failed, or it is ending)."""
     jobs = read_jobs(run_dir)
     changed = False
-    for key, entries in [(k, jobs["tasks"]) for k in list(jobs["tasks"])] + [("ensemble", jobs)]:
+    for key in [*jobs["tasks"], "ensemble"]:
+        entries = _entries_of(jobs, key)
         entry = entries.get(key)
         if isinstance(entry, dict) and entry.get("state") == "queued" and (keys is None or key in keys):
             before = entry.get("before")

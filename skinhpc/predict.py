@@ -79,14 +79,16 @@ def finished_model_files(run_dir: str | Path, warn: Callable[[str], None] | None
         if not fold_dir.name[4:].isdigit() or fold_dir.parent.name == "ensemble":
             continue
         try:
-            done = json.loads(status_path.read_text()).get("status") == "done"
+            status = json.loads(status_path.read_text())
         except ValueError:
-            done = False
+            status = {}
+        done = isinstance(status, dict) and status.get("status") == "done"
         key = (fold_dir.parent.name, int(fold_dir.name[4:]))
         if done and (why := otherwise.get(key)):
             if warn is not None:  # the report leaves it out: so do the answers that are "the report's"
                 warn(f"{fold_dir}: {why}; predicting without this fold model, as the report does")
         elif done and (fold_dir / "model_best.pt").is_file():
+            _check_recorded_digest(fold_dir / "model_best.pt", status.get("model_best_sha256"))
             found.append((*key, fold_dir / "model_best.pt"))
         elif done and warn is not None:
             warn(f"{fold_dir}: finished but has no model_best.pt; predicting without this fold model")
@@ -97,14 +99,10 @@ def finished_model_files(run_dir: str | Path, warn: Callable[[str], None] | None
     return sorted(found, key=lambda t: (t[0], t[1]))
 
 
-def _check_recorded_digest(path: Path) -> None:
+def _check_recorded_digest(path: Path, recorded: object) -> None:
     """Refuse a model_best.pt whose bytes differ from those its fold recorded in metrics.json when it
-    finished (folds of skinhpc < 0.2.4 recorded none): torch.load notices a file cut short, not
-    bytes changed in place, and such a model answers wrongly without an error."""
-    try:
-        recorded = json.loads((path.parent / "metrics.json").read_text()).get("model_best_sha256")
-    except (OSError, ValueError, AttributeError):
-        return
+    finished (``recorded``; folds of skinhpc < 0.2.4 recorded none): torch.load notices a file cut
+    short, not bytes changed in place, and such a model answers wrongly without an error."""
     if isinstance(recorded, str) and sha256_file(path) != recorded:
         raise PredictError(f"{path}: its bytes differ from those its fold recorded when it finished (sha256 in "
                            f"{path.parent / 'metrics.json'}): damaged or replaced; restore it from a copy of the run, "
@@ -134,7 +132,6 @@ def load_fold_models(run_dir: str | Path, device: torch.device | str | None = No
         raise PredictError(f"device {device}: no CUDA GPU is available here; use --device cpu")
     models = []
     for backbone, fold, path in finished_model_files(run_dir, warn):
-        _check_recorded_digest(path)
         model, meta = load_model_file(path, map_location="cpu")
         classes = list(meta.get("classes", CLASSES))
         if classes != list(CLASSES):
