@@ -750,7 +750,8 @@ class JobInfo:
 
 
 def query_jobs(job_ids: list[str]) -> dict[str, JobInfo]:
-    """squeue (live jobs, arrays expanded) + sacct (finished jobs, requeue history) for job ids."""
+    """squeue (live jobs, arrays expanded) + sacct (finished jobs, requeue history) for the job ids
+    recorded for one run (``mark_stalled``)."""
     info: dict[str, JobInfo] = {}
     ids = sorted({j for j in job_ids if j})
     if not ids or not shutil.which("squeue"):
@@ -767,17 +768,56 @@ def query_jobs(job_ids: list[str]) -> dict[str, JobInfo]:
     bases = sorted({j.split("_")[0] for j in ids})
     # sacct may fail where accounting is off: jobs squeue lacks are then simply not running.
     out = _run(["sacct", "-n", "-P", "-X", "-D", "-o", "JobID,State", "-j", ",".join(bases)])
-    for line in out.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) != 2 or parts[0] not in ids:
-            continue
-        job_id, state = parts[0], parts[1].split()[0]
-        entry = info.setdefault(job_id, JobInfo())
-        if state in _PREVIOUS_RUN:
-            entry.previous_runs += 1
-        if not entry.live:
-            entry.slurm_state = state
+    rows = [(parts[0], parts[1].split()[0]) for line in out.splitlines()
+            if len(parts := line.strip().split("|")) == 2 and parts[1].split()]
+    for row_id, state in rows:
+        for job_id in sacct_row_ids(row_id, ids):
+            entry = info.setdefault(job_id, JobInfo())
+            if state in _PREVIOUS_RUN:
+                entry.previous_runs += 1
+            if not entry.live:
+                entry.slurm_state = state
+    # An array none of whose tasks ever started can read as one row under the array's own id.
+    whole = {row_id: state for row_id, state in rows if row_id.isdigit()}
+    for job_id in ids:
+        base, _, index = job_id.partition("_")
+        if index and base in whole and job_id not in info:
+            info[job_id] = JobInfo(slurm_state=whole[base])
+    return mark_stalled(info, ids)
+
+
+def mark_stalled(info: dict[str, JobInfo], ids: list[str]) -> dict[str, JobInfo]:
+    """``info`` with the run's jobs pending on a Dependency marked DependencyNeverSatisfied when
+    every other job of the run has ended unfinished or can never start. SLURM says so only of a
+    job whose own dependency failed: after a failed conversion its training tasks read
+    DependencyNeverSatisfied, but the ensemble, which waits for them, reads Dependency as long
+    as they are pending. The run's jobs wait only on each other, so none of them can ever run."""
+    dead = {j for j in ids if dependency_never_satisfied(info.get(j)) or job_state(info.get(j)) in ("failed", "cancelled")}
+    waiting = [j for j in ids if j not in dead and (i := info.get(j)) is not None and i.live
+               and i.slurm_state == "PENDING" and i.reason.strip() == "Dependency"]
+    if dead and len(dead) + len(waiting) == len(ids):
+        for j in waiting:
+            info[j] = dataclasses.replace(info[j], reason="DependencyNeverSatisfied")
     return info
+
+
+_ARRAY_ROW = re.compile(r"(\d+)_\[([0-9,\-]+)(?:%\d+)?\]")
+
+
+def sacct_row_ids(row_id: str, ids: Iterable[str]) -> list[str]:
+    """Which of ``ids`` one sacct row is about. Array tasks that never started share one row,
+    ``132_[0-3,5%2]`` (e.g. an array cancelled while it waited for its conversion), or ``132`` when
+    none of them did (``query_jobs``): each of them is in that row's state."""
+    m = _ARRAY_ROW.fullmatch(row_id)
+    if m is None:
+        return [row_id] if row_id in ids else []
+    spans = [(int(lo), int(hi or lo)) for lo, _, hi in (part.partition("-") for part in m.group(2).split(",") if part)]
+    base, covered = m.group(1), []
+    for job_id in ids:
+        head, _, index = job_id.partition("_")
+        if head == base and index.isdigit() and any(lo <= int(index) <= hi for lo, hi in spans):
+            covered.append(job_id)
+    return covered
 
 
 def settled_jobs(job_ids: list[str], wait_s: float = 60.0, poll_s: float = 2.0) -> dict[str, JobInfo]:
@@ -1092,7 +1132,7 @@ def nothing_started(run_dir: Path) -> bool:
     except LaunchError:  # squeue does not answer: its jobs may still run
         return False
     return all(dependency_never_satisfied(infos.get(j)) or job_state(infos.get(j)) in ("failed", "cancelled")
-               for j in ids)
+               for j in ids)  # (an ensemble waiting for tasks that can never start: mark_stalled)
 
 
 def _prepare_run(cfg: ExperimentConfig, converted: bool, remake: bool = False, running: Iterable[str] = ()) -> None:
@@ -1575,11 +1615,15 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
         lines.append(conv_line)
     ens_reason = pending_reason(ens_info) if ens_state == "pending" else ""
     lines.append(f"ensemble: job {ens_job or '-'} {ens_state}" + (f" ({ens_reason})" if ens_reason else "")
-                 + (f", log {ens_entry['err']}" if ens_state in ("failed", "stopped", "cancelled")
+                 + (f", log {_shown_log(ens_entry['err'], ens_state)}" if ens_state in ("failed", "stopped", "cancelled")
                     and ens_entry.get("err") else ""))
     if note := _local_launch_note(run_dir, jobs):
         lines.append(note)
-    if dependency_never_satisfied(ens_info) and all(r.state == "done" for r in rows):
+    conv_state = job_state(infos.get(jobs.get("convert", {}).get("job_id", "")))
+    if conv_state in ("failed", "cancelled") and any(r.state == "blocked" for r in rows):
+        lines.append("  the training tasks and the ensemble can never start: the conversion job they wait for did "
+                     "not finish; mend what its log names and relaunch (the same jobs/launch.py command)")
+    elif dependency_never_satisfied(ens_info) and all(r.state == "done" for r in rows):
         # SLURM recorded a training job as failed although its fold finished (e.g. a signal that
         # came after the fold had written its metrics.json): afterok never fires.
         lines.append("  the ensemble job can never start (DependencyNeverSatisfied): SLURM recorded a training "
@@ -1595,6 +1639,9 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
                      "to resubmit them and a new ensemble job")
     if ens_state in ("failed", "cancelled") and not failed:
         lines.append("  relaunch (the same jobs/launch.py command) to submit a new ensemble job")
+    if ens_state == "completed":  # not "done": its outputs were deleted or damaged since
+        lines.append(f"  its outputs ({run_dir / 'ensemble' / 'metrics.json'}) are missing or unreadable: relaunch "
+                     "(the same jobs/launch.py command) to submit a new ensemble job")
     if ens_state == "done" and ens_metrics:
         lines += ["  " + line for line in ensemble_headline(ens_metrics)]
         lines += _left_out_lines(cfg, ens_metrics)

@@ -806,6 +806,72 @@ def test_recorded_jobs_are_not_resubmitted_when_squeue_does_not_answer(tmp_path:
     assert launch_mod.query_jobs(["4242_0"])["4242_0"].live
 
 
+def _fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, squeue: str, sacct: str) -> None:
+    """squeue and sacct on PATH that print the given lines (their -o formats: id|state|reason, id|state)."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    for name, text in (("squeue", squeue), ("sacct", sacct)):
+        (fake / name).write_text(f"#!/bin/sh\ncat <<'EOF'\n{text}\nEOF\n")
+        (fake / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+
+
+@pytest.mark.timeout(60)
+def test_array_tasks_cancelled_before_they_started_read_cancelled_from_sacct_s_one_row_for_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from skinhpc import launch as launch_mod
+
+    # sacct -X gives tasks that never started one row, throttle and all; started ones their own.
+    # sacct -X gives tasks that never started one row, throttle and all, or the array's own id when
+    # none of them started; started ones their own.
+    _fake_slurm(tmp_path, monkeypatch, "", "132_[0-1,3%2]|CANCELLED by 0\n132_2|FAILED\n1320_0|COMPLETED\n"
+                                           "147|CANCELLED by 0\n150|FAILED\n150_1|COMPLETED")
+    ids = ["132_0", "132_1", "132_2", "132_3", "1320_1", "147_0", "147_1", "150_0", "150_1"]
+    infos = launch_mod.query_jobs(ids)
+    assert {j: launch_mod.job_state(infos.get(j)) for j in ids} == {
+        "132_0": "cancelled", "132_1": "cancelled", "132_2": "failed", "132_3": "cancelled", "1320_1": "unknown",
+        "147_0": "cancelled", "147_1": "cancelled", "150_0": "failed", "150_1": "completed"}
+
+
+@pytest.mark.timeout(60)
+def test_after_a_failed_conversion_the_ensemble_waiting_on_blocked_tasks_is_blocked_and_the_run_remade(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from skinhpc.launch import nothing_started, status, write_jobs
+
+    run_dir = tmp_path / "exp"
+    cfg, _ = load_launch_config([f"run_dir={run_dir}", "backbones=[resnet18]"], None, 2)
+    save_config(cfg, run_dir / "config.yaml")
+    write_jobs(run_dir, {"convert": {"job_id": "5"}, "ensemble": {"job_id": "7"},
+                         "tasks": {"resnet18/fold0": {"job_id": "6_0"}, "resnet18/fold1": {"job_id": "6_1"}}})
+    # SLURM's own view: the tasks' afterok failed; the ensemble's tasks are still pending.
+    tasks = "6_0|PENDING|DependencyNeverSatisfied\n6_1|PENDING|DependencyNeverSatisfied"
+    _fake_slurm(tmp_path, monkeypatch, f"{tasks}\n7|PENDING|Dependency", "5|FAILED")
+    assert nothing_started(run_dir)  # so a launch with the CSV mended makes the split and config anew
+    text, summary = status(cfg)
+    assert summary["ensemble"]["state"] == "blocked" and {t["state"] for t in summary["tasks"].values()} == {"blocked"}
+    assert "the conversion job they wait for did not finish; mend what its log names and relaunch" in text, text
+    assert "a training task it waits for did not finish" not in text
+    _fake_slurm(tmp_path, monkeypatch, f"{tasks}\n7|PENDING|Dependency\n8|RUNNING|None", "5|FAILED")
+    write_jobs(run_dir, {"convert": {"job_id": "5"}, "ensemble": {"job_id": "7"},
+                         "tasks": {"resnet18/fold0": {"job_id": "6_0"}, "resnet18/fold1": {"job_id": "8"}}})
+    assert not nothing_started(run_dir)  # a job of the run runs: what waits on it may start
+    assert status(cfg)[1]["ensemble"]["state"] == "pending"
+
+
+@pytest.mark.timeout(60)
+def test_status_says_to_relaunch_when_a_completed_ensemble_s_outputs_are_gone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from skinhpc.launch import status, write_jobs
+
+    _plan_for(tmp_path, {}, {}, converted=True, done=(0, 1))
+    cfg, _ = load_launch_config([f"run_dir={tmp_path / 'exp'}", "backbones=[resnet18]"], None, 2)
+    write_jobs(tmp_path / "exp", {"tasks": {}, "ensemble": {"job_id": "7"}})
+    _fake_slurm(tmp_path, monkeypatch, "", "7|COMPLETED")
+    text, summary = status(cfg)
+    assert summary["ensemble"]["state"] == "completed"
+    assert "ensemble/metrics.json) are missing or unreadable: relaunch" in text, text
+
+
 @pytest.mark.timeout(60)
 def test_a_relaunch_waits_for_a_completing_job_to_tell_a_cancelled_task_from_a_requeued_one(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -237,6 +237,37 @@ def test_failed_task_blocks_ensemble_status_names_it_and_relaunch_recovers(e2e_r
     assert re.search(r"ensemble: job \d+ done", out), out
 
 
+@pytest.mark.timeout(1200)
+def test_a_conversion_failed_on_a_bad_csv_blocks_the_run_and_a_launch_with_the_csv_mended_remakes_it(
+        tmp_path: Path) -> None:
+    from skinhpc import SAMPLE_IMAGES, SAMPLE_METADATA
+    csv = tmp_path / "meta.csv"
+    good = SAMPLE_METADATA.read_text()
+    csv.write_text(good + "HAM_9999999,ISIC_9999999,nv,histo,50.0,male,back\n")  # an image that is not there
+    run_dir = tmp_path / "mended"
+    args = ["--folds", "2", "--config", SAMPLE_CONFIG, f"run_dir={run_dir}", f"data.dir={tmp_path / 'data'}", PROFILE,
+            f"data.images=[{SAMPLE_IMAGES}]", f"data.metadata={csv}", "train.epochs=1", "train.max_steps_per_epoch=2"]
+    launch(args, cwd=tmp_path)
+    conv = jobs_of(run_dir)["convert"]["job_id"]
+    wait_for(lambda: sacct(conv).get("state") == "FAILED", 300, "the conversion job to fail", poll=2)
+    wait_for(lambda: "blocked" in launch(["--status", f"run_dir={run_dir}"], cwd=tmp_path).stdout, 60,
+             "the tasks to read DependencyNeverSatisfied", poll=2)
+    out = launch(["--status", f"run_dir={run_dir}"], cwd=tmp_path).stdout
+    # SLURM says Dependency of the ensemble, which waits for tasks that can never start: blocked too.
+    assert re.search(r"ensemble: job \d+ blocked", out) and "the conversion job they wait for did not finish" in out, out
+    launch(["--cancel", f"run_dir={run_dir}"], cwd=tmp_path)
+    wait_for(lambda: not live_jobs(f"skinhpc-train-{run_dir.name}"), 60, "the cancelled tasks to leave the queue")
+    out = launch(["--status", f"run_dir={run_dir}"], cwd=tmp_path).stdout
+    rows = [line for line in out.splitlines() if line.startswith("resnet18")]
+    assert len(rows) == 2 and all(" cancelled " in r for r in rows), out  # sacct's one row for the whole array
+
+    csv.write_text(good)
+    again = launch(args, cwd=tmp_path).stdout
+    assert "its split is made anew" in again and "submitted conversion job" in again, again
+    wait_for(lambda: ensemble_done(run_dir), 600, "the mended experiment's ensemble", poll=3)
+    assert all(metrics(run_dir, k)["status"] == "done" for k in range(2))
+
+
 # --------------------------------------------------------------------------- multi-node
 
 @pytest.mark.timeout(1200)
