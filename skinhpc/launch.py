@@ -99,10 +99,11 @@ FAIL_ENV = "SKINHPC_TEST_FAIL_TASKS"
 LAUNCH_DIR = JOBS_PATH.parent.name
 JOBS_FILE = JOBS_PATH.name
 LOCK_FILE = "lock"
-ACTIVE = ("pending", "running", "requeued")
+ACTIVE = ("pending", "running", "requeued", "suspended")
 # SLURM states (squeue/sacct) → the launcher's words.
 _RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING"}
-_REQUEUED = {"REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "SUSPENDED", "PREEMPTED", "STOPPED", "RESV_DEL_HOLD"}
+_REQUEUED = {"REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "PREEMPTED", "RESV_DEL_HOLD"}
+_SUSPENDED = {"SUSPENDED", "STOPPED"}  # scontrol suspend, or a preemption by suspension: it resumes in place
 _PREVIOUS_RUN = {"REQUEUED", "PREEMPTED", "NODE_FAIL", "TIMEOUT"}
 
 
@@ -834,13 +835,15 @@ def settled_jobs(job_ids: list[str], wait_s: float = 60.0, poll_s: float = 2.0) 
 
 
 def job_state(info: JobInfo | None) -> str:
-    """pending / running / requeued / failed / cancelled / completed / unknown."""
+    """pending / running / requeued / suspended / failed / cancelled / completed / unknown."""
     if info is None or not info.slurm_state:
         return "unknown"
     s = info.slurm_state
     if info.live:
         if s in _RUNNING:
             return "running"
+        if s in _SUSPENDED:
+            return "suspended"
         if s in _REQUEUED or (s == "PENDING" and info.previous_runs):
             return "requeued"
         return "pending"
@@ -856,6 +859,15 @@ def pending_reason(info: JobInfo | None) -> str:
     the job can never fit (PartitionTimeLimit), a quota (AssocGrpGRES, QOSMax...), a drained node."""
     reason = info.reason.strip() if info is not None else ""
     return "" if reason in ("", "None", "Priority", "Resources", "Dependency", "BeginTime") else reason
+
+
+def _held_reason(info: JobInfo | None) -> str:
+    """Why a kept job may not run on its own (the plan says so): SLURM's reason for a pending job
+    held or over a limit (``pending_reason``), or that it is suspended."""
+    if job_state(info) == "suspended":
+        return "suspended"
+    reason = pending_reason(info) if job_state(info) == "pending" else ""
+    return f"pending ({reason})" if reason else ""
 
 
 def dependency_never_satisfied(info: JobInfo | None) -> bool:
@@ -987,6 +999,7 @@ class Plan:
     stale: list[str] = field(default_factory=list)  # pending jobs that can never start: cancelled
     tasks: list[Task] = field(default_factory=list)
     convert_reason: str = ""         # why the data need a conversion ("submit")
+    held: dict[str, str] = field(default_factory=dict)  # task key → why SLURM holds its kept job (JobHeldAdmin...)
 
     def lines(self) -> list[str]:
         out = [f"run dir: {self.run_dir} ({self.kind})"]
@@ -1003,7 +1016,7 @@ class Plan:
             resumes = any((t.dir(self.run_dir) / "checkpoints").glob("e*-s*"))
             out.append(f"  submit {t.key}" + (" (resumes from its checkpoint)" if resumes else ""))
         for key, job in self.active.items():
-            out.append(f"  keep   {key} (job {job})")
+            out.append(f"  keep   {key} (job {job}" + (f"; {self.held[key]}" if key in self.held else "") + ")")
         for key, job in self.others.items():
             out.append(f"  keep   {key} (job {job}; a backbone of the run not in this launch's backbones)")
         after = "(afterok)" if self.kind == "slurm" else "(once they all finished)"
@@ -1040,6 +1053,8 @@ def make_plan(cfg: ExperimentConfig, kind: str, jobs: dict[str, Any], infos: dic
             plan.done.append(t)
         elif alive(job):
             plan.active[t.key] = job
+            if held := _held_reason(infos.get(job)):
+                plan.held[t.key] = held
         elif holder := lock_holder(lock := train_lock(run_dir, t.backbone, t.fold)):
             # Not one of this launch's queued jobs: e.g. the task of a local launch that was killed.
             raise LaunchError(f"{t.backbone} fold {t.fold} is being trained by {holder} ({t.dir(run_dir)}); wait "
@@ -1122,8 +1137,9 @@ def _check_or_remake(run_dir: Path, cfg: ExperimentConfig, echo: Callable[[str],
 def nothing_started(run_dir: Path) -> bool:
     """No task of the run has trained (no fold folder holds a config.yaml) and no job of it is
     queued or running: its split and config pin no result yet, so a launch may make them anew
-    (e.g. after a conversion failed on a bad CSV, the CSV mended). Jobs that SLURM says can never
-    start (their conversion failed) do not count; a SLURM that does not answer does."""
+    (e.g. after a conversion failed on a bad CSV, the CSV mended). Jobs that ended or that SLURM
+    says can never start (their conversion failed) do not count; a SLURM that does not answer,
+    or a job it does not know, does."""
     if not (run_dir / "config.yaml").is_file() or any(run_dir.glob("*/fold*/config.yaml")):
         return False
     ids = recorded_job_ids(read_jobs(run_dir))  # SLURM's, also for a local launch after a SLURM one
@@ -1131,8 +1147,10 @@ def nothing_started(run_dir: Path) -> bool:
         infos = query_jobs(ids) if ids else {}
     except LaunchError:  # squeue does not answer: its jobs may still run
         return False
-    return all(dependency_never_satisfied(infos.get(j)) or job_state(infos.get(j)) in ("failed", "cancelled")
-               for j in ids)  # (an ensemble waiting for tasks that can never start: mark_stalled)
+    # A completed job of a run whose folds hold no config.yaml is its conversion: the data it wrote
+    # are checked like any other. (An ensemble waiting for tasks that can never start: mark_stalled.)
+    return all(dependency_never_satisfied(infos.get(j)) or job_state(infos.get(j)) in ("failed", "cancelled", "completed")
+               for j in ids)
 
 
 def _prepare_run(cfg: ExperimentConfig, converted: bool, remake: bool = False, running: Iterable[str] = ()) -> None:
@@ -1527,6 +1545,8 @@ def _task_row(cfg: ExperimentConfig, t: Task, entry: dict[str, Any], infos: dict
         state = "completing" if info is not None and info.live and info.slurm_state == "COMPLETING" else state
         state = "blocked" if dependency_never_satisfied(info) else state  # its conversion failed
         reason = pending_reason(info) if state == "pending" else ""
+        if state == "failed" and info is not None and info.slurm_state not in ("FAILED", "COMPLETED"):
+            reason = info.slurm_state  # TIMEOUT (out of requeues), OUT_OF_MEMORY, NODE_FAIL...
     if metrics is None and not entry.get("job_id") and lock_holder(train_lock(run_dir, t.backbone, t.fold)):
         state = "running"  # a local or hand-run trainer, e.g. the task of a local launch that was killed
     if metrics is None and state != "running" and not reason and (t.dir(run_dir) / METRICS_NAME).is_file() \
@@ -1621,8 +1641,9 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
         lines.append(note)
     conv_state = job_state(infos.get(jobs.get("convert", {}).get("job_id", "")))
     if conv_state in ("failed", "cancelled") and any(r.state == "blocked" for r in rows):
-        lines.append("  the training tasks and the ensemble can never start: the conversion job they wait for did "
-                     "not finish; mend what its log names and relaunch (the same jobs/launch.py command)")
+        what = "failed; mend what its log names and" if conv_state == "failed" else "was cancelled;"
+        lines.append(f"  the training tasks and the ensemble can never start: the conversion job they wait for "
+                     f"{what} relaunch (the same jobs/launch.py command)")
     elif dependency_never_satisfied(ens_info) and all(r.state == "done" for r in rows):
         # SLURM recorded a training job as failed although its fold finished (e.g. a signal that
         # came after the fold had written its metrics.json): afterok never fires.

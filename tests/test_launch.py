@@ -849,13 +849,41 @@ def test_after_a_failed_conversion_the_ensemble_waiting_on_blocked_tasks_is_bloc
     assert nothing_started(run_dir)  # so a launch with the CSV mended makes the split and config anew
     text, summary = status(cfg)
     assert summary["ensemble"]["state"] == "blocked" and {t["state"] for t in summary["tasks"].values()} == {"blocked"}
-    assert "the conversion job they wait for did not finish; mend what its log names and relaunch" in text, text
+    assert "the conversion job they wait for failed; mend what its log names and relaunch" in text, text
     assert "a training task it waits for did not finish" not in text
     _fake_slurm(tmp_path, monkeypatch, f"{tasks}\n7|PENDING|Dependency\n8|RUNNING|None", "5|FAILED")
     write_jobs(run_dir, {"convert": {"job_id": "5"}, "ensemble": {"job_id": "7"},
                          "tasks": {"resnet18/fold0": {"job_id": "6_0"}, "resnet18/fold1": {"job_id": "8"}}})
     assert not nothing_started(run_dir)  # a job of the run runs: what waits on it may start
     assert status(cfg)[1]["ensemble"]["state"] == "pending"
+    # The conversion completed, everything else was cancelled before it started: no fold pins the run.
+    _fake_slurm(tmp_path, monkeypatch, "", "5|COMPLETED\n6|CANCELLED by 0\n7|CANCELLED by 0")
+    write_jobs(run_dir, {"convert": {"job_id": "5"}, "ensemble": {"job_id": "7"},
+                         "tasks": {"resnet18/fold0": {"job_id": "6_0"}, "resnet18/fold1": {"job_id": "6_1"}}})
+    assert nothing_started(run_dir)
+    _fake_slurm(tmp_path, monkeypatch, f"{tasks}\n7|PENDING|Dependency", "5|CANCELLED by 0")
+    assert "the conversion job they wait for was cancelled; relaunch (the same" in status(cfg)[0]
+
+
+@pytest.mark.timeout(60)
+def test_a_held_or_suspended_job_is_kept_and_the_plan_and_status_say_so_and_a_timed_out_task_says_timeout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from skinhpc.launch import JobInfo, status, write_jobs
+
+    infos = {"6_0": JobInfo("PENDING", "JobHeldAdmin", live=True), "6_1": JobInfo("SUSPENDED", "None", live=True),
+             "7": JobInfo("PENDING", "Dependency", live=True)}
+    jobs = {"tasks": {"resnet18/fold0": {"job_id": "6_0"}, "resnet18/fold1": {"job_id": "6_1"}},
+            "ensemble": {"job_id": "7"}}
+    plan = _plan_for(tmp_path, infos, jobs, converted=True)
+    assert not plan.submit and plan.ensemble == "wait:7"  # a suspended job resumes in place: never a second copy
+    assert "  keep   resnet18/fold0 (job 6_0; pending (JobHeldAdmin))" in plan.lines()
+    assert "  keep   resnet18/fold1 (job 6_1; suspended)" in plan.lines()
+    cfg, _ = load_launch_config([f"run_dir={tmp_path / 'exp'}", "backbones=[resnet18]"], None, 2)
+    write_jobs(tmp_path / "exp", jobs)
+    _fake_slurm(tmp_path, monkeypatch, "6_1|SUSPENDED|None", "6_0|TIMEOUT\n7|CANCELLED by 0")
+    _, summary = status(cfg)
+    assert summary["tasks"]["resnet18/fold1"]["state"] == "suspended"
+    assert (summary["tasks"]["resnet18/fold0"]["state"], summary["tasks"]["resnet18/fold0"]["reason"]) == ("failed", "TIMEOUT")
 
 
 @pytest.mark.timeout(60)

@@ -254,7 +254,7 @@ def test_a_conversion_failed_on_a_bad_csv_blocks_the_run_and_a_launch_with_the_c
              "the tasks to read DependencyNeverSatisfied", poll=2)
     out = launch(["--status", f"run_dir={run_dir}"], cwd=tmp_path).stdout
     # SLURM says Dependency of the ensemble, which waits for tasks that can never start: blocked too.
-    assert re.search(r"ensemble: job \d+ blocked", out) and "the conversion job they wait for did not finish" in out, out
+    assert re.search(r"ensemble: job \d+ blocked", out) and "the conversion job they wait for failed" in out, out
     launch(["--cancel", f"run_dir={run_dir}"], cwd=tmp_path)
     wait_for(lambda: not live_jobs(f"skinhpc-train-{run_dir.name}"), 60, "the cancelled tasks to leave the queue")
     out = launch(["--status", f"run_dir={run_dir}"], cwd=tmp_path).stdout
