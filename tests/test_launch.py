@@ -467,6 +467,33 @@ def test_local_task_sees_the_launching_shells_gpus_not_submitits_empty_list(
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == launching_shell
 
 
+@pytest.mark.parametrize("saved, uncaught, exit_status", [
+    (("success", {"status": "done"}), False, 0),  # the teardown is skipped, so it cannot abort
+    (("error", "Traceback ..."), False, -signal.SIGABRT),  # a failed task keeps its exit as it was
+    (None, False, -signal.SIGABRT),  # no result saved (submitit failed to write it)
+    (("success", {"status": "done"}), True, -signal.SIGABRT),  # something raised after the result
+])
+def test_a_task_whose_success_submitit_saved_exits_0_even_where_the_teardown_would_abort(
+        tmp_path: Path, saved: tuple | None, uncaught: bool, exit_status: int) -> None:
+    from submitit.core.utils import cloudpickle_dump
+
+    result = tmp_path / "7_0_result.pkl"
+    if saved is not None:
+        cloudpickle_dump(saved, result)
+    script = "\n".join([
+        "import atexit, os",
+        "from pathlib import Path",
+        "from skinhpc.launch import leave_without_teardown",
+        "atexit.register(os.abort)  # stands for a communication library that aborts in the teardown",
+        f"atexit.register(leave_without_teardown, Path({str(result)!r}))",
+        "print('fold done', flush=True)",
+        "raise RuntimeError('after the result')" if uncaught else "",
+    ])
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == exit_status, proc.stderr[-2000:]
+    assert proc.stdout == "fold done\n"
+
+
 @pytest.mark.timeout(120)
 def test_a_converted_data_dir_whose_beton_went_is_refused_at_launch_naming_the_file(
         tmp_path: Path, sample_data_dir: Path) -> None:
