@@ -56,7 +56,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -355,7 +355,7 @@ def leave_without_teardown(result_pickle: Path) -> None:
 def _leave_without_teardown_after_success() -> None:
     """Arm ``leave_without_teardown`` for this submitit task (atexit runs it first of all handlers,
     being the last registered, and after the non-daemon threads have been joined)."""
-    if _under_submitit():
+    if _under_submitit() and os.environ.get("SUBMITIT_FOLDER"):  # run by submitit's job runner, which saves the result
         atexit.register(leave_without_teardown, submitit.JobEnvironment().paths.result_pickle)
 
 
@@ -789,9 +789,9 @@ class JobInfo:
     live: bool = False
 
 
-def query_jobs(job_ids: list[str]) -> dict[str, JobInfo]:
+def query_jobs(job_ids: list[str], waits: Mapping[str, Sequence[str]] | None = None) -> dict[str, JobInfo]:
     """squeue (live jobs, arrays expanded) + sacct (finished jobs, requeue history) for the job ids
-    recorded for one run (``mark_stalled``)."""
+    recorded for one run; ``waits`` (``recorded_waits``) for ``mark_stalled``."""
     info: dict[str, JobInfo] = {}
     ids = sorted({j for j in job_ids if j})
     if not ids or not shutil.which("squeue"):
@@ -823,22 +823,31 @@ def query_jobs(job_ids: list[str]) -> dict[str, JobInfo]:
         base, _, index = job_id.partition("_")
         if index and base in whole and job_id not in info:
             info[job_id] = JobInfo(slurm_state=whole[base])
-    return mark_stalled(info, ids)
+    return mark_stalled(info, waits or {})
 
 
-def mark_stalled(info: dict[str, JobInfo], ids: list[str]) -> dict[str, JobInfo]:
-    """``info`` with the run's jobs pending on a Dependency marked DependencyNeverSatisfied when
-    every other job of the run has ended unfinished or can never start. SLURM says so only of a
-    job whose own dependency failed: after a failed conversion its training tasks read
-    DependencyNeverSatisfied, but the ensemble, which waits for them, reads Dependency as long
-    as they are pending. The run's jobs wait only on each other, so none of them can ever run."""
-    dead = {j for j in ids if dependency_never_satisfied(info.get(j)) or job_state(info.get(j)) in ("failed", "cancelled")}
-    waiting = [j for j in ids if j not in dead and (i := info.get(j)) is not None and i.live
-               and i.slurm_state == "PENDING" and i.reason.strip() == "Dependency"]
-    if dead and len(dead) + len(waiting) == len(ids):
-        for j in waiting:
-            info[j] = dataclasses.replace(info[j], reason="DependencyNeverSatisfied")
+def mark_stalled(info: dict[str, JobInfo], waits: Mapping[str, Sequence[str]]) -> dict[str, JobInfo]:
+    """``info`` with each job that is pending on a Dependency marked DependencyNeverSatisfied when a
+    job of its afterok list (``waits``: job id -> the ids it waits for, as recorded) can never
+    succeed. SLURM says so only of a job whose own dependency ended unfinished: after a failed
+    conversion its training tasks read DependencyNeverSatisfied, but the ensemble, which waits for
+    those still-pending tasks, reads Dependency for ever."""
+    changed = True
+    while changed:  # a chain: the ensemble waits for tasks that wait for the conversion
+        changed = False
+        for job_id, deps in waits.items():
+            i = info.get(job_id)
+            if (i is not None and i.live and i.slurm_state == "PENDING" and i.reason.strip() == "Dependency"
+                    and any(never_succeeds(info.get(d)) for d in deps)):
+                info[job_id] = dataclasses.replace(i, reason="DependencyNeverSatisfied")
+                changed = True
     return info
+
+
+def recorded_waits(jobs: dict[str, Any]) -> dict[str, list[str]]:
+    """Job id -> the job ids its afterok waits for, of the run's jobs that record them (the ensemble)."""
+    ens = jobs.get("ensemble") or {}
+    return {ens["job_id"]: list(ens.get("depends_on") or [])} if ens.get("job_id") else {}
 
 
 _ARRAY_ROW = re.compile(r"(\d+)_\[([0-9,\-]+)(?:%\d+)?\]")
@@ -860,14 +869,15 @@ def sacct_row_ids(row_id: str, ids: Iterable[str]) -> list[str]:
     return covered
 
 
-def settled_jobs(job_ids: list[str], wait_s: float = 60.0, poll_s: float = 2.0) -> dict[str, JobInfo]:
+def settled_jobs(job_ids: list[str], waits: Mapping[str, Sequence[str]] | None = None, wait_s: float = 60.0,
+                 poll_s: float = 2.0) -> dict[str, JobInfo]:
     """``query_jobs``, once no job is COMPLETING (up to ``wait_s``): a job that was just cancelled
     and one being requeued both read COMPLETING for a few seconds, and only what follows tells
     whether its task must be submitted again. Still COMPLETING after the wait counts as running
     (never a second copy of a task)."""
     deadline = time.monotonic() + wait_s
     while True:
-        infos = query_jobs(job_ids)
+        infos = query_jobs(job_ids, waits)
         if not any(i.live and i.slurm_state == "COMPLETING" for i in infos.values()) or time.monotonic() >= deadline:
             return infos
         time.sleep(poll_s)
@@ -903,14 +913,20 @@ def pending_reason(info: JobInfo | None) -> str:
 def _held_reason(info: JobInfo | None) -> str:
     """Why a kept job may not run on its own (the plan says so): SLURM's reason for a pending job
     held or over a limit (``pending_reason``), or that it is suspended."""
-    if job_state(info) == "suspended":
+    state = job_state(info)
+    if state == "suspended":
         return "suspended"
-    reason = pending_reason(info) if job_state(info) == "pending" else ""
+    reason = pending_reason(info) if state == "pending" else ""
     return f"pending ({reason})" if reason else ""
 
 
 def dependency_never_satisfied(info: JobInfo | None) -> bool:
     return bool(info and info.live and "DependencyNeverSatisfied" in info.reason)
+
+
+def never_succeeds(info: JobInfo | None) -> bool:
+    """Ended unfinished (failed, cancelled), or waits for a job that did (afterok never satisfied)."""
+    return dependency_never_satisfied(info) or job_state(info) in ("failed", "cancelled")
 
 
 # --------------------------------------------------------------------------- executors
@@ -1181,15 +1197,15 @@ def nothing_started(run_dir: Path) -> bool:
     or a job it does not know, does."""
     if not (run_dir / "config.yaml").is_file() or any(run_dir.glob("*/fold*/config.yaml")):
         return False
-    ids = recorded_job_ids(read_jobs(run_dir))  # SLURM's, also for a local launch after a SLURM one
+    jobs = read_jobs(run_dir)
+    ids = recorded_job_ids(jobs)  # SLURM's, also for a local launch after a SLURM one
     try:
-        infos = query_jobs(ids) if ids else {}
+        infos = query_jobs(ids, recorded_waits(jobs)) if ids else {}
     except LaunchError:  # squeue does not answer: its jobs may still run
         return False
     # A completed job of a run whose folds hold no config.yaml is its conversion: the data it wrote
     # are checked like any other. (An ensemble waiting for tasks that can never start: mark_stalled.)
-    return all(dependency_never_satisfied(infos.get(j)) or job_state(infos.get(j)) in ("failed", "cancelled", "completed")
-               for j in ids)
+    return all(never_succeeds(infos.get(j)) or job_state(infos.get(j)) == "completed" for j in ids)
 
 
 def _prepare_run(cfg: ExperimentConfig, converted: bool, remake: bool = False, running: Iterable[str] = ()) -> None:
@@ -1218,7 +1234,7 @@ def _with_saved_backbones(cfg: ExperimentConfig, running: set[str]) -> Experimen
 def _launch_slurm(cfg: ExperimentConfig, echo: Callable[[str], None], remake: bool = False) -> Plan:
     run_dir = Path(cfg.run_dir)
     jobs = read_jobs(run_dir)
-    plan = make_plan(cfg, "slurm", jobs, settled_jobs(recorded_job_ids(jobs)))
+    plan = make_plan(cfg, "slurm", jobs, settled_jobs(recorded_job_ids(jobs), recorded_waits(jobs)))
     _prepare_run(cfg, converted=plan.convert == "skip", remake=remake, running={k.split("/")[0] for k in plan.others})
     if note := copied_jobs_note(jobs):
         echo(note)
@@ -1515,7 +1531,7 @@ def _dry_run(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]) -> P
     download whose bytes it compared (``convert._refresh_images``)."""
     run_dir = Path(cfg.run_dir)
     jobs = read_jobs(run_dir)
-    plan = make_plan(cfg, kind, jobs, query_jobs(recorded_job_ids(jobs)) if kind == "slurm" else {})
+    plan = make_plan(cfg, kind, jobs, query_jobs(recorded_job_ids(jobs), recorded_waits(jobs)) if kind == "slurm" else {})
     checked_inputs(cfg, converted=plan.convert == "skip")  # the real launch's first reads
     echo("DRY RUN: nothing is submitted")
     if note := copied_jobs_note(jobs):
@@ -1650,7 +1666,7 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
         cfg = dataclasses.replace(cfg, backbones=saved_cfg.backbones, split=saved_cfg.split, train=saved_cfg.train)
     else:
         cfg = _hand_made_layout(cfg)
-    infos = query_jobs(recorded_job_ids(jobs))
+    infos = query_jobs(recorded_job_ids(jobs), recorded_waits(jobs))
     local_running = jobs.get("kind") != "slurm" and bool(running_launch(run_dir))
     rows = [_task_row(cfg, t, jobs["tasks"].get(t.key, {}), infos, local_running) for t in experiment_tasks(cfg)]
     head = ("backbone", "fold", "job", "state", "epoch", "kept val bacc", "log")
@@ -1693,10 +1709,16 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
         lines.append("  the ensemble job can never start (DependencyNeverSatisfied): a training task it waits "
                      "for did not finish:")
     for r in failed:
-        lines.append(f"  {r.state}: {r.task.key} (job {r.job_id}), log {_shown_log(r.log, r.state)}")
+        lines.append(f"  {r.shown_state}: {r.task.key} (job {r.job_id}), log {_shown_log(r.log, r.state)}")
     if failed:
         lines.append(f"  relaunch (jobs/launch.py with backbones including {', '.join(sorted({r.task.backbone for r in failed}))}) "
                      "to resubmit them and a new ensemble job")
+    if any(r.reason == "TIMEOUT" for r in failed):
+        c = (saved_cfg or cfg).cluster  # what the newest launch used
+        lines.append(f"  TIMEOUT: the time limit (cluster.time_min={c.time_min}) came without a requeue: the task had used "
+                     f"cluster.max_requeues={c.max_requeues}, or saving took longer than cluster.signal_delay_s="
+                     f"{c.signal_delay_s}; the relaunch resumes it from its newest checkpoint (a larger "
+                     "cluster.time_min needs fewer requeues)")
     if ens_state in ("failed", "cancelled") and not failed:
         lines.append("  relaunch (the same jobs/launch.py command) to submit a new ensemble job")
     if ens_state == "completed":  # not "done": its outputs were deleted or damaged since
@@ -1781,7 +1803,7 @@ def cancel(cfg: ExperimentConfig, echo: Callable[[str], None] = print) -> list[s
     jobs = read_jobs(run_dir)
     if note := copied_jobs_note(jobs):
         echo(note)
-    infos = query_jobs(recorded_job_ids(jobs))
+    infos = query_jobs(recorded_job_ids(jobs), recorded_waits(jobs))
     active = [j for j in recorded_job_ids(jobs) if job_state(infos.get(j)) in ACTIVE]
     if active:
         subprocess.run(["scancel", *active], check=False)

@@ -655,7 +655,7 @@ def test_a_relaunch_with_fewer_backbones_keeps_the_others_in_the_run_and_its_ens
     _prepare_run(again, converted=False)
     assert from_yaml_file(run_dir / "config.yaml").backbones == ["resnet18", "vgg16"]
     launch_mod.write_jobs(run_dir, jobs)
-    monkeypatch.setattr(launch_mod, "query_jobs", lambda ids: infos)
+    monkeypatch.setattr(launch_mod, "query_jobs", lambda ids, waits=None: infos)
     said: list[str] = []
     launch_mod._dry_run(again, "slurm", said.append)
     ensemble_script = "\n".join(said).split("sbatch script: ensemble job")[1]
@@ -679,7 +679,7 @@ def test_a_copied_run_keeps_its_logs_but_never_counts_waits_on_or_cancels_the_or
     infos = {"5001_0": JobInfo("RUNNING", "None", live=True), "5001_1": JobInfo("RUNNING", "None", live=True),
              "5002": JobInfo("PENDING", "Dependency", live=True)}
     asked: list[list[str]] = []
-    monkeypatch.setattr(launch_mod, "query_jobs", lambda ids: (asked.append(list(ids)), infos)[1])
+    monkeypatch.setattr(launch_mod, "query_jobs", lambda ids, waits=None: (asked.append(list(ids)), infos)[1])
     scancelled: list[list[str]] = []
     monkeypatch.setattr(launch_mod.subprocess, "run", lambda cmd, **kw: scancelled.append(cmd))
     (tmp_path / "alias").symlink_to(orig)  # one folder under another name: still the original's jobs
@@ -749,7 +749,7 @@ def test_status_says_why_an_ensemble_waits_forever_when_slurm_failed_a_finished_
     cfg, _ = load_launch_config([f"run_dir={tmp_path / 'exp'}", "backbones=[resnet18]"], None, 2)
     write_jobs(tmp_path / "exp", {"tasks": {"resnet18/fold0": {"job_id": "6_0"}, "resnet18/fold1": {"job_id": "6_1"}},
                                   "ensemble": {"job_id": "7"}})
-    monkeypatch.setattr(launch_mod, "query_jobs", lambda ids: infos)
+    monkeypatch.setattr(launch_mod, "query_jobs", lambda ids, waits=None: infos)
     text, summary = status(cfg)
     assert summary["failed"] == [] and "although its fold finished; relaunch" in text, text
     assert "did not finish:" not in text
@@ -770,7 +770,7 @@ def test_status_shows_why_slurm_keeps_a_job_pending_and_an_ensemble_that_cannot_
     write_jobs(tmp_path / "exp", {"tasks": {"resnet18/fold0": {"job_id": "6_0", "log": str(log)},
                                             "resnet18/fold1": {"job_id": "6_1"}},
                                   "ensemble": {"job_id": "7"}})
-    monkeypatch.setattr(launch_mod, "query_jobs", lambda ids: infos)
+    monkeypatch.setattr(launch_mod, "query_jobs", lambda ids, waits=None: infos)
     text, summary = status(cfg)
     row = next(line for line in text.splitlines() if line.startswith("resnet18  0"))
     assert " pending (PartitionTimeLimit) " in row and row.endswith(f"{log} (not written yet)")
@@ -868,7 +868,7 @@ def test_after_a_failed_conversion_the_ensemble_waiting_on_blocked_tasks_is_bloc
     run_dir = tmp_path / "exp"
     cfg, _ = load_launch_config([f"run_dir={run_dir}", "backbones=[resnet18]"], None, 2)
     save_config(cfg, run_dir / "config.yaml")
-    write_jobs(run_dir, {"convert": {"job_id": "5"}, "ensemble": {"job_id": "7"},
+    write_jobs(run_dir, {"convert": {"job_id": "5"}, "ensemble": {"job_id": "7", "depends_on": ["6_0", "6_1"]},
                          "tasks": {"resnet18/fold0": {"job_id": "6_0"}, "resnet18/fold1": {"job_id": "6_1"}}})
     # SLURM's own view: the tasks' afterok failed; the ensemble's tasks are still pending.
     tasks = "6_0|PENDING|DependencyNeverSatisfied\n6_1|PENDING|DependencyNeverSatisfied"
@@ -879,17 +879,44 @@ def test_after_a_failed_conversion_the_ensemble_waiting_on_blocked_tasks_is_bloc
     assert "the conversion job they wait for failed; mend what its log names and relaunch" in text, text
     assert "a training task it waits for did not finish" not in text
     _fake_slurm(tmp_path, monkeypatch, f"{tasks}\n7|PENDING|Dependency\n8|RUNNING|None", "5|FAILED")
-    write_jobs(run_dir, {"convert": {"job_id": "5"}, "ensemble": {"job_id": "7"},
+    write_jobs(run_dir, {"convert": {"job_id": "5"}, "ensemble": {"job_id": "7", "depends_on": ["6_0", "8"]},
                          "tasks": {"resnet18/fold0": {"job_id": "6_0"}, "resnet18/fold1": {"job_id": "8"}}})
-    assert not nothing_started(run_dir)  # a job of the run runs: what waits on it may start
-    assert status(cfg)[1]["ensemble"]["state"] == "pending"
+    assert not nothing_started(run_dir)  # a job of the run runs: its fold will pin the split
+    assert status(cfg)[1]["ensemble"]["state"] == "blocked"  # afterok on a task that can never start
     # The conversion completed, everything else was cancelled before it started: no fold pins the run.
     _fake_slurm(tmp_path, monkeypatch, "", "5|COMPLETED\n6|CANCELLED by 0\n7|CANCELLED by 0")
-    write_jobs(run_dir, {"convert": {"job_id": "5"}, "ensemble": {"job_id": "7"},
+    write_jobs(run_dir, {"convert": {"job_id": "5"}, "ensemble": {"job_id": "7", "depends_on": ["6_0", "6_1"]},
                          "tasks": {"resnet18/fold0": {"job_id": "6_0"}, "resnet18/fold1": {"job_id": "6_1"}}})
     assert nothing_started(run_dir)
     _fake_slurm(tmp_path, monkeypatch, f"{tasks}\n7|PENDING|Dependency", "5|CANCELLED by 0")
     assert "the conversion job they wait for was cancelled; relaunch (the same" in status(cfg)[0]
+
+
+@pytest.mark.timeout(60)
+def test_an_ensemble_waiting_on_tasks_whose_conversion_failed_is_blocked_beside_finished_jobs_of_an_earlier_launch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from skinhpc.launch import query_jobs, recorded_waits, status, write_jobs
+
+    run_dir = tmp_path / "exp"
+    cfg, _ = load_launch_config([f"run_dir={run_dir}", "backbones=[resnet18,resnet34]"], None, 2)
+    save_config(cfg, run_dir / "config.yaml")
+    # resnet18 ran to the end in an earlier launch; a later one added a backbone whose conversion failed.
+    jobs = {"convert": {"job_id": "5"}, "ensemble": {"job_id": "7", "depends_on": ["6_0", "6_1"]},
+            "tasks": {"resnet18/fold0": {"job_id": "3_0"}, "resnet18/fold1": {"job_id": "3_1"},
+                      "resnet34/fold0": {"job_id": "6_0"}, "resnet34/fold1": {"job_id": "6_1"}}}
+    write_jobs(run_dir, jobs)
+    ids = ["3_0", "3_1", "5", "6_0", "6_1", "7"]
+    blocked = "6_0|PENDING|DependencyNeverSatisfied\n6_1|PENDING|DependencyNeverSatisfied\n7|PENDING|Dependency"
+    _fake_slurm(tmp_path, monkeypatch, blocked, "3_0|COMPLETED\n3_1|COMPLETED\n5|FAILED")
+    assert query_jobs(ids, recorded_waits(jobs))["7"].reason == "DependencyNeverSatisfied"
+    text, summary = status(cfg)
+    assert summary["ensemble"]["state"] == "blocked", text
+    assert "the conversion job they wait for failed; mend what its log names and relaunch" in text, text
+    assert query_jobs(ids)["7"].reason == "Dependency"  # nothing recorded of what it waits for: as SLURM says
+    # While the tasks it waits for may still start, the ensemble keeps waiting.
+    waiting = "5|RUNNING|None\n6_0|PENDING|Dependency\n6_1|PENDING|Dependency\n7|PENDING|Dependency"
+    _fake_slurm(tmp_path, monkeypatch, waiting, "3_0|COMPLETED\n3_1|COMPLETED")
+    assert query_jobs(ids, recorded_waits(jobs))["7"].reason == "Dependency"
 
 
 @pytest.mark.timeout(60)
@@ -908,9 +935,11 @@ def test_a_held_or_suspended_job_is_kept_and_the_plan_and_status_say_so_and_a_ti
     cfg, _ = load_launch_config([f"run_dir={tmp_path / 'exp'}", "backbones=[resnet18]"], None, 2)
     write_jobs(tmp_path / "exp", jobs)
     _fake_slurm(tmp_path, monkeypatch, "6_1|SUSPENDED|None", "6_0|TIMEOUT\n7|CANCELLED by 0")
-    _, summary = status(cfg)
+    text, summary = status(cfg)
     assert summary["tasks"]["resnet18/fold1"]["state"] == "suspended"
     assert (summary["tasks"]["resnet18/fold0"]["state"], summary["tasks"]["resnet18/fold0"]["reason"]) == ("failed", "TIMEOUT")
+    assert "the relaunch resumes it from its newest checkpoint (a larger cluster.time_min needs fewer requeues)" in text
+    assert f"cluster.time_min={cfg.cluster.time_min}" in text and f"cluster.max_requeues={cfg.cluster.max_requeues}" in text
 
 
 @pytest.mark.timeout(60)
