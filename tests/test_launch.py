@@ -860,14 +860,20 @@ def test_array_tasks_cancelled_before_they_started_read_cancelled_from_sacct_s_o
         "147_0": "cancelled", "147_1": "cancelled", "150_0": "failed", "150_1": "completed"}
 
 
+def _saved_run(tmp_path: Path, backbones: str) -> tuple[Path, ExperimentConfig]:
+    """A run directory holding only a 2-fold config.yaml, as a launch leaves it before any task starts."""
+    run_dir = tmp_path / "exp"
+    cfg, _ = load_launch_config([f"run_dir={run_dir}", f"backbones=[{backbones}]"], None, 2)
+    save_config(cfg, run_dir / "config.yaml")
+    return run_dir, cfg
+
+
 @pytest.mark.timeout(60)
 def test_after_a_failed_conversion_the_ensemble_waiting_on_blocked_tasks_is_blocked_and_the_run_remade(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from skinhpc.launch import nothing_started, status, write_jobs
 
-    run_dir = tmp_path / "exp"
-    cfg, _ = load_launch_config([f"run_dir={run_dir}", "backbones=[resnet18]"], None, 2)
-    save_config(cfg, run_dir / "config.yaml")
+    run_dir, cfg = _saved_run(tmp_path, "resnet18")
     write_jobs(run_dir, {"convert": {"job_id": "5"}, "ensemble": {"job_id": "7", "depends_on": ["6_0", "6_1"]},
                          "tasks": {"resnet18/fold0": {"job_id": "6_0"}, "resnet18/fold1": {"job_id": "6_1"}}})
     # SLURM's own view: the tasks' afterok failed; the ensemble's tasks are still pending.
@@ -897,9 +903,7 @@ def test_an_ensemble_waiting_on_tasks_whose_conversion_failed_is_blocked_beside_
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from skinhpc.launch import query_jobs, recorded_waits, status, write_jobs
 
-    run_dir = tmp_path / "exp"
-    cfg, _ = load_launch_config([f"run_dir={run_dir}", "backbones=[resnet18,resnet34]"], None, 2)
-    save_config(cfg, run_dir / "config.yaml")
+    run_dir, cfg = _saved_run(tmp_path, "resnet18,resnet34")
     # resnet18 ran to the end in an earlier launch; a later one added a backbone whose conversion failed.
     jobs = {"convert": {"job_id": "5"}, "ensemble": {"job_id": "7", "depends_on": ["6_0", "6_1"]},
             "tasks": {"resnet18/fold0": {"job_id": "3_0"}, "resnet18/fold1": {"job_id": "3_1"},
