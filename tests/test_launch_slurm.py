@@ -271,17 +271,30 @@ def test_a_conversion_failed_on_a_bad_csv_blocks_the_run_and_a_launch_with_the_c
 # --------------------------------------------------------------------------- multi-node
 
 @pytest.mark.timeout(1200)
-def test_ddp_task_over_two_nodes_learns_like_the_one_node_run(e2e_run: tuple[Path, str], tmp_path: Path) -> None:
-    """2 nodes x 1 process, gloo: the same global batch (2 x 16 = 32) as the 1-node e2e run."""
+def test_ddp_task_over_two_nodes_learns_like_the_one_node_run_and_completes_though_its_ranks_abort_at_exit(
+        e2e_run: tuple[Path, str], tmp_path: Path) -> None:
+    """2 nodes x 1 process, gloo: the same global batch (2 x 16 = 32) as the 1-node e2e run.
+
+    Every training process is also made to abort in Python's teardown, as one rank of this task
+    once did in CI after its fold had finished ("terminate called without an active exception"):
+    the job must still read COMPLETED, or the ensemble's afterok never fires."""
     ref_dir, _ = e2e_run
     run_dir = tmp_path / "multinode"
+    hook = tmp_path / "abort_at_exit"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import atexit, os, sys\n"
+        "print('teardown abort armed', flush=True)\n"
+        "atexit.register(lambda: 'skinhpc.train' in sys.modules and os.abort())  # training processes only\n")
+    pythonpath = os.pathsep.join([str(hook), str(REPO_DIR), *filter(None, [os.environ.get("PYTHONPATH")])])
     launch(["--folds", "2", "--config", SAMPLE_CONFIG, f"run_dir={run_dir}", f"data.dir={ref_dir / 'data'}", PROFILE,
-            "cluster.nodes=2", "cluster.gpus_per_node=1", "train.batch_size=16"], cwd=tmp_path)
+            "cluster.nodes=2", "cluster.gpus_per_node=1", "train.batch_size=16"], cwd=tmp_path,
+           env={"PYTHONPATH": pythonpath})
     wait_for(lambda: ensemble_done(run_dir), 900, "the 2-node experiment's ensemble", poll=3)
     job0 = jobs_of(run_dir)["tasks"]["resnet18/fold0"]["job_id"]
-    assert sacct(job0)["nodes"] == "node[1-2]"
+    assert sacct(job0)["nodes"] == "node[1-2]" and sacct(job0)["state"] == "COMPLETED"
     log = task_log(run_dir, "resnet18/fold0")
-    assert "2 process(es)" in log
+    assert "2 process(es)" in log and "teardown abort armed" in log
     for k in range(2):
         got, ref = metrics(run_dir, k), metrics(ref_dir, k)
         assert got["world_size"] == 2 and got["epochs_trained"] == ref["epochs_trained"]
