@@ -832,15 +832,11 @@ def mark_stalled(info: dict[str, JobInfo], waits: Mapping[str, Sequence[str]]) -
     succeed. SLURM says so only of a job whose own dependency ended unfinished: after a failed
     conversion its training tasks read DependencyNeverSatisfied, but the ensemble, which waits for
     those still-pending tasks, reads Dependency for ever."""
-    changed = True
-    while changed:  # a chain: the ensemble waits for tasks that wait for the conversion
-        changed = False
-        for job_id, deps in waits.items():
-            i = info.get(job_id)
-            if (i is not None and i.live and i.slurm_state == "PENDING" and i.reason.strip() == "Dependency"
-                    and any(never_succeeds(info.get(d)) for d in deps)):
-                info[job_id] = dataclasses.replace(i, reason="DependencyNeverSatisfied")
-                changed = True
+    for job_id, deps in waits.items():
+        i = info.get(job_id)
+        if (i is not None and i.live and i.slurm_state == "PENDING" and i.reason.strip() == "Dependency"
+                and any(never_succeeds(info.get(d)) for d in deps)):
+            info[job_id] = dataclasses.replace(i, reason="DependencyNeverSatisfied")
     return info
 
 
@@ -848,6 +844,11 @@ def recorded_waits(jobs: dict[str, Any]) -> dict[str, list[str]]:
     """Job id -> the job ids its afterok waits for, of the run's jobs that record them (the ensemble)."""
     ens = jobs.get("ensemble") or {}
     return {ens["job_id"]: list(ens.get("depends_on") or [])} if ens.get("job_id") else {}
+
+
+def recorded_states(jobs: dict[str, Any]) -> dict[str, JobInfo]:
+    """``query_jobs`` for every job recorded in the run's jobs.json, its ensemble's afterok list included."""
+    return query_jobs(recorded_job_ids(jobs), recorded_waits(jobs))
 
 
 _ARRAY_ROW = re.compile(r"(\d+)_\[([0-9,\-]+)(?:%\d+)?\]")
@@ -1200,7 +1201,7 @@ def nothing_started(run_dir: Path) -> bool:
     jobs = read_jobs(run_dir)
     ids = recorded_job_ids(jobs)  # SLURM's, also for a local launch after a SLURM one
     try:
-        infos = query_jobs(ids, recorded_waits(jobs)) if ids else {}
+        infos = recorded_states(jobs)
     except LaunchError:  # squeue does not answer: its jobs may still run
         return False
     # A completed job of a run whose folds hold no config.yaml is its conversion: the data it wrote
@@ -1531,7 +1532,7 @@ def _dry_run(cfg: ExperimentConfig, kind: str, echo: Callable[[str], None]) -> P
     download whose bytes it compared (``convert._refresh_images``)."""
     run_dir = Path(cfg.run_dir)
     jobs = read_jobs(run_dir)
-    plan = make_plan(cfg, kind, jobs, query_jobs(recorded_job_ids(jobs), recorded_waits(jobs)) if kind == "slurm" else {})
+    plan = make_plan(cfg, kind, jobs, recorded_states(jobs) if kind == "slurm" else {})
     checked_inputs(cfg, converted=plan.convert == "skip")  # the real launch's first reads
     echo("DRY RUN: nothing is submitted")
     if note := copied_jobs_note(jobs):
@@ -1666,7 +1667,7 @@ def status(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
         cfg = dataclasses.replace(cfg, backbones=saved_cfg.backbones, split=saved_cfg.split, train=saved_cfg.train)
     else:
         cfg = _hand_made_layout(cfg)
-    infos = query_jobs(recorded_job_ids(jobs), recorded_waits(jobs))
+    infos = recorded_states(jobs)
     local_running = jobs.get("kind") != "slurm" and bool(running_launch(run_dir))
     rows = [_task_row(cfg, t, jobs["tasks"].get(t.key, {}), infos, local_running) for t in experiment_tasks(cfg)]
     head = ("backbone", "fold", "job", "state", "epoch", "kept val bacc", "log")
@@ -1803,7 +1804,7 @@ def cancel(cfg: ExperimentConfig, echo: Callable[[str], None] = print) -> list[s
     jobs = read_jobs(run_dir)
     if note := copied_jobs_note(jobs):
         echo(note)
-    infos = query_jobs(recorded_job_ids(jobs), recorded_waits(jobs))
+    infos = recorded_states(jobs)
     active = [j for j in recorded_job_ids(jobs) if job_state(infos.get(j)) in ACTIVE]
     if active:
         subprocess.run(["scancel", *active], check=False)
